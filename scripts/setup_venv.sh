@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Create .venv and install unimoe_ray with everything the demo and the tests need.
+#
+# CPU by default. GPU / Ascend users override the torch spec, e.g.
+#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" make test
+# An unpinned `torch` would pull a multi-GB CUDA build, hence the pin.
+#
+# The install runs in two steps (DESIGN.md §5): descript-audiotools pins protobuf<3.20, and a
+# single resolve of the whole stack makes pip backtrack to an old ray. So the codec packages
+# go in with --no-deps, their runtime needs named explicitly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+STAMP="$VENV/.unimoe_installed"
+
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/setup_venv.sh ]; then
+  exit 0
+fi
+
+if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v ffmpeg >/dev/null 2>&1; then
+  # espeak-ng speaks the generated speech corpus; ffmpeg is audiotools' fallback decoder.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng ffmpeg >/dev/null
+  else
+    echo "note: espeak-ng/ffmpeg not found and cannot apt-get install them; speech-corpus tests will skip" >&2
+  fi
+fi
+
+[ -d "$VENV" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip setuptools wheel
+# shellcheck disable=SC2086
+$PIP install -q $TORCH_SPEC
+DS_BUILD_OPS=0 $PIP install -q -e ".[dev,deepspeed]"
+
+# Step 2: the codec, without its protobuf<3.20 pin.
+$PIP install -q --no-deps descript-audio-codec==1.0.0 descript-audiotools==0.7.2 torchaudio
+$PIP install -q argbind einops julius pyloudnorm scipy librosa rich flatten-dict markdown2 \
+  randomname importlib-resources ffmpy tqdm
+
+# CPU-only workaround: PyPI's torchaudio wheel is a CUDA build whose compiled library does not
+# load beside CPU torch. audiotools only imports torchaudio's pure-Python parts (we resample
+# with julius), so move the compiled libraries aside. GPU installs keep them.
+if [ "${TORCH_SPEC}" = "torch==2.13.0" ]; then
+  "$VENV/bin/python" - <<'PY'
+import importlib.util, pathlib
+spec = importlib.util.find_spec("torchaudio")
+lib = pathlib.Path(spec.origin).parent / "lib"
+for so in lib.glob("*.so"):
+    so.rename(so.with_suffix(".so.disabled"))
+PY
+fi
+touch "$STAMP"
+echo "environment ready: $VENV"

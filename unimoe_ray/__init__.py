@@ -1,0 +1,1 @@
+"""UniMoE-Audio on Ray."""

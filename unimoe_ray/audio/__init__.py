@@ -1,0 +1,1 @@
+"""Audio codec, delay pattern and WAV I/O: torch only, no Ray."""

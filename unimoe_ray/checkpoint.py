@@ -1,0 +1,150 @@
+"""Checkpoints: safetensors folders (config.json + shards + index, never pickle) whose tensor
+names are the released UniMoE-Audio-preview checkpoint's, so its weights load as they are.
+
+Name map (in memory → on disk); everything else is identical:
+
+    language_model.                    → model.
+    .mlp.routed_experts.{k}.           → .mlp.dynamic_real_moe.deepspeed_moe.experts.deepspeed_experts.{k}.
+    .mlp.shared_experts.{j}.           → .mlp.fixed_real_moe.{j}.
+
+e.g. ``language_model.layers.3.mlp.routed_experts.5.up_proj.weight`` is stored as
+``model.layers.3.mlp.dynamic_real_moe.deepspeed_moe.experts.deepspeed_experts.5.up_proj.weight``.
+Loading accepts either spelling (``model.`` or ``language_model.`` prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from unimoe_ray.config import ModelConfig
+from unimoe_ray.model.unimoe_audio import UniMoEAudio
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_TO_DISK = [
+    (re.compile(r"^language_model\."), "model."),
+    (re.compile(r"\.mlp\.routed_experts\.(\d+)\."), r".mlp.dynamic_real_moe.deepspeed_moe.experts.deepspeed_experts.\1."),
+    (re.compile(r"\.mlp\.shared_experts\.(\d+)\."), r".mlp.fixed_real_moe.\1."),
+]
+_TO_MEMORY = [
+    (re.compile(r"^model\."), "language_model."),
+    (re.compile(r"\.mlp\.dynamic_real_moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\."), r".mlp.routed_experts.\1."),
+    (re.compile(r"\.mlp\.fixed_real_moe\.(\d+)\."), r".mlp.shared_experts.\1."),
+]
+
+
+def _apply(rules, name: str) -> str:
+    for pattern, repl in rules:
+        name = pattern.sub(repl, name)
+    return name
+
+
+def to_disk_name(name: str) -> str:
+    return _apply(_TO_DISK, name)
+
+
+def to_memory_name(name: str) -> str:
+    return _apply(_TO_MEMORY, name)
+
+
+def save_pretrained(model: UniMoEAudio, path: str | Path, *, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write config.json and safetensors shards (+ index when more than one shard)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.cfg.save_json(path / "config.json")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in model.state_dict().items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][to_disk_name(name)] = tensor.detach().contiguous().cpu()
+        size += nbytes
+    for stale in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], path / SINGLE_FILE, metadata={"format": "pt"})
+        return path
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / fname, metadata={"format": "pt"})
+        for key, t in shard.items():
+            weight_map[key] = fname
+            total += t.numel() * t.element_size()
+    (path / INDEX_FILE).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
+    return path
+
+
+def shard_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, or a clear error naming what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint folder {path} does not exist: pass a folder holding config.json and "
+            f"{SINGLE_FILE} (or {INDEX_FILE} with its shards)"
+        )
+    if (path / INDEX_FILE).is_file():
+        names = sorted(set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path}: the index names shards that are missing: {missing}")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    raise FileNotFoundError(
+        f"no weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE} (.pt/.bin pickles are "
+        "not read; convert them to safetensors)"
+    )
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder, under in-memory names."""
+    state: dict[str, torch.Tensor] = {}
+    for f in shard_files(path):
+        for name, t in load_file(f).items():
+            state[to_memory_name(name)] = t
+    return state
+
+
+def load_weights(model: UniMoEAudio, path: str | Path, *, strict: bool = True) -> UniMoEAudio:
+    """Copy a checkpoint's tensors into `model` (cast to each parameter's dtype)."""
+    state = load_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"checkpoint {path} does not match the model config: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    for name, t in state.items():
+        if name in own and own[name].shape != t.shape:
+            raise ValueError(
+                f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(own[name].shape)}"
+            )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=strict)
+    return model
+
+
+def load_pretrained(
+    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> UniMoEAudio:
+    """Build the model from the folder's config.json and load its weights."""
+    cfg = ModelConfig.from_json(path)
+    model = UniMoEAudio(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    load_weights(model, path)
+    return model.to(device).eval()

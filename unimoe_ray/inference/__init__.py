@@ -1,0 +1,1 @@
+"""Generation: torch only, no Ray."""

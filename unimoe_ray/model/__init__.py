@@ -1,0 +1,1 @@
+"""Model math: torch only, no Ray (a test checks it)."""

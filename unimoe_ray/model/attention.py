@@ -1,0 +1,144 @@
+"""Qwen2.5-VL-style attention: RMSNorm, multimodal RoPE (M-RoPE), GQA attention, KV cache.
+
+Shape legend: B batch, L new tokens, S cached + new tokens, D model dim, H query heads,
+G key/value heads, Hd head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like Qwen2 (bf16 variance loses precision).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class MRoPE(nn.Module):
+    """Rotary embedding whose frequency bands take positions from three axes (time, height,
+    width): band sizes `mrope_section` (Qwen2.5-VL). With equal axes it is plain 1-D RoPE."""
+
+    def __init__(self, *, head_dim: int, theta: float, mrope_section: tuple[int, ...]) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.mrope_section = tuple(mrope_section)
+
+    def forward(self, position_ids_3BL: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns cos_BLHd, sin_BLHd."""
+        freqs_3BLh = position_ids_3BL.float()[..., None] * self.inv_freq
+        emb_3BLHd = torch.cat([freqs_3BLh, freqs_3BLh], dim=-1)
+        # Band i of the (doubled) frequency axis reads its positions from axis i % 3.
+        sections = list(self.mrope_section) * 2
+        chunks = emb_3BLHd.split(sections, dim=-1)
+        emb_BLHd = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
+        return emb_BLHd.cos().to(dtype), emb_BLHd.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x_BHLd: torch.Tensor, cos_BLHd: torch.Tensor, sin_BLHd: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos_BLHd[:, None], sin_BLHd[:, None]
+    return x_BHLd * cos + rotate_half(x_BHLd) * sin
+
+
+class KVCache:
+    """Pre-allocated key/value buffers for all layers, plus which cached positions are real
+    (left padding) and the next RoPE position of each row."""
+
+    def __init__(
+        self, *, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
+        dtype: torch.dtype, device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.valid_BS = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos_B = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    def check_room(self, new: int) -> None:
+        if self.length + new > self.max_len:
+            raise ValueError(
+                f"KV cache full: {self.length} cached + {new} new > max_len {self.max_len}; "
+                "allocate a larger cache (prompt length + max_frames + max delay + 1)"
+            )
+
+    def update(self, layer: int, k_BGLd: torch.Tensor, v_BGLd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this layer's new keys/values; returns all of them so far (k_BGSd, v_BGSd)."""
+        end = self.length + k_BGLd.shape[2]
+        self.k[layer][:, :, self.length : end] = k_BGLd
+        self.v[layer][:, :, self.length : end] = v_BGLd
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, valid_BL: torch.Tensor, last_pos_B: torch.Tensor) -> None:
+        """After all layers ran on L new tokens."""
+        L = valid_BL.shape[1]
+        self.valid_BS[:, self.length : self.length + L] = valid_BL
+        self.next_pos_B = last_pos_B + 1
+        self.length += L
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with biases on q/k/v (Qwen2 layout)."""
+
+    def __init__(self, *, dim: int, num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = dim // num_heads
+        self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=False)
+
+    def forward(
+        self,
+        x_BLD: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        mask_B1LS: torch.Tensor | None,
+        cache: KVCache | None,
+        layer_idx: int,
+    ) -> torch.Tensor:
+        B, L, _ = x_BLD.shape
+        q_BHLd = self.q_proj(x_BLD).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BGLd = self.k_proj(x_BLD).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGLd = self.v_proj(x_BLD).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHLd = apply_rope(q_BHLd, *cos_sin)
+        k_BGLd = apply_rope(k_BGLd, *cos_sin)
+        if cache is not None:
+            k_BGLd, v_BGLd = cache.update(layer_idx, k_BGLd, v_BGLd)
+        out_BHLd = F.scaled_dot_product_attention(
+            q_BHLd, k_BGLd, v_BGLd, attn_mask=mask_B1LS,
+            is_causal=mask_B1LS is None and cache is None, enable_gqa=True,
+        )
+        return self.o_proj(out_BHLd.transpose(1, 2).reshape(B, L, -1))
+
+
+def attention_mask(valid_BS: torch.Tensor, num_new: int) -> torch.Tensor:
+    """Causal mask over S keys for the last `num_new` queries, hiding padded keys.
+
+    A padded query would see no key at all (softmax of nothing → NaN); it may see itself.
+    Returns bool mask_B1LS (True = may attend).
+    """
+    S = valid_BS.shape[1]
+    q_pos_L = torch.arange(S - num_new, S, device=valid_BS.device)
+    k_pos_S = torch.arange(S, device=valid_BS.device)
+    causal_LS = k_pos_S[None, :] <= q_pos_L[:, None]
+    allowed_BLS = causal_LS[None] & valid_BS[:, None, :]
+    allowed_BLS |= (k_pos_S[None, :] == q_pos_L[:, None])[None]
+    return allowed_BLS[:, None]

@@ -1,0 +1,120 @@
+"""The DCMoE block (DESIGN.md §1): router over routed + null + shared experts, Top-P (or Top-K)
+selection, sparse dispatch to routed experts through an expert backend, null expert (no
+compute), shared experts on every token. Plus the dense FFN used by specialists.
+
+Shape legend: T tokens, D model dim, E router width (routed + null + shared),
+R dynamic experts (routed + null), S shared experts, N routed assignments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unimoe_ray.config import MoEConfig
+from unimoe_ray.model import dispatch, router
+from unimoe_ray.model.experts import ExpertBackend, LocalExperts, SwiGLU
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """Routing statistics of one layer for one forward.
+
+    aux_loss: load-balancing loss (scalar). k_T: experts chosen per token (routed + null).
+    mask_TR: which dynamic experts each token chose. counts: tokens per routed expert.
+    """
+
+    aux_loss: torch.Tensor
+    k_T: torch.Tensor
+    mask_TR: torch.Tensor
+    counts: tuple[int, ...]
+
+
+class DCMoE(nn.Module):
+    """Dynamic-Capacity MoE FFN. Parameter names follow the released checkpoint via
+    unimoe_ray.checkpoint's name map: gate, routed_experts.{k}, shared_experts.{j}."""
+
+    def __init__(self, *, dim: int, cfg: MoEConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        if cfg.mode == "dense":
+            raise ValueError("DCMoE needs mode 'top_p' or 'top_k'; use DenseFFN for 'dense'")
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
+        self.routed_experts = nn.ModuleList(
+            SwiGLU(dim=dim, hidden=cfg.routed_intermediate) for _ in range(cfg.num_routed)
+        )
+        self.shared_experts = nn.ModuleList(
+            SwiGLU(dim=dim, hidden=cfg.shared_intermediate) for _ in range(cfg.num_shared)
+        )
+        self.expert_backend: ExpertBackend = LocalExperts(self.routed_experts)
+
+    def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """logits_TE, in fp32 when `fp32_gate` (routing decisions are precision-sensitive)."""
+        cfg = self.cfg
+        if self.training:
+            x_TD = router.jitter(x_TD, cfg.input_jitter)
+        if cfg.fp32_gate:
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        else:
+            logits_TE = self.gate(x_TD)
+        if self.training:
+            logits_TE = router.jitter(logits_TE, cfg.router_jitter)
+        return logits_TE
+
+    def route(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> router.Routing:
+        cfg = self.cfg
+        cap = None
+        if cfg.token_drop:
+            cap = router.capacity(x_TD.shape[0], cfg.num_dynamic, cfg.capacity_factor, cfg.min_capacity)
+        return router.route(
+            self.router_logits(x_TD),
+            num_dynamic=cfg.num_dynamic,
+            mode=cfg.mode,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            weighting=cfg.weighting,
+            sparsemixer_eps=cfg.router_jitter,
+            token_capacity=cap,
+            valid_T=valid_T,
+        )
+
+    def forward(
+        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEStats]:
+        """x_TD → (out_TD, stats). `valid_T` (bool) keeps padding out of the aux loss."""
+        routing = self.route(x_TD, valid_T)
+        plan = dispatch.plan_dispatch(routing.mask_TR, routing.weights_TR, self.cfg.num_routed)
+        out_TD = torch.zeros_like(x_TD)
+        if plan.token_idx_N.numel():
+            x_ND = dispatch.gather_tokens(x_TD, plan)
+            y_ND = self.expert_backend.run(self.layer_idx, x_ND, plan.counts)
+            dispatch.combine(out_TD, y_ND, plan)
+        shared_TS = routing.shared_weights_TS.to(x_TD.dtype)
+        for j, expert in enumerate(self.shared_experts):
+            out_TD = out_TD + shared_TS[:, j : j + 1] * expert(x_TD)
+        stats = MoEStats(
+            aux_loss=routing.aux_loss, k_T=routing.k_T, mask_TR=routing.mask_TR, counts=plan.counts
+        )
+        return out_TD, stats
+
+
+class DenseFFN(SwiGLU):
+    """Dense FFN (stage-1 specialists, the Unify-Dense ablation); same call signature as DCMoE."""
+
+    def __init__(self, *, dim: int, cfg: MoEConfig, layer_idx: int = 0) -> None:
+        super().__init__(dim=dim, hidden=cfg.dense_intermediate)
+        self.layer_idx = layer_idx
+
+    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        return super().forward(x_TD), None
+
+
+def build_ffn(*, dim: int, cfg: MoEConfig, layer_idx: int) -> DCMoE | DenseFFN:
+    """The FFN of one decoder layer for the configured mode."""
+    if cfg.mode == "dense":
+        return DenseFFN(dim=dim, cfg=cfg, layer_idx=layer_idx)
+    return DCMoE(dim=dim, cfg=cfg, layer_idx=layer_idx)
