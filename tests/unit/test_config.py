@@ -1,0 +1,68 @@
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from unimoe_ray.config import PREVIEW_CONFIG_PATH, ConfigError, ModelConfig, get_preset
+
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "unimoe_audio_preview_config.json"
+
+
+def test_preview_is_the_reference_file_unchanged():
+    if REFERENCE.is_file():
+        assert json.loads(REFERENCE.read_text()) == json.loads(PREVIEW_CONFIG_PATH.read_text())
+    cfg = get_preset("preview")
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (2048, 36, 16, 2)
+    assert cfg.mrope_section == (16, 24, 24) and cfg.rope_theta == 1e6 and cfg.rms_norm_eps == 1e-6
+    m = cfg.moe
+    assert (m.num_routed, m.num_null, m.num_shared, m.num_experts) == (8, 1, 2, 11)
+    assert (m.routed_intermediate, m.shared_intermediate, m.top_p) == (2752, 1376, 0.7)
+    assert m.weighting == "released" and m.fp32_gate and not m.token_drop
+    assert cfg.codec_delay_pattern == (0, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
+    assert (cfg.codec_vocab_size, cfg.codec_eos, cfg.codec_pad, cfg.codec_bos) == (1027, 1024, 1025, 1026)
+    assert cfg.codec_placeholder_id == 151665 and cfg.vocab_size == 151936
+    assert cfg.vision.out_hidden_size == 2048 and cfg.vision.patch_size == 14
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "preview"])
+def test_hf_dict_round_trip(name, tmp_path):
+    cfg = get_preset(name)
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    cfg.save_json(tmp_path / "config.json")
+    assert ModelConfig.from_json(tmp_path) == cfg
+
+
+def test_aux_weight_schedule_decays_linearly():
+    m = get_preset("preview").moe
+    assert m.aux_weight(0) == pytest.approx(0.025)
+    assert m.aux_weight(5000) == pytest.approx(0.013)
+    assert m.aux_weight(10_000) == pytest.approx(0.001)
+    assert m.aux_weight(50_000) == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("p", [0.0, -0.5, 1.01])
+def test_top_p_outside_unit_interval_is_rejected(p):
+    cfg = get_preset("tiny")
+    with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+        cfg.replace(moe={"top_p": p})
+    bad = cfg.to_hf_dict()
+    bad["text_config"]["mlp_dynamic_top_p"] = p
+    with pytest.raises(ConfigError, match="top_p"):
+        ModelConfig.from_hf_dict(bad)
+
+
+def test_other_bad_configs_name_the_field(tmp_path):
+    cfg = get_preset("tiny")
+    with pytest.raises(ConfigError, match="codec_delay_pattern"):
+        dataclasses.replace(cfg, codec_delay_pattern=(0, 1))
+    with pytest.raises(ConfigError, match="mrope_section"):
+        dataclasses.replace(cfg, mrope_section=(2, 2, 2))
+    d = cfg.to_hf_dict()
+    del d["codec_channels"]
+    with pytest.raises(ConfigError, match="codec_channels"):
+        ModelConfig.from_hf_dict(d)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ModelConfig.from_json(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("huge")

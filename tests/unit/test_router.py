@@ -1,0 +1,88 @@
+"""Router math against hand-computed values (DESIGN.md §1, paper eq. 1-3)."""
+
+import math
+
+import pytest
+import torch
+
+from unimoe_ray.model import router
+
+
+def test_top_p_k_per_token_for_known_probabilities():
+    probs = torch.tensor([
+        [0.50, 0.30, 0.10, 0.10],  # cumsum 0.5 < 0.7, 0.8 ≥ 0.7 → k = 2
+        [0.80, 0.10, 0.05, 0.05],  # the top expert alone reaches p → k = 1
+        [0.25, 0.25, 0.25, 0.25],  # 0.25, 0.5 < 0.7 → k = 3
+        [0.10, 0.60, 0.20, 0.10],  # sorted 0.6, 0.2: 0.6 < 0.7 → k = 2 (experts 1 and 2)
+    ])
+    mask = router.top_p_mask(probs, 0.7)
+    assert mask.sum(-1).tolist() == [2, 1, 3, 2]
+    assert mask[3].tolist() == [False, True, True, False]
+    assert mask[0].tolist() == [True, True, False, False]
+
+
+def test_top_p_always_keeps_one_and_p_one_keeps_all_but_a_zero_tail():
+    probs = torch.tensor([[0.999, 0.001, 0.0], [0.4, 0.35, 0.25]])
+    assert router.top_p_mask(probs, 1e-6).sum(-1).tolist() == [1, 1]
+    assert router.top_p_mask(probs, 1.0)[1].all()
+
+
+def test_paper_weights_renormalise_selected_probabilities():
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.1]])
+    mask = torch.tensor([[True, True, False, False]])
+    w = router.paper_weights(probs, mask)
+    torch.testing.assert_close(w, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+
+
+def test_released_weights_hand_computed():
+    # Dynamic logits [2, 1, -1] (last = null), one shared expert with logit 0.5; experts 0, 1 chosen.
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5]])
+    mask = torch.tensor([[True, True, False]])
+    routed, shared = router.released_weights(logits, mask, eps=0.01)
+    # No near-ties → multipliers 1, 1 → renormalised 1/2 each; scaled by the dynamic share of
+    # softmax([2, 1, 0.5]) over {chosen} ∪ {shared}.
+    z = math.exp(2) + math.exp(1) + math.exp(0.5)
+    dyn = (math.exp(2) + math.exp(1)) / z
+    torch.testing.assert_close(routed, torch.tensor([[dyn / 2, dyn / 2, 0.0]]))
+    torch.testing.assert_close(shared, torch.tensor([[math.exp(0.5) / z]]))
+    assert routed.sum() + shared.sum() == pytest.approx(1.0)
+
+
+def test_sparsemixer_near_tie_shares_the_first_pick():
+    # Logits 1.0 and 0.995 are within 2·eps (relative 0.005 < 0.02): the first pick's multiplier
+    # is its softmax share between the two; the second pick stands alone (multiplier 1).
+    logits = torch.tensor([[1.0, 0.995, -3.0]])
+    mask = torch.tensor([[True, True, False]])
+    mult = router.sparsemixer_multipliers(logits, mask, eps=0.01)
+    first = math.exp(1.0) / (math.exp(1.0) + math.exp(0.995))
+    torch.testing.assert_close(mult, torch.tensor([[first, 1.0, 0.0]]))
+
+
+def test_aux_loss_on_a_known_mask():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
+    mask = torch.tensor([[True, True, False], [False, True, False]])
+    # f = [0.5, 1, 0]; P = mean of renormalised weights = [1/3, 2/3, 0] → 3·(0.5/3 + 2/3) = 2.5
+    assert router.load_balancing_loss(probs, mask).item() == pytest.approx(2.5)
+    valid = torch.tensor([True, False])  # padding excluded: f = [1,1,0], P = [2/3,1/3,0] → 3
+    assert router.load_balancing_loss(probs, mask, valid).item() == pytest.approx(3.0)
+
+
+def test_capacity_drops_lowest_weight_tokens():
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    weights = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    kept = router.drop_over_capacity(mask, weights, cap=2)
+    assert kept[:, 0].tolist() == [True, False, True, False]
+    assert kept[:, 1].tolist() == [False, True, False, True]
+    assert router.capacity(1000, 9, 6.0, 8) == math.ceil(1000 / 9 * 6.0)
+    assert router.capacity(4, 9, 6.0, 8) == 8
+
+
+def test_route_top_k_mode_picks_k():
+    logits = torch.randn(16, 7)
+    r = router.route(
+        logits, num_dynamic=5, mode="top_k", top_p=0.7, top_k=2, weighting="paper",
+        sparsemixer_eps=0.01,
+    )
+    assert r.k_T.tolist() == [2] * 16
+    torch.testing.assert_close(r.weights_TR.sum(-1), torch.ones(16))
+    assert r.shared_weights_TS.shape == (16, 2)
