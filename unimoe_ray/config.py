@@ -135,6 +135,7 @@ class ModelConfig:
     codec_placeholder_id: int = 151665
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
     eos_token_id: int = 151645
     torch_dtype: str = "bfloat16"
 
@@ -257,6 +258,7 @@ class ModelConfig:
                 codec_placeholder_id=cfg["codec_placeholder_value"],
                 video_token_id=cfg.get("video_token_id", 151656),
                 vision_start_token_id=cfg.get("vision_start_token_id", 151652),
+                vision_end_token_id=cfg.get("vision_end_token_id", 151653),
                 eos_token_id=cfg.get("eos_token_id", text.get("eos_token_id", 151645)),
                 torch_dtype=cfg.get("torch_dtype", "bfloat16"),
             )
@@ -317,6 +319,7 @@ class ModelConfig:
             "codec_placeholder_value": self.codec_placeholder_id,
             "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
             "eos_token_id": self.eos_token_id,
             "torch_dtype": self.torch_dtype,
         }
@@ -363,7 +366,8 @@ def _tiny() -> ModelConfig:
         codec_placeholder_id=500,
         video_token_id=501,
         vision_start_token_id=502,
-        eos_token_id=503,
+        vision_end_token_id=503,
+        eos_token_id=504,
         torch_dtype="float32",
     )
 
@@ -388,7 +392,8 @@ def _small() -> ModelConfig:
         codec_placeholder_id=900,
         video_token_id=901,
         vision_start_token_id=902,
-        eos_token_id=903,
+        vision_end_token_id=903,
+        eos_token_id=904,
         torch_dtype="float32",
     )
 
