@@ -1,0 +1,82 @@
+"""`unimoe-ray experts status|scale` against a running local Ray cluster: in-process through
+`main`, and as the installed console script from another process (found by name, as an admin
+would)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from unimoe_ray.cli import build_parser, main
+from unimoe_ray.config import get_preset
+from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.parallel import ActorResources, ExpertParallelConfig, launch_experts, shutdown_experts
+
+pytestmark = pytest.mark.ray
+
+GROUP = "test-cli"
+CFG = ExpertParallelConfig(group=GROUP, expert_resources=ActorResources(num_cpus=0))
+SCRIPT = Path(sys.executable).with_name("unimoe-ray")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    model = UniMoEAudio(get_preset("tiny").replace(vision=None)).init_weights(seed=0)
+    controller = launch_experts(model, CFG)
+    yield controller
+    shutdown_experts(GROUP, CFG.namespace)
+    ray.shutdown()
+
+
+def test_parser_dispatches_experts_commands():
+    args = build_parser().parse_args(["experts", "scale", "--expert", "3", "--replicas", "2"])
+    assert (args.command, args.experts_command, args.expert, args.replicas) == ("experts", "scale", 3, 2)
+    assert (args.address, args.namespace, args.group) == ("auto", "unimoe", "default")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["experts", "scale", "--expert", "3"])  # --replicas is required
+
+
+def test_status_lists_every_expert(cluster, capsys):
+    assert main(["experts", "status", "--group", GROUP]) == 0
+    out = capsys.readouterr().out
+    assert f"group '{GROUP}'" in out
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("0", "1"), ("1", "1"), ("2", "1"), ("3", "1")]
+
+
+def test_scale_changes_replicas_and_json_status_shows_them(cluster, capsys):
+    assert main(["experts", "scale", "--group", GROUP, "--expert", "3", "--replicas", "2"]) == 0
+    capsys.readouterr()
+    assert main(["experts", "status", "--group", GROUP, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [e["replicas"] for e in status["experts"]] == [1, 1, 1, 2]
+    assert len(set(status["experts"][3]["actor_ids"])) == 2
+    assert main(["experts", "scale", "--group", GROUP, "--expert", "3", "--replicas", "1"]) == 0
+    assert "     3         1" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_messages(cluster, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["experts", "scale", "--group", GROUP, "--expert", "9", "--replicas", "2"])
+    assert exit_info.value.code == 2
+    assert "expert 9 does not exist: routed experts are 0..3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["experts", "scale", "--group", GROUP, "--expert", "0", "--replicas", "0"])
+    assert "at least 1 replica" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["experts", "status", "--group", "no-such-group"])
+    assert "no expert group 'no-such-group'" in capsys.readouterr().err
+
+
+def test_console_script_finds_the_group_by_name_from_another_process(cluster):
+    address = ray.get_runtime_context().gcs_address
+    run = subprocess.run(
+        [str(SCRIPT), "experts", "status", "--address", address, "--group", GROUP, "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert [e["expert"] for e in json.loads(run.stdout)["experts"]] == [0, 1, 2, 3]
