@@ -43,5 +43,12 @@ def gather_tokens(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 
 def combine(out_TD: torch.Tensor, y_ND: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """out_TD += Σ_assignments weight · expert output, in place; returns out_TD."""
-    return out_TD.index_add_(0, plan.token_idx_N, y_ND * plan.weight_N[:, None].to(y_ND.dtype))
+    """out_TD += Σ_assignments weight · expert output, in place; returns out_TD.
+
+    Without autograd, y_ND is scaled in place: a fresh N × D product would cost more in page
+    faults than the multiply itself at prefill sizes.
+    """
+    weight_N1 = plan.weight_N[:, None].to(y_ND.dtype)
+    if torch.is_grad_enabled() and (y_ND.requires_grad or weight_N1.requires_grad):
+        return out_TD.index_add_(0, plan.token_idx_N, y_ND * weight_N1)
+    return out_TD.index_add_(0, plan.token_idx_N, y_ND.mul_(weight_N1))

@@ -1,7 +1,8 @@
 """Expert MLPs and the expert-backend interface that lets the same DCMoE layer run its routed
 experts in-process or in Ray actors (unimoe_ray.parallel).
 
-Shape legend: N token-expert assignments grouped by expert, D model dim, F expert FFN dim.
+Shape legend: N token-expert assignments grouped by expert, n tokens of one expert, D model
+dim, F expert FFN dim.
 """
 
 from __future__ import annotations
@@ -13,6 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# At or below this many tokens an expert reads its weights faster as the *left* GEMM operand
+# (W·xᵀ, feature-major outputs) than as nn.Linear's right one (x·Wᵀ): with MKL on 2 cores,
+# 2.3x at 2-4 tokens, 1.3x at 16-64; above, the plain form wins (benchmarks/README_moe_layer.md).
+SKINNY_MAX_TOKENS = 128
+# Above it, tokens go through in row blocks of about this size with one reused pair of
+# gate/up buffers: GEMMs of ~1k rows already run at full speed, the buffers stay in the heap
+# and the cache, where whole-expert (n × F) temporaries are fresh mmap'd pages every call.
+BLOCK_TOKENS = 1024
+
+
 class SwiGLU(nn.Module):
     """Qwen-style gated MLP: down(silu(gate(x)) * up(x)). Parameter names match the checkpoint."""
 
@@ -22,27 +33,87 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x_ND)) * self.up_proj(x_ND))
+    def forward(self, x_nD: torch.Tensor, out_nD: torch.Tensor | None = None) -> torch.Tensor:
+        """y_nD (contiguous); written into `out_nD` instead when given (it is then returned)."""
+        gate_FD, up_FD, down_DF = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        if torch.is_grad_enabled() and (
+            x_nD.requires_grad or gate_FD.requires_grad or up_FD.requires_grad or down_DF.requires_grad
+        ):
+            # Autograd: the plain ops (the fast paths below reuse buffers in place).
+            y_nD = F.linear(F.silu(F.linear(x_nD, gate_FD)) * F.linear(x_nD, up_FD), down_DF)
+            return y_nD if out_nD is None else out_nD.copy_(y_nD)
+        if x_nD.shape[0] <= SKINNY_MAX_TOKENS:
+            return _swiglu_skinny(x_nD, gate_FD, up_FD, down_DF, out_nD)
+        return _swiglu_blocked(x_nD, gate_FD, up_FD, down_DF, out_nD)
+
+
+def _swiglu_blocked(
+    x_nD: torch.Tensor,
+    gate_FD: torch.Tensor,
+    up_FD: torch.Tensor,
+    down_DF: torch.Tensor,
+    out_nD: torch.Tensor | None,
+) -> torch.Tensor:
+    """SwiGLU for many tokens (no autograd), in equal row blocks of about BLOCK_TOKENS."""
+    n, hidden = x_nD.shape[0], gate_FD.shape[0]
+    if out_nD is None:
+        out_nD = x_nD.new_empty(n, down_DF.shape[0])
+    num_blocks = -(-n // BLOCK_TOKENS)
+    rows = -(-n // num_blocks)
+    g_bF = x_nD.new_empty(rows, hidden)
+    u_bF = x_nD.new_empty(rows, hidden)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        g, u = g_bF[: stop - start], u_bF[: stop - start]
+        torch.mm(x_nD[start:stop], gate_FD.t(), out=g)
+        torch.mm(x_nD[start:stop], up_FD.t(), out=u)
+        torch.mm(F.silu(g, inplace=True).mul_(u), down_DF.t(), out=out_nD[start:stop])
+    return out_nD
+
+
+def _swiglu_skinny(
+    x_nD: torch.Tensor,
+    gate_FD: torch.Tensor,
+    up_FD: torch.Tensor,
+    down_DF: torch.Tensor,
+    out_nD: torch.Tensor | None,
+) -> torch.Tensor:
+    """SwiGLU for a few tokens (no autograd): W·xᵀ GEMMs, which MKL runs on all threads at
+    near stream bandwidth, where x·Wᵀ at this shape reads the weights 2-2.5x slower."""
+    n = x_nD.shape[0]
+    if n == 1:
+        # One token would take MKL's single-threaded GEMV; a 2-column GEMM uses every core.
+        x_nD = torch.cat([x_nD, x_nD])
+    x_Dn = x_nD.t()
+    g_Fn = torch.mm(gate_FD, x_Dn)
+    u_Fn = torch.mm(up_FD, x_Dn)
+    # The down GEMM is fast with h token-major (its transpose as right operand): the product
+    # is written transposed.
+    h_nF = torch.empty(x_nD.shape[0], gate_FD.shape[0], dtype=x_nD.dtype, device=x_nD.device)
+    torch.mul(F.silu(g_Fn, inplace=True), u_Fn, out=h_nF.t())
+    y_nD = torch.mm(down_DF, h_nF.t()).t()[:n]
+    return y_nD.contiguous() if out_nD is None else out_nD.copy_(y_nD)
 
 
 class ExpertBackend(Protocol):
     """Runs one layer's routed experts on tokens already grouped by expert.
 
     `x_ND` holds expert 0's `counts[0]` tokens, then expert 1's, ...; the result has the same
-    layout. Experts with a zero count must cost nothing.
+    layout and is the caller's to modify (DCMoE scales it in place). Experts with a zero count
+    must cost nothing.
     """
 
     def run(self, layer_idx: int, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor: ...
 
 
-def run_grouped(experts: Sequence[nn.Module], x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-    """Each expert once, on its contiguous slice of x_ND (one GEMM chain per active expert)."""
+def run_grouped(experts: Sequence[SwiGLU], x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Each expert once, on its contiguous slice of x_ND (one GEMM chain per active expert),
+    writing straight into its slice of the result."""
     y_ND = torch.empty_like(x_ND)
     start = 0
     for expert, n in zip(experts, counts):
         if n:
-            y_ND[start : start + n] = expert(x_ND[start : start + n])
+            expert(x_ND[start : start + n], out_nD=y_ND[start : start + n])
             start += n
     return y_ND
 

@@ -88,14 +88,21 @@ class DCMoE(nn.Module):
         """x_TD → (out_TD, stats). `valid_T` (bool) keeps padding out of the aux loss."""
         routing = self.route(x_TD, valid_T)
         plan = dispatch.plan_dispatch(routing.mask_TR, routing.weights_TR, self.cfg.num_routed)
-        out_TD = torch.zeros_like(x_TD)
+        # Shared experts first: their weighted sum becomes the output buffer that the routed
+        # experts are scatter-added into (no zero-filled buffer, no extra full-size adds).
+        shared_TS = routing.shared_weights_TS.to(x_TD.dtype)
+        out_TD = None
+        for j, expert in enumerate(self.shared_experts):
+            if out_TD is None:
+                out_TD = expert(x_TD) * shared_TS[:, j : j + 1]
+            else:
+                out_TD = out_TD.addcmul_(shared_TS[:, j : j + 1], expert(x_TD))
+        if out_TD is None:
+            out_TD = torch.zeros_like(x_TD)
         if plan.token_idx_N.numel():
             x_ND = dispatch.gather_tokens(x_TD, plan)
             y_ND = self.expert_backend.run(self.layer_idx, x_ND, plan.counts)
             dispatch.combine(out_TD, y_ND, plan)
-        shared_TS = routing.shared_weights_TS.to(x_TD.dtype)
-        for j, expert in enumerate(self.shared_experts):
-            out_TD = out_TD + shared_TS[:, j : j + 1] * expert(x_TD)
         stats = MoEStats(
             aux_loss=routing.aux_loss, k_T=routing.k_T, mask_TR=routing.mask_TR, counts=plan.counts
         )
