@@ -48,7 +48,9 @@ def add_experts_parser(subparsers: argparse._SubParsersAction) -> None:
     cluster.add_argument("--namespace", default="unimoe", help="Ray namespace of the expert group")
     cluster.add_argument("--group", default="default", help="expert group (one controller and its replicas)")
 
-    experts = subparsers.add_parser("experts", help="inspect and scale the routed-expert actors of a running cluster")
+    experts = subparsers.add_parser(
+        "experts", help="inspect and scale the routed-expert actors of a running cluster"
+    )
     commands = experts.add_subparsers(dest="experts_command", required=True, metavar="{status,scale}")
     status = commands.add_parser(
         "status", parents=[cluster],

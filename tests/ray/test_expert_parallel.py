@@ -84,9 +84,22 @@ def batch(cfg, seed=1):
     return ids, codes, mask, labels
 
 
-def prompts(cfg, n, seed=2):
+@torch.no_grad()
+def logits(m, batch_):
+    """Codec logits of a full-sequence forward on `batch(...)`'s inputs."""
+    ids, codes, mask, _ = batch_
+    return m(ids, codes, attention_mask_BL=mask).codec_logits_BLKV
+
+
+def assert_equal_logits(m, batch_, ref):
+    torch.testing.assert_close(logits(m, batch_), ref, rtol=0, atol=ATOL)
+
+
+def prompts(n, seed=2):
+    """n text prompts of 5-11 tokens and their 3-token negatives (for CFG)."""
     g = torch.Generator().manual_seed(seed)
-    pos = [Prompt(torch.randint(0, 400, (int(torch.randint(5, 12, (), generator=g)),), generator=g)) for _ in range(n)]
+    lengths = torch.randint(5, 12, (n,), generator=g).tolist()
+    pos = [Prompt(torch.randint(0, 400, (k,), generator=g)) for k in lengths]
     neg = [Prompt(torch.randint(0, 400, (3,), generator=g)) for _ in range(n)]
     return pos, neg
 
@@ -141,7 +154,7 @@ def test_training_forward_matches_in_process(model, exchange, replicas):
 @pytest.mark.parametrize("exchange", ["compiled", "plain"])
 def test_cached_decoding_matches_in_process(model, exchange, replicas):
     scale_expert(1, replicas, GROUP)
-    pos, neg = prompts(model.cfg, 2)
+    pos, neg = prompts(2)
     ref_logits = decode_logits(model, model.cfg)
     ref_codes = generate(model, pos, neg, GREEDY)
     with attached(model, exchange=exchange) as (trunk, experts):
@@ -161,31 +174,27 @@ def test_actor_experts_are_forward_only(model):
 
 def test_second_trunk_on_a_group_uses_plain_calls(model):
     """An actor joins one compiled graph at a time, so one trunk per group drives a graph."""
-    ids, codes, mask, _ = batch(model.cfg)
-    with torch.no_grad():
-        ref = model(ids, codes, attention_mask_BL=mask).codec_logits_BLKV
+    inputs = batch(model.cfg)
+    ref = logits(model, inputs)
     with attached(model) as (t1, e1), attached(model) as (t2, e2):
         assert (e1.exchange_kind, e2.exchange_kind) == ("compiled", "plain")
-        with torch.no_grad():
-            for t in (t1, t2, t1):
-                torch.testing.assert_close(t(ids, codes, attention_mask_BL=mask).codec_logits_BLKV, ref, rtol=0, atol=ATOL)
+        for t in (t1, t2, t1):
+            assert_equal_logits(t, inputs, ref)
         assert expert_status(GROUP).graph_owner == e1.trunk_id
 
 
 def test_idle_compiled_graph_is_parked_and_rebuilt(model):
     """An idle compiled graph is torn down (its CPU channels busy-wait) and comes back on use."""
-    ids, codes, mask, _ = batch(model.cfg)
-    with torch.no_grad():
-        ref = model(ids, codes, attention_mask_BL=mask).codec_logits_BLKV
+    inputs = batch(model.cfg)
+    ref = logits(model, inputs)
     with attached(model, graph_idle_s=0.4) as (trunk, experts):
-        with torch.no_grad():
-            trunk(ids, codes, attention_mask_BL=mask)
-            deadline = time.monotonic() + 30
-            while not experts.parked and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert experts.parked
-            torch.testing.assert_close(trunk(ids, codes, attention_mask_BL=mask).codec_logits_BLKV, ref, rtol=0, atol=ATOL)
-        assert experts.exchange_kind == "compiled" and experts.recoveries == 0
+        assert_equal_logits(trunk, inputs, ref)
+        deadline = time.monotonic() + 30
+        while not experts.parked and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert experts.parked
+        assert_equal_logits(trunk, inputs, ref)
+        assert experts.exchange_kind == "compiled" and experts.recoveries == 0 and experts.compiles == 2
 
 
 # ---- scaling ----
@@ -203,7 +212,7 @@ def wait_dead(actor, timeout_s=60.0):
 
 @pytest.mark.parametrize("exchange", ["compiled", "plain"])
 def test_scale_up_and_down_while_decoding(model, controller, exchange):
-    pos, neg = prompts(model.cfg, 2, seed=4)
+    pos, neg = prompts(2, seed=4)
     ref_codes = generate(model, pos, neg, GREEDY)
     seen, retired = [], []
     with attached(model, exchange=exchange) as (trunk, experts):
@@ -251,7 +260,7 @@ def test_status_reports_replicas_nodes_and_routing(model):
 def test_killed_expert_restarts_while_requests_run(model, controller):
     """A trunk actor decodes three requests; an expert actor is killed (Ray restarts it from
     the controller-owned weights) mid-way; every request still returns the exact output."""
-    pos, neg = prompts(model.cfg, 3, seed=6)
+    pos, neg = prompts(3, seed=6)
     sampling = dataclasses.replace(GREEDY, max_frames=16)
     refs_codes = [generate(model, [p], [n], sampling)[0] for p, n in zip(pos, neg)]
     trunk = start_trunk(model.cfg, trunk_state(model), CFG)
@@ -276,20 +285,17 @@ def test_killed_expert_restarts_while_requests_run(model, controller):
 
 @pytest.mark.parametrize("exchange", ["compiled", "plain"])
 def test_dead_replica_is_dropped_and_last_replica_replaced(model, exchange):
-    ids, codes, mask, _ = batch(model.cfg, seed=8)
-    with torch.no_grad():
-        ref = model(ids, codes, attention_mask_BL=mask).codec_logits_BLKV
+    inputs = batch(model.cfg, seed=8)
+    ref = logits(model, inputs)
     scale_expert(3, 2, GROUP)
     with attached(model, exchange=exchange) as (trunk, experts):
         ray.kill(experts.topology.replicas[3][0], no_restart=True)  # gone for good
-        with torch.no_grad():
-            torch.testing.assert_close(trunk(ids, codes, attention_mask_BL=mask).codec_logits_BLKV, ref, rtol=0, atol=ATOL)
+        assert_equal_logits(trunk, inputs, ref)
         assert experts.recoveries >= 1 and experts.topology.replica_counts[3] == 1
         last = experts.topology.replicas[3][0]
         last_id = ray.get(last.info.remote())["actor_id"]
         ray.kill(last, no_restart=True)  # the expert's only replica: the controller starts anew
-        with torch.no_grad():
-            torch.testing.assert_close(trunk(ids, codes, attention_mask_BL=mask).codec_logits_BLKV, ref, rtol=0, atol=ATOL)
+        assert_equal_logits(trunk, inputs, ref)
         assert experts.topology.replica_counts[3] == 1
         assert ray.get(experts.topology.replicas[3][0].info.remote())["actor_id"] != last_id
 
@@ -297,9 +303,9 @@ def test_dead_replica_is_dropped_and_last_replica_replaced(model, exchange):
 def test_lease_passes_from_a_vanished_trunk_to_fresh_replicas(model):
     """A trunk actor killed without tearing its graph down leaves every replica waiting in that
     graph; the next trunk asking for a compiled graph gets the lease over fresh replicas."""
-    ids, codes, mask, _ = batch(model.cfg, seed=9)
-    with torch.no_grad():
-        ref = model(ids, codes, attention_mask_BL=mask).codec_logits_BLKV
+    inputs = batch(model.cfg, seed=9)
+    ids, codes, mask, _ = inputs
+    ref = logits(model, inputs)
     trunk = start_trunk(model.cfg, trunk_state(model), CFG)
     out = ray.get(trunk.forward.remote(ids, codes, attention_mask_BL=mask))
     torch.testing.assert_close(out["codec_logits_BLKV"], ref, rtol=0, atol=ATOL)
@@ -307,8 +313,7 @@ def test_lease_passes_from_a_vanished_trunk_to_fresh_replicas(model):
     ray.kill(trunk)
     with attached(model) as (t, experts):
         assert experts.exchange_kind == "compiled"
-        with torch.no_grad():
-            torch.testing.assert_close(t(ids, codes, attention_mask_BL=mask).codec_logits_BLKV, ref, rtol=0, atol=ATOL)
+        assert_equal_logits(t, inputs, ref)
         status = expert_status(GROUP)
     assert status.graph_owner == experts.trunk_id
     assert not old_ids & {a for row in status.experts for a in row.actor_ids}

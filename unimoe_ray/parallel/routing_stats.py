@@ -94,12 +94,13 @@ class RoutingWindow:
         now = time.monotonic() if now is None else now
         while self._samples and self._samples[0][0] < now - self.window_s:
             self._samples.popleft()
-        tokens_E = [0] * self.num_routed
-        tokens_L, picks_L, routed_L = ([0] * self.num_layers for _ in range(3))
-        for _, s in self._samples:
-            for acc, part in ((tokens_E, s.tokens_E), (tokens_L, s.tokens_L), (picks_L, s.picks_L), (routed_L, s.routed_L)):
-                for i, v in enumerate(part):
-                    acc[i] += v
+        samples = [s for _, s in self._samples]
+
+        def total(field: str, width: int) -> list[int]:
+            return [sum(vals) for vals in zip(*(getattr(s, field) for s in samples))] or [0] * width
+
+        tokens_E = total("tokens_E", self.num_routed)
+        tokens_L, picks_L, routed_L = (total(f, self.num_layers) for f in ("tokens_L", "picks_L", "routed_L"))
 
         def mean(num: list[int]) -> tuple[float, ...]:
             return tuple(n / t if t else 0.0 for n, t in zip(num, tokens_L))

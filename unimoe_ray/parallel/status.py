@@ -47,6 +47,6 @@ def format_status(s: ExpertStatus) -> str:
     for r in s.experts:
         share = f"{100 * r.tokens / total:5.1f}%" if total else "    -"
         lines.append(f"{r.expert:>6}  {r.replicas:>8}  {r.tokens:>10}  {share:>6}  {', '.join(r.nodes)}")
-    lines.append("mean experts per token (routed + null) by layer: " + " ".join(f"{v:.2f}" for v in s.experts_per_token_L))
-    lines.append("mean routed experts per token by layer:          " + " ".join(f"{v:.2f}" for v in s.routed_per_token_L))
+    for label, means in (("(routed + null)", s.experts_per_token_L), ("(routed only)  ", s.routed_per_token_L)):
+        lines.append(f"mean experts per token {label} by layer: " + " ".join(f"{v:.2f}" for v in means))
     return "\n".join(lines)

@@ -44,8 +44,11 @@ class TrunkWorker:
         attention_mask_BL: torch.Tensor | None = None, labels_BKL: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """A full-sequence (training-style) forward: codec logits, and the loss with labels."""
-        out = self.model(input_ids_BL, audio_codes_BKL, attention_mask_BL=attention_mask_BL, labels_BKL=labels_BKL)
-        return {"codec_logits_BLKV": out.codec_logits_BLKV.cpu(), "loss": None if out.loss is None else out.loss.cpu()}
+        out = self.model(
+            input_ids_BL, audio_codes_BKL, attention_mask_BL=attention_mask_BL, labels_BKL=labels_BKL
+        )
+        loss = None if out.loss is None else out.loss.cpu()
+        return {"codec_logits_BLKV": out.codec_logits_BLKV.cpu(), "loss": loss}
 
     def generate(
         self, prompts: list[Prompt], negatives: list[Prompt] | None = None,
