@@ -58,6 +58,48 @@ def test_sparsemixer_near_tie_shares_the_first_pick():
     torch.testing.assert_close(mult, torch.tensor([[first, 1.0, 0.0]]))
 
 
+def _sparsemixer_one_token(logits, mask, eps):
+    """Per-token reference of the released multipliers, written as plain Python."""
+    logits, chosen = logits.tolist(), [i for i, m in enumerate(mask.tolist()) if m]
+    mult, picked = [0.0] * len(logits), set()
+    for _ in chosen:
+        top_i = max((i for i in chosen if i not in picked), key=lambda i: logits[i])
+        top = logits[top_i]
+        near = [
+            i for i in range(len(logits))
+            if i not in picked and not (top - logits[i]) / max(abs(logits[i]), top) > 2 * eps
+        ]
+        z = sum(math.exp(logits[i]) for i in near)
+        mult[top_i] = math.exp(top) / z
+        picked.add(top_i)
+    return mult
+
+
+def test_sparsemixer_batched_matches_per_token_reference_with_mixed_k():
+    # Tokens with fewer picks than the batch's largest k must keep their own multipliers
+    # (regression: a finished token used to have column 0 overwritten with 0).
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 5, generator=gen)
+    logits[::7, 1] = logits[::7, 0] * 0.999  # some near-ties
+    k = torch.randint(1, 6, (64,), generator=gen)
+    order = logits.argsort(dim=-1, descending=True)
+    mask = torch.zeros(64, 5, dtype=torch.bool).scatter(-1, order, torch.arange(5) < k[:, None])
+    mult = router.sparsemixer_multipliers(logits, mask, eps=0.01)
+    ref = torch.tensor([_sparsemixer_one_token(l, m, 0.01) for l, m in zip(logits, mask)])
+    torch.testing.assert_close(mult, ref)
+
+
+def test_released_weights_finite_when_one_token_picks_only_expert_zero():
+    # 1 routed + 1 null expert, tied zero logits (a zero-initialised router): token 0 picks both,
+    # token 1 only expert 0. Used to give 0/0 = NaN for token 1.
+    logits = torch.zeros(2, 4)
+    mask = torch.tensor([[True, True], [True, False]])
+    routed, shared = router.released_weights(logits, mask, eps=0.01)
+    assert torch.isfinite(routed).all() and torch.isfinite(shared).all()
+    torch.testing.assert_close(routed.sum(-1) + shared.sum(-1), torch.ones(2))
+    assert routed[1, 0] > 0 and routed[1, 1] == 0
+
+
 def test_aux_loss_on_a_known_mask():
     probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
     mask = torch.tensor([[True, True, False], [False, True, False]])

@@ -87,9 +87,13 @@ def sparsemixer_multipliers(
         far_TR |= torch.isinf(candidates_TR)
         share_TR = candidates_TR.masked_fill(far_TR, NEG_INF).softmax(dim=-1)
         share_T1 = share_TR.gather(-1, idx_T1).nan_to_num(0.0)
-        mult_TR = mult_TR.scatter(-1, idx_T1, torch.where(active_T[:, None], share_T1, 0.0))
-        remaining_TR = remaining_TR.scatter(-1, idx_T1, NEG_INF)
-        picked_TR = picked_TR.scatter(-1, idx_T1, active_T[:, None])
+        # Tokens with fewer picks than this rank have nothing left (their max over all -inf
+        # points at column 0): they must not touch any column, so write through a one-hot
+        # of the active rows only rather than scattering a 0 over an earlier pick.
+        pick_TR = torch.zeros_like(mask_TR).scatter(-1, idx_T1, active_T[:, None])
+        mult_TR = torch.where(pick_TR, share_T1, mult_TR)
+        remaining_TR = remaining_TR.masked_fill(pick_TR, NEG_INF)
+        picked_TR = picked_TR | pick_TR
     return mult_TR
 
 
