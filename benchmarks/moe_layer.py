@@ -18,15 +18,18 @@ Roofline (a):
   buffer; a copy bandwidth is printed beside it). Decode rows also show `gemm`: where it
   exceeds the memory time (16 and 64 tokens: the activated FLOPs outlast the weight reads on 2
   cores) no implementation can reach the memory roofline, and `bnd` = max(roof, gemm) is the
-  floor that is.
+  floor that is. `peak` is a floor no GEMM library can beat: the activated FLOPs at the best
+  rate this machine reaches on a large square GEMM (measured once at start, 2048³); where it
+  exceeds `roof`, the largest reachable fraction of the memory roofline is roof/peak.
 
 Decode sweeps a stack of `--layers` (default 8, the `small` depth) layers with one router
 weight (same routing in each) and their own expert weights, timing per layer: as in a real
 decode step, each layer's weights have left the cache by the time it runs again (8 × 76 MB ≫
 the 32 MB L3). Prefill uses one layer (compute-bound; the cache does not matter).
 
-Transformers (b): ``Qwen2MoeSparseMoeBlock`` with 8 experts of intermediate 1376, top-k =
-round(mean routed experts per token of our routing at that size), one shared expert of
+Transformers (b): ``Qwen2MoeSparseMoeBlock`` with 8 experts of intermediate 1376, run at the
+two integer top-k around the mean routed experts per token of our routing at that size (4 and
+5 for 4.39) and its time interpolated linearly to that mean (column `hfk`), one shared expert of
 intermediate 1376 (= our 2 × 688: same FLOPs and bytes) with its sigmoid gate. Both of its
 expert implementations are timed, ``eager`` (per-expert loop) and ``grouped_mm`` (the default
 that ``from_pretrained`` picks when torch has grouped_mm, as torch 2.13 CPU does); the ratio
@@ -127,6 +130,13 @@ def timed(fn: Callable[[], object]) -> float:
 def copy_bandwidth(src_N: torch.Tensor, dst_N: torch.Tensor) -> float:
     """GB/s of a copy, counting read + write."""
     return 2 * src_N.numel() * src_N.element_size() / timed(lambda: dst_N.copy_(src_N)) / 1e9
+
+
+def peak_gemm_flops(n: int = 2048) -> float:
+    """FLOP/s of the best of 5 large square fp32 GEMMs: the compute ceiling of this machine."""
+    a_NN, b_NN, c_NN = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.mm(a_NN, b_NN, out=c_NN)
+    return 2 * n**3 / min(timed(lambda: torch.mm(a_NN, b_NN, out=c_NN)) for _ in range(5))
 
 
 # ---------------------------------------------------------------- the contenders
@@ -274,13 +284,14 @@ class Row:
     T: int
     k_mean: float
     routed_k_mean: float
-    hf_top_k: int
+    hf_top_k: str  # "4-5": the two integer top-k the transformers block ran at
     touched: int
     gflop: float
     weight_mb: float
     ours_ms: float
     roof_ms: float  # the issue's roofline: GEMM time (prefill) or weight-read time (decode)
     gemm_ms: float  # dense GEMM time of the same FLOPs (prefill: = roof_ms)
+    peak_ms: float  # the activated FLOPs at the machine's large-GEMM rate (a compute floor)
     hf_eager_ms: float
     hf_grouped_ms: float
     read_gbs: float
@@ -293,15 +304,18 @@ class Row:
 
 
 def bench_size(
-    *, routing: str, phase: str, T: int, ours: list[DCMoE], hf: list[nn.Module], hf_cfg,
+    *, peak_flops: float, routing: str, phase: str, T: int, ours: list[DCMoE], hf: list[nn.Module], hf_cfg,
     cfg: MoEConfig, dim: int, rounds: int, patience: int, buf_N: torch.Tensor, seed: int,
 ) -> Row:
     x_TD = torch.randn(T, dim, generator=torch.Generator().manual_seed(seed + T))
     x_1TD = x_TD[None]
     work = activated_work(ours[0], x_TD)
-    top_k = max(1, round(work.routed_k_mean))
-    for block in hf:
-        block.gate.top_k = top_k
+    # Its top-k is an integer, our mean routed k is not: it runs at both neighbours and its time
+    # is interpolated linearly to our k (the work grows linearly in k), so that both sides do
+    # the same activated work. With k a whole number, both neighbours are that number.
+    k_lo = max(1, math.floor(work.routed_k_mean))
+    k_hi = max(1, math.ceil(work.routed_k_mean))
+    frac_k = work.routed_k_mean - k_lo if k_hi > k_lo else 0.0
     layers_ours = ours if phase == "decode" else ours[:1]
     layers_hf = hf if phase == "decode" else hf[:1]
     gemms = roofline_gemms(work, cfg, dim)
@@ -315,16 +329,19 @@ def bench_size(
     run_ours = sweep(layers_ours, x_TD)
     run_hf = sweep(layers_hf, x_1TD)
 
-    def run_hf_impl(impl: str) -> Callable[[], None]:
+    def run_hf_impl(impl: str, top_k: int) -> Callable[[], None]:
         def run() -> None:
             hf_cfg._experts_implementation = impl
+            for block in layers_hf:
+                block.gate.top_k = top_k
             run_hf()
         return run
 
     contenders = {
         "ours": run_ours,
-        "hf_eager": run_hf_impl("eager"),
-        "hf_grouped": run_hf_impl("grouped_mm"),
+        **{f"hf_{impl}_{side}": run_hf_impl(impl_name, k)
+           for impl, impl_name in (("eager", "eager"), ("grouped", "grouped_mm"))
+           for side, k in (("lo", k_lo), ("hi", k_hi))},
         **gemms,
     }
     if phase == "decode":
@@ -358,7 +375,11 @@ def bench_size(
         return weight_gb / (read_gb / r["read"].seconds)
 
     def hf_s(r: dict[str, Sample]) -> float:
-        return min(r["hf_eager"].seconds, r["hf_grouped"].seconds) / n_hf
+        return min(hf_impl_s(r, "eager"), hf_impl_s(r, "grouped"))
+
+    def hf_impl_s(r: dict[str, Sample], impl: str) -> float:
+        lo, hi = r[f"hf_{impl}_lo"].seconds, r[f"hf_{impl}_hi"].seconds
+        return (lo + frac_k * (hi - lo)) / n_hf
 
     def ours_s(r: dict[str, Sample]) -> float:
         return r["ours"].seconds / n_ours
@@ -367,13 +388,14 @@ def bench_size(
     # which cancel load that slows a whole round (e.g. memory traffic of other machines).
     return Row(
         routing=routing, phase=phase, T=T, k_mean=work.k_mean, routed_k_mean=work.routed_k_mean,
-        hf_top_k=top_k, touched=work.touched, gflop=work.flops / 1e9,
+        hf_top_k=f"{k_lo}-{k_hi}" if k_hi > k_lo else str(k_lo), touched=work.touched, gflop=work.flops / 1e9,
         weight_mb=work.weight_bytes / 1e6,
         ours_ms=per_round(ours_s) * 1e3,
         roof_ms=per_round(roof_s) * 1e3,
         gemm_ms=per_round(gemm_s) * 1e3,
-        hf_eager_ms=per_round(lambda r: r["hf_eager"].seconds / n_hf) * 1e3,
-        hf_grouped_ms=per_round(lambda r: r["hf_grouped"].seconds / n_hf) * 1e3,
+        peak_ms=work.flops / peak_flops * 1e3,
+        hf_eager_ms=per_round(lambda r: hf_impl_s(r, "eager")) * 1e3,
+        hf_grouped_ms=per_round(lambda r: hf_impl_s(r, "grouped")) * 1e3,
         read_gbs=per_round(lambda r: read_gb / r["read"].seconds) if phase == "decode" else float("nan"),
         frac_roof=per_round(lambda r: roof_s(r) / ours_s(r)),
         frac_bound=per_round(lambda r: max(roof_s(r), gemm_s(r)) / ours_s(r)),
@@ -391,8 +413,8 @@ def _clean(r: dict[str, Sample]) -> bool:
 
 def print_table(rows: list[Row]) -> None:
     head = (
-        f"{'routing':8s} {'phase':7s} {'T':>6s} {'k':>5s} {'k_rt':>5s} {'hfk':>3s} {'touch':>5s} "
-        f"{'GFLOP':>7s} {'MB':>6s} {'ours ms':>9s} {'roof ms':>9s} {'gemm ms':>9s} "
+        f"{'routing':8s} {'phase':7s} {'T':>6s} {'k':>5s} {'k_rt':>5s} {'hfk':>4s} {'touch':>5s} "
+        f"{'GFLOP':>7s} {'MB':>6s} {'ours ms':>9s} {'roof ms':>9s} {'gemm ms':>9s} {'peak ms':>8s} "
         f"{'hf eager':>9s} {'hf grpd':>9s} {'roof/ours':>9s} {'bnd/ours':>8s} {'hf/ours':>7s} {'clean':>5s}"
     )
     print(head)
@@ -400,8 +422,8 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         print(
             f"{r.routing:8s} {r.phase:7s} {r.T:6d} {r.k_mean:5.2f} {r.routed_k_mean:5.2f} "
-            f"{r.hf_top_k:3d} {r.touched:5d} {r.gflop:7.2f} {r.weight_mb:6.1f} {r.ours_ms:9.3f} "
-            f"{r.roof_ms:9.3f} {r.gemm_ms:9.3f} {r.hf_eager_ms:9.3f} {r.hf_grouped_ms:9.3f} "
+            f"{r.hf_top_k:>4s} {r.touched:5d} {r.gflop:7.2f} {r.weight_mb:6.1f} {r.ours_ms:9.3f} "
+            f"{r.roof_ms:9.3f} {r.gemm_ms:9.3f} {r.peak_ms:8.3f} {r.hf_eager_ms:9.3f} {r.hf_grouped_ms:9.3f} "
             f"{r.frac_roof:9.0%} {r.frac_bound:8.0%} {r.vs_hf:7.2f} {r.clean_rounds:>2d}/{r.rounds:<2d}"
         )
 
@@ -437,6 +459,7 @@ def main() -> None:
     buf_N.sum()
     copy_gbs = max(copy_bandwidth(buf_N, dst_N) for _ in range(5))
     del dst_N
+    peak_flops = peak_gemm_flops()
 
     ours = build_ours(cfg, dim, args.layers, args.seed)
     hf, hf_cfg = build_transformers(dim, cfg, args.layers, args.seed + 1)
@@ -462,13 +485,13 @@ def main() -> None:
         print(f"# routing {routing}: router weight x {scale:.3f}", flush=True)
         for T in decode:
             rows.append(bench_size(
-                routing=routing, phase="decode", T=T, ours=ours, hf=hf, hf_cfg=hf_cfg, cfg=cfg,
+                peak_flops=peak_flops, routing=routing, phase="decode", T=T, ours=ours, hf=hf, hf_cfg=hf_cfg, cfg=cfg,
                 dim=dim, rounds=rounds_decode, patience=args.patience, buf_N=buf_N, seed=args.seed,
             ))
             progress(rows[-1])
         for T in prefill:
             rows.append(bench_size(
-                routing=routing, phase="prefill", T=T, ours=ours, hf=hf, hf_cfg=hf_cfg, cfg=cfg,
+                peak_flops=peak_flops, routing=routing, phase="prefill", T=T, ours=ours, hf=hf, hf_cfg=hf_cfg, cfg=cfg,
                 dim=dim, rounds=rounds_prefill[T], patience=args.patience, buf_N=buf_N,
                 seed=args.seed,
             ))
@@ -478,7 +501,8 @@ def main() -> None:
     print(
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}; memory: read {statistics.median(reads):.1f} GB/s "
-        f"(median of decode rounds), copy {copy_gbs:.1f} GB/s (best of 5, read+write)"
+        f"(median of decode rounds), copy {copy_gbs:.1f} GB/s (best of 5, read+write); "
+        f"peak GEMM {peak_flops / 1e9:.0f} GFLOP/s (2048³, best of 5)"
     )
     print(
         "# roof: prefill = dense GEMMs of the activated FLOPs; decode = touched weights / read "
@@ -488,7 +512,7 @@ def main() -> None:
     if args.json:
         env = {
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "copy_gbs": copy_gbs, "gate_scales": scales, "layers": args.layers,
+            "copy_gbs": copy_gbs, "peak_gflops": peak_flops / 1e9, "gate_scales": scales, "layers": args.layers,
             "quick": args.quick,
         }
         with open(args.json, "w") as f:

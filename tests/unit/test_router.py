@@ -84,9 +84,14 @@ def test_sparsemixer_batched_matches_per_token_reference_with_mixed_k():
     k = torch.randint(1, 6, (64,), generator=gen)
     order = logits.argsort(dim=-1, descending=True)
     mask = torch.zeros(64, 5, dtype=torch.bool).scatter(-1, order, torch.arange(5) < k[:, None])
-    mult = router.sparsemixer_multipliers(logits, mask, eps=0.01)
-    ref = torch.tensor([_sparsemixer_one_token(l, m, 0.01) for l, m in zip(logits, mask)])
-    torch.testing.assert_close(mult, ref)
+    # Non-prefix choices too (what a capacity drop leaves): a higher, unchosen logit stays a
+    # candidate of every pick.
+    holes = torch.rand(64, 5, generator=gen) < 0.3
+    holes[:, 0] = False
+    for m in (mask, mask & ~holes.gather(-1, order.argsort(-1))):
+        mult = router.sparsemixer_multipliers(logits, m, eps=0.01)
+        ref = torch.tensor([_sparsemixer_one_token(l, mm, 0.01) for l, mm in zip(logits, m)])
+        torch.testing.assert_close(mult, ref)
 
 
 def test_released_weights_finite_when_one_token_picks_only_expert_zero():

@@ -16,8 +16,9 @@ from torch import nn
 
 # At or below this many tokens an expert reads its weights faster as the *left* GEMM operand
 # (W·xᵀ, feature-major outputs) than as nn.Linear's right one (x·Wᵀ): with MKL on 2 cores,
-# 2.3x at 2-4 tokens, 1.3x at 16-64; above, the plain form wins (benchmarks/README_moe_layer.md).
-SKINNY_MAX_TOKENS = 128
+# 2.2x at 2-4 tokens, 1.2x at 8-16; from about 32 tokens on it no longer pays inside a
+# full DCMoE forward (benchmarks/moe_layer.py; figures in benchmarks/README.md).
+SKINNY_MAX_TOKENS = 24
 # Above it, tokens go through in row blocks of about this size with one reused pair of
 # gate/up buffers: GEMMs of ~1k rows already run at full speed, the buffers stay in the heap
 # and the cache, where whole-expert (n × F) temporaries are fresh mmap'd pages every call.

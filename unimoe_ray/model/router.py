@@ -68,33 +68,30 @@ def sparsemixer_multipliers(
 ) -> torch.Tensor:
     """The released checkpoint's per-pick multipliers (SparseMixer-style).
 
-    Chosen experts are taken one at a time by highest remaining logit. Each pick's multiplier is
-    its softmax share among the remaining logits whose relative distance to that maximum,
-    (max - l) / max(|l|, max), is at most 2·eps (SparseMixer's rule, verbatim) — about 1 unless there are near-ties.
-    Vectorised over tokens; the Python loop runs over pick rank (at most R times).
+    Chosen experts are taken one at a time by highest remaining logit (ties: lower index
+    first). Each pick's multiplier is its softmax share among the not-yet-picked logits whose
+    relative distance to it, (l_pick - l) / max(|l|, l_pick), is at most 2·eps (SparseMixer's
+    rule, verbatim) — about 1 unless there are near-ties.
+
+    Computed for all picks at once over (pick i, candidate j) pairs — T × R × R, tiny for the
+    R ≤ 9 dynamic experts here — instead of R sequential rounds: at decode sizes the rounds
+    were most of the router's time.
     """
-    remaining_TR = logits_TR.masked_fill(~mask_TR, NEG_INF)
-    mult_TR = torch.zeros_like(logits_TR)
-    picked_TR = torch.zeros_like(mask_TR)
-    k_T = mask_TR.sum(dim=-1)
-    for rank in range(int(k_T.max())):
-        active_T = k_T > rank
-        top_T1, idx_T1 = remaining_TR.max(dim=-1, keepdim=True)
-        # Candidates: every not-yet-picked expert (chosen or not) near the current maximum.
-        candidates_TR = logits_TR.masked_fill(picked_TR, NEG_INF)
-        factor_TR = candidates_TR.abs().clamp(min=top_T1)
-        far_TR = (top_T1 - candidates_TR) / factor_TR > 2 * eps
-        far_TR |= torch.isinf(candidates_TR)
-        share_TR = candidates_TR.masked_fill(far_TR, NEG_INF).softmax(dim=-1)
-        share_T1 = share_TR.gather(-1, idx_T1).nan_to_num(0.0)
-        # Tokens with fewer picks than this rank have nothing left (their max over all -inf
-        # points at column 0): they must not touch any column, so write through a one-hot
-        # of the active rows only rather than scattering a 0 over an earlier pick.
-        pick_TR = torch.zeros_like(mask_TR).scatter(-1, idx_T1, active_T[:, None])
-        mult_TR = torch.where(pick_TR, share_T1, mult_TR)
-        remaining_TR = remaining_TR.masked_fill(pick_TR, NEG_INF)
-        picked_TR = picked_TR | pick_TR
-    return mult_TR
+    l_Ti1 = logits_TR[:, :, None]
+    l_T1j = logits_TR[:, None, :]
+    diff_Tij = l_T1j - l_Ti1
+    idx_R = torch.arange(logits_TR.shape[-1], device=logits_TR.device)
+    # Chosen j is picked before i when its logit is higher, or equal with a lower index.
+    lower_ij = idx_R[None, :] < idx_R[:, None]
+    before_Tij = (diff_Tij > 0) | ((diff_Tij == 0) & lower_ij)
+    # far: (l_i - l_j) / max(|l_j|, l_i) > 2·eps, multiplied out (the max is ≥ 0; a 0/0 there,
+    # at zero logits, is "near" in both forms).
+    far_Tij = diff_Tij < torch.maximum(l_T1j.abs(), l_Ti1).mul_(-2 * eps)
+    out_Tij = (mask_TR[:, None, :] & before_Tij) | far_Tij
+    # share_i = exp(l_i) / Σ_pool exp(l_j) = 1 / Σ_pool exp(l_j - l_i): i is in its own pool
+    # (term 1), so the sum is ≥ 1; a far higher logit overflows to inf and the share to 0.
+    share_TR = diff_Tij.exp().masked_fill(out_Tij, 0.0).sum(dim=-1).reciprocal()
+    return torch.where(mask_TR, share_TR, 0.0)
 
 
 def released_weights(
