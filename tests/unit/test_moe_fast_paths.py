@@ -13,7 +13,9 @@ DIM = 16
 
 
 @pytest.mark.parametrize(
-    "n", [1, 2, 5, experts.SKINNY_MAX_TOKENS, experts.SKINNY_MAX_TOKENS + 1, 2 * experts.BLOCK_TOKENS + 7]
+    "n",
+    [1, 2, 5, 8, 9, 13, 16, 61, experts.SKINNY_MAX_TOKENS, experts.SKINNY_MAX_TOKENS + 1,
+     2 * experts.BLOCK_TOKENS + 7],
 )
 def test_swiglu_fast_paths_match_autograd_path(n):
     torch.manual_seed(n)

@@ -14,11 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-# At or below this many tokens an expert reads its weights faster as the *left* GEMM operand
-# (W·xᵀ, feature-major outputs) than as nn.Linear's right one (x·Wᵀ): with MKL on 2 cores,
-# 2.2x at 2-4 tokens, 1.2x at 8-16; from about 32 tokens on it no longer pays inside a
-# full DCMoE forward (benchmarks/moe_layer.py; figures in benchmarks/README.md).
-SKINNY_MAX_TOKENS = 24
+# At or below this many tokens an expert runs W·xᵀ (weights as the *left* GEMM operand,
+# feature-major outputs) instead of nn.Linear's x·Wᵀ: MKL reads the weights 1.5-2x faster
+# that way at 1-8 tokens. From SKINNY_ROUND to SKINNY_MAX_TOKENS tokens, W·xᵀ is fast only
+# when the token count is a multiple of SKINNY_ROUND (MKL's AVX2 kernels take columns 8 at a
+# time; other counts run 10-40% slower than either form), so the token columns are
+# zero-padded up to one: a few wasted columns against a whole GEMM at the slow rate (below 8
+# tokens padding costs more than it saves). Above, x·Wᵀ in blocks.
+# (Measured on 2 AVX2 cores with benchmarks/moe_layer.py; figures in benchmarks/README.md.)
+SKINNY_MAX_TOKENS = 64
+SKINNY_ROUND = 8
 # Above it, tokens go through in row blocks of about this size with one reused pair of
 # gate/up buffers: GEMMs of ~1k rows already run at full speed, the buffers stay in the heap
 # and the cache, where whole-expert (n × F) temporaries are fresh mmap'd pages every call.
@@ -79,12 +84,16 @@ def _swiglu_skinny(
     down_DF: torch.Tensor,
     out_nD: torch.Tensor | None,
 ) -> torch.Tensor:
-    """SwiGLU for a few tokens (no autograd): W·xᵀ GEMMs, which MKL runs on all threads at
-    near stream bandwidth, where x·Wᵀ at this shape reads the weights 2-2.5x slower."""
+    """SwiGLU for a few tokens (no autograd): W·xᵀ GEMMs on the token columns, padded as
+    described at SKINNY_MAX_TOKENS; padding columns are dropped from the result."""
     n = x_nD.shape[0]
-    if n == 1:
-        # One token would take MKL's single-threaded GEMV; a 2-column GEMM uses every core.
-        x_nD = torch.cat([x_nD, x_nD])
+    cols = 2 if n == 1 else n if n <= SKINNY_ROUND else -(-n // SKINNY_ROUND) * SKINNY_ROUND
+    if cols != n:
+        # One token would take MKL's single-threaded GEMV (2 columns use every core); other
+        # counts are padded with zero columns to a multiple of SKINNY_ROUND (see above).
+        x_cD = x_nD.new_zeros(cols, x_nD.shape[1])
+        x_cD[:n] = x_nD
+        x_nD = x_cD
     x_Dn = x_nD.t()
     g_Fn = torch.mm(gate_FD, x_Dn)
     u_Fn = torch.mm(up_FD, x_Dn)
