@@ -4,6 +4,7 @@ format, and the expert actor's computation run as a plain object."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +22,8 @@ from unimoe_ray.parallel.topology import slot_rows, split_rows
 from unimoe_ray.parallel.weights import (
     build_trunk, expert_state, load_expert_state, load_trunk_state, strip_routed_experts, trunk_state,
 )
-from unimoe_ray.parallel.wire import ExpertCall, pack, unpack, write_into
+from unimoe_ray.parallel import wire
+from unimoe_ray.parallel.wire import ExpertCall, decode_call, encode_call, encode_reply, pack, unpack, write_into
 
 
 @pytest.fixture(scope="module")
@@ -167,14 +169,26 @@ def test_strip_frees_routed_experts_only(model):
 # ---- wire format and the expert's computation ----
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wire_roundtrip(dtype):
+@pytest.mark.parametrize("inband_max", [wire.INBAND_MAX_BYTES, 0])
+def test_wire_roundtrip(dtype, inband_max, monkeypatch):
+    # Small messages travel as raw bytes, large ones as an ExpertCall with a numpy view.
+    monkeypatch.setattr(wire, "INBAND_MAX_BYTES", inband_max)
     x = torch.randn(5, 8).to(dtype)
     b = pack(x)
     assert b.shape == (5, 8 * x.element_size())
     torch.testing.assert_close(unpack(b, dtype), x, rtol=0, atol=0)
+    msg = encode_call(3, b, dtype)
+    assert isinstance(msg, bytes if inband_max else ExpertCall)
+    layer, got = decode_call(msg)
+    assert layer == 3 and got.dtype == dtype
+    torch.testing.assert_close(got, x, rtol=0, atol=0)
+    reply = encode_reply(x)
+    assert isinstance(reply, bytes if inband_max else np.ndarray)
     y = torch.empty_like(x)
-    write_into(y, b)
+    write_into(y, reply)
     torch.testing.assert_close(y, x, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="bytes where"):
+        write_into(torch.empty(4, 8, dtype=dtype), reply)
 
 
 def test_expert_worker_computes_its_expert_for_any_layer(model, tmp_path):
@@ -183,7 +197,8 @@ def test_expert_worker_computes_its_expert_for_any_layer(model, tmp_path):
         worker = ExpertWorker(expert_idx=1, state=state)
         for layer in range(model.cfg.num_layers):
             x = torch.randn(7, model.cfg.hidden_size)
-            y = unpack(worker.call(ExpertCall(layer, pack(x), x.dtype)), x.dtype)
+            y = torch.empty_like(x)
+            write_into(y, worker.call(encode_call(layer, pack(x), x.dtype)))
             with torch.no_grad():
                 ref = model.moe_layers[layer].routed_experts[1](x)
             torch.testing.assert_close(y, ref, rtol=0, atol=0)

@@ -37,7 +37,7 @@ from unimoe_ray.parallel.controller import ExpertUnavailableError
 from unimoe_ray.parallel.exchange import EXCHANGE_FAULTS, Exchange, make_exchange
 from unimoe_ray.parallel.routing_stats import RoutingAccumulator
 from unimoe_ray.parallel.topology import Topology, slot_rows
-from unimoe_ray.parallel.wire import ExpertCall, pack, write_into
+from unimoe_ray.parallel.wire import encode_call, pack, write_into
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class RayExperts:
             self._build_exchange()
         self._last_use = time.monotonic()
         rows = slot_rows(counts, self.topology.replica_counts)
-        calls = [ExpertCall(layer_idx, x_bytes[start : start + n], dtype) if n else None for start, n in rows]
+        calls = [encode_call(layer_idx, x_bytes[start : start + n], dtype) if n else None for start, n in rows]
         replies = self._exchange.run(calls, self.cfg.exchange_timeout_s)
         y_ND = torch.empty((x_bytes.shape[0], x_bytes.shape[1] // dtype.itemsize), dtype=dtype)
         for (start, n), reply in zip(rows, replies):

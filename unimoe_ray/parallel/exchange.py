@@ -1,6 +1,6 @@
 """Token-exchange transports between a trunk process and its expert replica actors.
 
-Both take one payload per slot (an `ExpertCall`, or None for a replica with no tokens) and
+Both take one payload per slot (a `wire.encode_call` message, or None for a replica with no tokens) and
 return one result per slot, in slot order.
 
 - `CompiledExchange`: a Ray Compiled Graph built once per topology: InputNode attribute i
@@ -30,6 +30,9 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayE
 
 from unimoe_ray.parallel.wire import ExpertCall
 
+Message = bytes | ExpertCall | None
+Reply = bytes | np.ndarray | None
+
 log = logging.getLogger(__name__)
 
 # Failures of the transport or of an actor (not of the expert code): recoverable by healing the
@@ -38,7 +41,7 @@ EXCHANGE_FAULTS = (RayActorError, RayChannelError, GetTimeoutError)
 
 
 class Exchange(Protocol):
-    def run(self, payloads: Sequence[ExpertCall | None], timeout_s: float) -> list[np.ndarray | None]: ...
+    def run(self, payloads: Sequence[Message], timeout_s: float) -> list[Reply]: ...
 
     def close(self) -> None: ...
 
@@ -47,10 +50,10 @@ class PlainExchange:
     def __init__(self, actors: Sequence[ActorHandle]) -> None:
         self.actors = list(actors)
 
-    def run(self, payloads: Sequence[ExpertCall | None], timeout_s: float) -> list[np.ndarray | None]:
+    def run(self, payloads: Sequence[Message], timeout_s: float) -> list[Reply]:
         busy = [i for i, p in enumerate(payloads) if p is not None]
         replies = ray.get([self.actors[i].call.remote(payloads[i]) for i in busy], timeout=timeout_s)
-        out: list[np.ndarray | None] = [None] * len(payloads)
+        out: list[Reply] = [None] * len(payloads)
         for i, reply in zip(busy, replies):
             out[i] = reply
         return out
@@ -69,7 +72,7 @@ class CompiledExchange:
         # recompile (topology change, recovery, unparking) leaks them.
         self._graph = dag.experimental_compile(_max_inflight_executions=1)
 
-    def run(self, payloads: Sequence[ExpertCall | None], timeout_s: float) -> list[np.ndarray | None]:
+    def run(self, payloads: Sequence[Message], timeout_s: float) -> list[Reply]:
         return ray.get(self._graph.execute(*payloads), timeout=timeout_s)
 
     def close(self) -> None:

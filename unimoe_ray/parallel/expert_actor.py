@@ -23,7 +23,7 @@ from torch import nn
 from unimoe_ray.model.experts import SwiGLU
 from unimoe_ray.parallel.resources import Device, load_device_backend
 from unimoe_ray.parallel.weights import load_expert_state
-from unimoe_ray.parallel.wire import READONLY_WARNING, ExpertCall, pack, unpack
+from unimoe_ray.parallel.wire import READONLY_WARNING, ExpertCall, decode_call, encode_reply
 
 
 class ExpertWorker:
@@ -56,17 +56,18 @@ class ExpertWorker:
             self.layers[str(layer)] = mlp
         self.layers.to(self.device).eval()
 
-    def call(self, msg: ExpertCall | None) -> np.ndarray | None:
-        """One exchange: the expert's output rows for its input rows, same dtype. None (this
-        replica got no tokens in this layer) returns at once: idle experts cost no compute."""
+    def call(self, msg: bytes | ExpertCall | None) -> bytes | np.ndarray | None:
+        """One exchange (a message from `wire.encode_call`): the expert's output rows for its
+        input rows, same dtype. None (this replica got no tokens in this layer) returns at
+        once: idle experts cost no compute."""
         if msg is None:
             return None
-        mlp = self.layers[str(msg.layer_idx)]
+        layer_idx, x_nD = decode_call(msg)
+        mlp = self.layers[str(layer_idx)]
         weight_dtype = mlp.gate_proj.weight.dtype
         with torch.inference_mode():
-            x_nD = unpack(msg.x_bytes, msg.dtype).to(self.device, weight_dtype)
-            y_nD = mlp(x_nD).to(msg.dtype)
-        return pack(y_nD)
+            y_nD = mlp(x_nD.to(self.device, weight_dtype)).to(x_nD.dtype)
+        return encode_reply(y_nD)
 
     def info(self) -> dict:
         """Where this replica runs (also the liveness probe: it answers once (re)started)."""
