@@ -121,12 +121,17 @@ def decode_logits(m, cfg, steps=6):
 
 # ---- equivalence ----
 
-@pytest.mark.parametrize("replicas", [1, 2])
-@pytest.mark.parametrize("exchange", ["compiled", "plain"])
-def test_training_forward_matches_in_process(model, exchange, replicas):
+@pytest.mark.parametrize(
+    "exchange, replicas, inband_max_bytes",
+    [("compiled", 1, None), ("compiled", 2, None), ("plain", 1, None), ("plain", 2, None),
+     # Every message in the large-payload form (numpy views, zero-copy on the reader).
+     ("compiled", 2, 0), ("plain", 1, 0)],
+)
+def test_training_forward_matches_in_process(model, exchange, replicas, inband_max_bytes):
     scale_expert(1, replicas, GROUP)
     ids, codes, mask, labels = batch(model.cfg)
-    with attached(model, exchange=exchange) as (trunk, experts):
+    wire_form = {} if inband_max_bytes is None else {"inband_max_bytes": inband_max_bytes}
+    with attached(model, exchange=exchange, **wire_form) as (trunk, experts):
         assert experts.exchange_kind == exchange
         assert experts.topology.replica_counts == (1, replicas, 1, 1)
         with torch.no_grad():

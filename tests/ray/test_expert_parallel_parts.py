@@ -170,19 +170,18 @@ def test_strip_frees_routed_experts_only(model):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inband_max", [wire.INBAND_MAX_BYTES, 0])
-def test_wire_roundtrip(dtype, inband_max, monkeypatch):
+def test_wire_roundtrip(dtype, inband_max):
     # Small messages travel as raw bytes, large ones as an ExpertCall with a numpy view.
-    monkeypatch.setattr(wire, "INBAND_MAX_BYTES", inband_max)
     x = torch.randn(5, 8).to(dtype)
     b = pack(x)
     assert b.shape == (5, 8 * x.element_size())
     torch.testing.assert_close(unpack(b, dtype), x, rtol=0, atol=0)
-    msg = encode_call(3, b, dtype)
+    msg = encode_call(3, b, dtype, inband_max)
     assert isinstance(msg, bytes if inband_max else ExpertCall)
     layer, got = decode_call(msg)
     assert layer == 3 and got.dtype == dtype
     torch.testing.assert_close(got, x, rtol=0, atol=0)
-    reply = encode_reply(x)
+    reply = encode_reply(x, inband=isinstance(msg, bytes))
     assert isinstance(reply, bytes if inband_max else np.ndarray)
     y = torch.empty_like(x)
     write_into(y, reply)

@@ -123,7 +123,10 @@ class RayExperts:
             self._build_exchange()
         self._last_use = time.monotonic()
         rows = slot_rows(counts, self.topology.replica_counts)
-        calls = [encode_call(layer_idx, x_bytes[start : start + n], dtype) if n else None for start, n in rows]
+        calls = [
+            encode_call(layer_idx, x_bytes[start : start + n], dtype, self.cfg.inband_max_bytes) if n else None
+            for start, n in rows
+        ]
         replies = self._exchange.run(calls, self.cfg.exchange_timeout_s)
         y_ND = torch.empty((x_bytes.shape[0], x_bytes.shape[1] // dtype.itemsize), dtype=dtype)
         for (start, n), reply in zip(rows, replies):

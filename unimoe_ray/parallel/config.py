@@ -30,6 +30,9 @@ class ExpertParallelConfig:
     graph_idle_s: a compiled graph unused this long is torn down (its channel readers
     busy-wait, a core per replica) and recompiled at the next exchange; each recompile leaks
     the graph's channel buffers in Ray 2.60, so keep it long.
+    inband_max_bytes: a replica's share of one exchange up to this size travels as one raw
+    `bytes` message (no serializer cost: every decode step), larger as a zero-copy numpy view
+    (prefill); see unimoe_ray.parallel.wire. 0 sends everything in the numpy form.
     trunk_timeout_s: a trunk that has not polled for this long is presumed gone: replicas
     scaled down are then killed without its acknowledgement, and (for a trunk outside an actor,
     whose liveness Ray cannot tell) its compiled-graph lease lapses.
@@ -54,14 +57,15 @@ class ExpertParallelConfig:
     stats_window_s: float = 60.0
     graph_idle_s: float = 300.0
     trunk_timeout_s: float = 60.0
+    inband_max_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.exchange not in ("compiled", "plain"):
             raise ValueError(f"exchange={self.exchange!r}: use 'compiled' or 'plain'")
         if self.initial_replicas < 1:
             raise ValueError("initial_replicas must be >= 1: every expert needs a replica")
-        if self.max_restarts < 0 or self.exchange_retries < 0:
-            raise ValueError("max_restarts and exchange_retries must be >= 0")
+        if self.max_restarts < 0 or self.exchange_retries < 0 or self.inband_max_bytes < 0:
+            raise ValueError("max_restarts, exchange_retries and inband_max_bytes must be >= 0")
         if min(self.exchange_timeout_s, self.restart_timeout_s, self.stats_window_s, self.graph_idle_s,
                self.trunk_timeout_s) <= 0:
             raise ValueError(

@@ -67,7 +67,7 @@ class ExpertWorker:
         weight_dtype = mlp.gate_proj.weight.dtype
         with torch.inference_mode():
             y_nD = mlp(x_nD.to(self.device, weight_dtype)).to(x_nD.dtype)
-        return encode_reply(y_nD)
+        return encode_reply(y_nD, inband=isinstance(msg, bytes))
 
     def info(self) -> dict:
         """Where this replica runs (also the liveness probe: it answers once (re)started)."""

@@ -2,11 +2,12 @@
 
 Hidden states travel as host-memory bytes, in one of two forms chosen by size:
 
-- small (≤ INBAND_MAX_BYTES, every decode step): one raw `bytes` object, a 9-byte header
-  (layer, dtype, row width) then the rows. Ray passes `bytes` through its serializer untouched
-  (~1 µs), where a numpy array or a dataclass goes through pickle and msgpack (60-120 µs per
-  message measured with Ray's serialization context here), and that fixed cost is paid four
-  times per exchange (call and reply, each side) on every layer of every decode step.
+- small (≤ ExpertParallelConfig.inband_max_bytes, 1 MiB by default: every decode step): one
+  raw `bytes` object, a 9-byte header (layer, dtype, row width) then the rows. Ray passes
+  `bytes` through its serializer untouched (~1 µs), where a numpy array or a dataclass goes
+  through pickle and msgpack (60-120 µs per message measured with Ray's serialization context
+  here), and that fixed cost is paid four times per exchange (call and reply, each side) on
+  every layer of every decode step.
 - large (prefill): an `ExpertCall` holding a numpy byte view. Ray moves numpy arrays as
   out-of-band pickle-5 buffers (one copy into the shared-memory channel or object store, a
   zero-copy view on the reader), while Compiled Graphs' CPU torch-tensor path copies again on
@@ -28,8 +29,9 @@ import torch
 # code only reads its input, so the warning is noise (filtered once per expert process).
 READONLY_WARNING = "The given NumPy array is not writable"
 
-# Up to this many bytes a message is copied into one `bytes` object (a 1 MiB copy is ~50 µs,
-# the size of the serializer overhead it saves); above, the zero-copy numpy form wins.
+# Default of ExpertParallelConfig.inband_max_bytes: up to this many bytes a message is copied
+# into one `bytes` object (a 1 MiB copy is ~50 µs, the serializer overhead it saves); above,
+# the zero-copy numpy form wins.
 INBAND_MAX_BYTES = 1 << 20
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
@@ -55,10 +57,13 @@ def unpack(x_bytes: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(x_bytes).view(dtype)
 
 
-def encode_call(layer_idx: int, rows: np.ndarray, dtype: torch.dtype) -> bytes | ExpertCall:
-    """One replica's message for `rows` ((n, D·itemsize) uint8, as from `pack`)."""
+def encode_call(
+    layer_idx: int, rows: np.ndarray, dtype: torch.dtype, inband_max_bytes: int = INBAND_MAX_BYTES
+) -> bytes | ExpertCall:
+    """One replica's message for `rows` ((n, D·itemsize) uint8, as from `pack`): raw bytes up
+    to `inband_max_bytes`, else an ExpertCall. The expert replies in the same form."""
     code = _CODE.get(dtype)
-    if code is not None and rows.nbytes <= INBAND_MAX_BYTES:
+    if code is not None and rows.nbytes <= inband_max_bytes:
         return _HEADER.pack(layer_idx, code, rows.shape[1]) + rows.tobytes()
     return ExpertCall(layer_idx, rows, dtype)
 
@@ -72,10 +77,10 @@ def decode_call(msg: bytes | ExpertCall) -> tuple[int, torch.Tensor]:
     return layer_idx, unpack(rows, _DTYPES[code])
 
 
-def encode_reply(y_nD: torch.Tensor) -> bytes | np.ndarray:
-    """An expert's output rows, in the same size-dependent form as the call."""
+def encode_reply(y_nD: torch.Tensor, inband: bool) -> bytes | np.ndarray:
+    """An expert's output rows, in the form of the call they answer (`inband`: it was bytes)."""
     rows = pack(y_nD)
-    return rows.tobytes() if rows.nbytes <= INBAND_MAX_BYTES else rows
+    return rows.tobytes() if inband else rows
 
 
 def write_into(dst_nD: torch.Tensor, reply: bytes | np.ndarray) -> None:
