@@ -500,8 +500,8 @@ def main() -> None:
     reads = [r.read_gbs for r in rows if r.phase == "decode"]
     print(
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}; memory: read {statistics.median(reads):.1f} GB/s "
-        f"(median of decode rounds), copy {copy_gbs:.1f} GB/s (best of 5, read+write); "
+        f"{platform.processor() or platform.machine()}; memory: read "
+        f"{statistics.median(reads) if reads else float('nan'):.1f} GB/s (median of decode rounds), copy {copy_gbs:.1f} GB/s (best of 5, read+write); "
         f"peak GEMM {peak_flops / 1e9:.0f} GFLOP/s (2048³, best of 5)"
     )
     print(
