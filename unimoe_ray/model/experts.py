@@ -48,7 +48,9 @@ class SwiGLU(nn.Module):
             # Autograd: the plain ops (the fast paths below reuse buffers in place).
             y_nD = F.linear(F.silu(F.linear(x_nD, gate_FD)) * F.linear(x_nD, up_FD), down_DF)
             return y_nD if out_nD is None else out_nD.copy_(y_nD)
-        if x_nD.shape[0] <= SKINNY_MAX_TOKENS:
+        if x_nD.shape[0] <= SKINNY_MAX_TOKENS and x_nD.device.type == "cpu":
+            # The skinny form and its padding are tuned to MKL's CPU kernels; GPU BLAS picks
+            # its own kernels for few rows.
             return _swiglu_skinny(x_nD, gate_FD, up_FD, down_DF, out_nD)
         return _swiglu_blocked(x_nD, gate_FD, up_FD, down_DF, out_nD)
 
