@@ -197,7 +197,7 @@ def test_expert_worker_computes_its_expert_for_any_layer(model, tmp_path):
         for layer in range(model.cfg.num_layers):
             x = torch.randn(7, model.cfg.hidden_size)
             y = torch.empty_like(x)
-            write_into(y, worker.call(encode_call(layer, pack(x), x.dtype)))
+            write_into(y, worker.call(encode_call(layer, pack(x), x.dtype, wire.INBAND_MAX_BYTES)))
             with torch.no_grad():
                 ref = model.moe_layers[layer].routed_experts[1](x)
             torch.testing.assert_close(y, ref, rtol=0, atol=0)

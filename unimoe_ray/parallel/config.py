@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from unimoe_ray.parallel.resources import EXPERT_NODE_RESOURCE, TRUNK_NODE_RESOURCE, ActorResources
+from unimoe_ray.parallel.wire import INBAND_MAX_BYTES
 
 Exchange = Literal["compiled", "plain"]
 
@@ -57,7 +58,7 @@ class ExpertParallelConfig:
     stats_window_s: float = 60.0
     graph_idle_s: float = 300.0
     trunk_timeout_s: float = 60.0
-    inband_max_bytes: int = 1 << 20
+    inband_max_bytes: int = INBAND_MAX_BYTES
 
     def __post_init__(self) -> None:
         if self.exchange not in ("compiled", "plain"):

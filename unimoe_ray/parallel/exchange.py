@@ -1,7 +1,7 @@
 """Token-exchange transports between a trunk process and its expert replica actors.
 
-Both take one payload per slot (a `wire.encode_call` message, or None for a replica with no tokens) and
-return one result per slot, in slot order.
+Both take one payload per slot (a `wire.encode_call` message, or None for a replica with no
+tokens) and return one result per slot, in slot order.
 
 - `CompiledExchange`: a Ray Compiled Graph built once per topology: InputNode attribute i
   feeds slot i's actor (Ray gives each attribute its own shared-memory channel, so an actor reads
