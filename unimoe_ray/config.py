@@ -89,6 +89,53 @@ class MoEConfig:
         return self.aux_weight_start + frac * (self.aux_weight_end - self.aux_weight_start)
 
 
+# config.json `text_config` key <-> MoEConfig field, the one table both directions read. A key
+# that a config.json lacks takes the dataclass default, so a preset and a config.json without
+# the key build the same model. Required keys have no default that could fit a checkpoint (they
+# set tensor shapes). `mode` and `top_k` share the released key `mlp_dynamic_top_k` (0: Top-P;
+# k: Top-K with k experts) and are handled beside the table.
+_MOE_HF_KEYS: tuple[tuple[str, str, bool], ...] = (
+    # (hf key, MoEConfig field, required)
+    ("mlp_dynamic_expert_num", "num_routed", True),
+    ("mlp_dynamic_null_expert_num", "num_null", True),
+    ("mlp_fixed_expert_num", "num_shared", True),
+    ("dynamic_intermediate_size", "routed_intermediate", True),
+    ("shared_intermediate_size", "shared_intermediate", True),
+    ("intermediate_size", "dense_intermediate", True),
+    ("mlp_dynamic_top_p", "top_p", True),
+    ("unimoe_weighting", "weighting", False),
+    ("fp32_gate", "fp32_gate", False),
+    ("input_jitter_noise", "input_jitter", False),
+    ("router_jitter_noise", "router_jitter", False),
+    ("l_aux_weight", "aux_weight_start", False),
+    ("min_l_aux_weight", "aux_weight_end", False),
+    ("l_aux_weight_decay_steps", "aux_weight_decay_steps", False),
+    ("token_drop", "token_drop", False),
+    ("capacity_factor", "capacity_factor", False),
+    ("min_capacity", "min_capacity", False),
+)
+_MOE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
+
+
+def _moe_from_hf(text: dict[str, Any]) -> MoEConfig:
+    """MoEConfig from a `text_config` dict; KeyError names a missing required key."""
+    kwargs = {
+        name: text[key] if required else text.get(key, _MOE_DEFAULTS[name])
+        for key, name, required in _MOE_HF_KEYS
+    }
+    released_k = text.get("mlp_dynamic_top_k")
+    kwargs["mode"] = text.get("unimoe_moe_mode", "top_k" if released_k else "top_p")
+    kwargs["top_k"] = int(released_k) if released_k else _MOE_DEFAULTS["top_k"]
+    return MoEConfig(**kwargs)
+
+
+def _moe_to_hf(moe: MoEConfig) -> dict[str, Any]:
+    out = {key: getattr(moe, name) for key, name, _ in _MOE_HF_KEYS}
+    out["mlp_dynamic_top_k"] = float(moe.top_k) if moe.mode == "top_k" else 0.0
+    out["unimoe_moe_mode"] = moe.mode
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class VisionConfig:
     """Qwen2.5-VL vision tower; handed as-is to transformers' implementation."""
@@ -194,27 +241,7 @@ class ModelConfig:
         """Read a released-style ``config.json`` dict (top level + ``text_config``)."""
         text = cfg.get("text_config", cfg)
         try:
-            moe = MoEConfig(
-                mode=text.get("unimoe_moe_mode", "top_p" if text.get("mlp_dynamic_top_k", 0) in (0, 0.0) else "top_k"),
-                num_routed=text["mlp_dynamic_expert_num"],
-                num_null=text["mlp_dynamic_null_expert_num"],
-                num_shared=text["mlp_fixed_expert_num"],
-                routed_intermediate=text["dynamic_intermediate_size"],
-                shared_intermediate=text["shared_intermediate_size"],
-                top_p=text["mlp_dynamic_top_p"],
-                top_k=int(text.get("mlp_dynamic_top_k") or 2),
-                dense_intermediate=text["intermediate_size"],
-                weighting=text.get("unimoe_weighting", "released"),
-                fp32_gate=text.get("fp32_gate", True),
-                input_jitter=text.get("input_jitter_noise", 0.0),
-                router_jitter=text.get("router_jitter_noise", 0.0),
-                aux_weight_start=text.get("l_aux_weight", 0.0),
-                aux_weight_end=text.get("min_l_aux_weight", text.get("l_aux_weight", 0.0)),
-                aux_weight_decay_steps=text.get("l_aux_weight_decay_steps", 0),
-                token_drop=text.get("token_drop", False),
-                capacity_factor=text.get("capacity_factor", 6.0),
-                min_capacity=text.get("min_capacity", 8),
-            )
+            moe = _moe_from_hf(text)
             vis = cfg.get("vision_config")
             vision = None
             if vis is not None:
@@ -270,7 +297,6 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The released layout, so our checkpoints open where the released ones do."""
-        moe = self.moe
         rope = {"mrope_section": list(self.mrope_section), "rope_type": "default", "type": "default"}
         text = {
             "model_type": "qwen2_5_vl_moe_text",
@@ -285,25 +311,7 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "initializer_range": self.initializer_range,
             "hidden_act": "silu",
-            "intermediate_size": moe.dense_intermediate,
-            "mlp_dynamic_expert_num": moe.num_routed,
-            "mlp_dynamic_null_expert_num": moe.num_null,
-            "mlp_fixed_expert_num": moe.num_shared,
-            "dynamic_intermediate_size": moe.routed_intermediate,
-            "shared_intermediate_size": moe.shared_intermediate,
-            "mlp_dynamic_top_p": moe.top_p,
-            "mlp_dynamic_top_k": float(moe.top_k) if moe.mode == "top_k" else 0.0,
-            "unimoe_moe_mode": moe.mode,
-            "unimoe_weighting": moe.weighting,
-            "fp32_gate": moe.fp32_gate,
-            "input_jitter_noise": moe.input_jitter,
-            "router_jitter_noise": moe.router_jitter,
-            "l_aux_weight": moe.aux_weight_start,
-            "min_l_aux_weight": moe.aux_weight_end,
-            "l_aux_weight_decay_steps": moe.aux_weight_decay_steps,
-            "token_drop": moe.token_drop,
-            "capacity_factor": moe.capacity_factor,
-            "min_capacity": moe.min_capacity,
+            **_moe_to_hf(self.moe),
         }
         out: dict[str, Any] = {
             "architectures": ["UniAudioRVQQwen2_5VLMoEForConditionalGeneration"],

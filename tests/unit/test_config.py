@@ -6,12 +6,14 @@ import pytest
 
 from unimoe_ray.config import PREVIEW_CONFIG_PATH, ConfigError, ModelConfig, get_preset
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "unimoe_audio_preview_config.json"
+from unimoe_ray.config import MoEConfig
+
+# A copy of the released config.json shipped with the tests (tests never read outside the repo).
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "unimoe_audio_preview_config.json"
 
 
 def test_preview_is_the_reference_file_unchanged():
-    if REFERENCE.is_file():
-        assert json.loads(REFERENCE.read_text()) == json.loads(PREVIEW_CONFIG_PATH.read_text())
+    assert json.loads(REFERENCE.read_text()) == json.loads(PREVIEW_CONFIG_PATH.read_text())
     cfg = get_preset("preview")
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (2048, 36, 16, 2)
     assert cfg.mrope_section == (16, 24, 24) and cfg.rope_theta == 1e6 and cfg.rms_norm_eps == 1e-6
@@ -31,6 +33,43 @@ def test_hf_dict_round_trip(name, tmp_path):
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
     cfg.save_json(tmp_path / "config.json")
     assert ModelConfig.from_json(tmp_path) == cfg
+
+
+def test_config_json_without_optional_moe_keys_takes_the_dataclass_defaults():
+    # A config.json that leaves out the optional MoE keys builds the model a preset builds
+    # (jitter 0.01, aux weight 0.025 -> 0.001 over 10k steps), not a silently different one.
+    d = get_preset("tiny").to_hf_dict()
+    optional = [
+        "unimoe_moe_mode", "mlp_dynamic_top_k", "unimoe_weighting", "fp32_gate",
+        "input_jitter_noise", "router_jitter_noise", "l_aux_weight", "min_l_aux_weight",
+        "l_aux_weight_decay_steps", "token_drop", "capacity_factor", "min_capacity",
+    ]
+    for key in optional:
+        del d["text_config"][key]
+    moe = ModelConfig.from_hf_dict(d).moe
+    assert moe == get_preset("tiny").moe
+    assert (moe.input_jitter, moe.router_jitter) == (0.01, 0.01)
+    assert (moe.aux_weight_start, moe.aux_weight_end, moe.aux_weight_decay_steps) == (
+        0.025, 0.001, 10_000
+    )
+
+
+def test_every_moe_field_is_written_to_config_json():
+    # Change every field away from its default: the round trip must carry each one.
+    moe = MoEConfig(
+        mode="top_k", num_routed=3, num_null=0, num_shared=1, routed_intermediate=24,
+        shared_intermediate=12, top_p=0.5, top_k=3, dense_intermediate=40, weighting="paper",
+        fp32_gate=False, input_jitter=0.2, router_jitter=0.3, aux_weight_start=0.4,
+        aux_weight_end=0.05, aux_weight_decay_steps=7, token_drop=True, capacity_factor=2.5,
+        min_capacity=3,
+    )
+    defaults = MoEConfig()
+    unchanged = [
+        f.name for f in dataclasses.fields(MoEConfig) if getattr(moe, f.name) == getattr(defaults, f.name)
+    ]
+    assert unchanged == [], f"the test must change every field; unchanged: {unchanged}"
+    cfg = get_preset("tiny").replace(moe=moe)
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()).moe == moe
 
 
 def test_aux_weight_schedule_decays_linearly():
