@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unimoe_ray.config import ModelConfig
+from unimoe_ray.model.moe import set_router_precision
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 
 SINGLE_FILE = "model.safetensors"
@@ -37,6 +38,25 @@ _TO_MEMORY = [
     (re.compile(r"\.mlp\.dynamic_real_moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\."), r".mlp.routed_experts.\1."),
     (re.compile(r"\.mlp\.fixed_real_moe\.(\d+)\."), r".mlp.shared_experts.\1."),
 ]
+
+
+# Tensors whose on-disk layout differs from the module's (beyond the name): the released
+# checkpoint stores the vision patch embedding, a Conv3d (out, C, t, p, p) in transformers'
+# tower, as a Conv2d-style (out, C·t, p, p) over channel-major (channel, time) pairs. Both
+# directions are reshapes of the same memory order, so a round trip is exact.
+PATCH_EMBED = "visual.patch_embed.proj.weight"
+
+
+def _to_disk_layout(name: str, t: torch.Tensor) -> torch.Tensor:
+    if name == PATCH_EMBED and t.dim() == 5:
+        return t.reshape(t.shape[0], t.shape[1] * t.shape[2], *t.shape[3:])
+    return t
+
+
+def _to_memory_layout(name: str, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if name == PATCH_EMBED and t.dim() == 4 and len(shape) == 5 and t.numel() == shape.numel():
+        return t.reshape(shape)
+    return t
 
 
 def _apply(rules, name: str) -> str:
@@ -65,7 +85,7 @@ def save_pretrained(model: UniMoEAudio, path: str | Path, *, max_shard_bytes: in
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][to_disk_name(name)] = tensor.detach().contiguous().cpu()
+        shards[-1][to_disk_name(name)] = _to_disk_layout(name, tensor.detach()).contiguous().cpu()
         size += nbytes
     for stale in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
         stale.unlink(missing_ok=True)
@@ -129,6 +149,7 @@ def load_weights(model: UniMoEAudio, path: str | Path, *, strict: bool = True) -
             f"checkpoint {path} does not match the model config: {len(missing)} missing "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
+    state = {k: _to_memory_layout(k, v, own[k].shape) if k in own else v for k, v in state.items()}
     for name, t in state.items():
         if name in own and own[name].shape != t.shape:
             raise ValueError(
@@ -139,12 +160,39 @@ def load_weights(model: UniMoEAudio, path: str | Path, *, strict: bool = True) -
 
 
 def load_pretrained(
-    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    router_precision: str | None = None,
 ) -> UniMoEAudio:
-    """Build the model from the folder's config.json and load its weights."""
+    """Build the model from the folder's config.json and load its weights.
+
+    dtype: default the checkpoint's `torch_dtype` (bf16 for the released model), as the
+    released loader does; pass torch.float32 to compute in fp32 (e.g. training on CPU).
+    router_precision: "model" routes in the model's dtype at inference, as the released code
+    does (it computes the router in fp32 only in training); "fp32" always in fp32. Default:
+    "model" for a bf16/fp16 model, "fp32" otherwise (the same thing in fp32).
+    """
     cfg = ModelConfig.from_json(path)
-    model = UniMoEAudio(cfg)
-    if dtype is not None:
-        model = model.to(dtype)
+    dtype = resolve_dtype(cfg.torch_dtype if dtype is None else dtype)
+    model = UniMoEAudio(cfg).to(dtype)
     load_weights(model, path)
+    if router_precision is None:
+        router_precision = "model" if dtype in (torch.bfloat16, torch.float16) else "fp32"
+    set_router_precision(model, router_precision)
     return model.to(device).eval()
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch dtype from a dtype or its name ("bfloat16", "bf16", "float32", ...)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}") from None

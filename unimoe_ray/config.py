@@ -166,7 +166,11 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     mrope_section: tuple[int, ...] = (16, 24, 24)
-    vocab_size: int = 151936
+    # Rows of the text embedding and lm_head: text_config.vocab_size (151676 in the release).
+    vocab_size: int = 151676
+    # The released config.json's top-level `vocab_size` (151936) sizes no tensor; kept only so
+    # a config read from disk writes back unchanged (None: same as vocab_size).
+    hf_vocab_size: int | None = None
     max_position_embeddings: int = 128_000
     initializer_range: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -269,9 +273,12 @@ class ModelConfig:
                 rms_norm_eps=text["rms_norm_eps"],
                 rope_theta=text["rope_theta"],
                 mrope_section=tuple(rope.get("mrope_section", ())),
-                # The decoder's embedding / lm_head width is the top-level vocab (151936);
-                # text_config.vocab_size (151676) is the tokenizer's length.
-                vocab_size=cfg.get("vocab_size", text["vocab_size"]),
+                # The embedding / lm_head rows are text_config.vocab_size (151676 in the
+                # released checkpoint); the top-level vocab_size (151936) sizes no tensor.
+                vocab_size=text["vocab_size"],
+                hf_vocab_size=(
+                    cfg["vocab_size"] if cfg.get("vocab_size", text["vocab_size"]) != text["vocab_size"] else None
+                ),
                 max_position_embeddings=text.get("max_position_embeddings", 128_000),
                 initializer_range=text.get("initializer_range", 0.02),
                 moe=moe,
@@ -317,7 +324,7 @@ class ModelConfig:
             "architectures": ["UniAudioRVQQwen2_5VLMoEForConditionalGeneration"],
             "model_type": "uni_audio_rvq_qwen2_5vl_moe",
             "text_config": text,
-            "vocab_size": self.vocab_size,
+            "vocab_size": self.hf_vocab_size or self.vocab_size,
             "codec_channels": self.codec_channels,
             "codec_vocab_size": self.codec_vocab_size,
             "codec_eos_value": self.codec_eos,

@@ -1,9 +1,13 @@
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from unimoe_ray import checkpoint as ckpt
+from unimoe_ray.config import get_preset
+from unimoe_ray.model.params import count_parameters
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 
 
@@ -56,3 +60,63 @@ def test_missing_or_mismatched_weights_are_clear_errors(tiny_model, tiny_cfg, tm
     ckpt.save_pretrained(tiny_model, tmp_path / "b")
     with pytest.raises(ValueError, match="missing"):
         ckpt.load_weights(bigger, tmp_path / "b")
+
+
+RELEASED_SHAPES = Path(__file__).resolve().parents[1] / "data" / "released_tensor_shapes.json"
+
+
+def test_preview_layout_is_the_released_checkpoint_tensor_for_tensor():
+    """Every tensor the released checkpoint stores, by name and shape, and nothing else
+    (tests/data/released_tensor_shapes.json was read off the released model class)."""
+    ref = json.loads(RELEASED_SHAPES.read_text())
+    with torch.device("meta"):
+        model = UniMoEAudio(get_preset("preview"))
+    ours = {ckpt.to_disk_name(k): list(ckpt._to_disk_layout(k, v).shape) for k, v in model.state_dict().items()}
+    assert sorted(set(ref["shapes"]) - set(ours)) == []
+    assert sorted(set(ours) - set(ref["shapes"])) == []
+    assert {k: v for k, v in ours.items() if ref["shapes"][k] != v} == {}
+    assert len(ours) == ref["tensors"] == 1846
+    assert count_parameters(get_preset("preview")).total == ref["parameters"] == 7_159_504_896
+
+
+def test_released_layout_round_trip_is_exact(tiny_model, tmp_path):
+    """On disk: the released 4-D patch embedding and text_config-sized embeddings; loading it
+    back restores the 5-D Conv3d weight bit for bit."""
+    from safetensors.torch import load_file
+
+    ckpt.save_pretrained(tiny_model, tmp_path)
+    disk = load_file(tmp_path / ckpt.SINGLE_FILE)
+    w5 = tiny_model.visual.patch_embed.proj.weight
+    w4 = disk[ckpt.PATCH_EMBED]
+    assert w5.dim() == 5 and w4.shape == (w5.shape[0], w5.shape[1] * w5.shape[2], *w5.shape[3:])
+    # channel-major (channel, time) pairs: disk channel c·t_size + t is (c, t)
+    assert torch.equal(w4[:, 1 * w5.shape[2] + 1], w5[:, 1, 1])
+    assert disk["model.embed_tokens.weight"].shape[0] == tiny_model.cfg.vocab_size
+    loaded = ckpt.load_pretrained(tmp_path)
+    for name, t in tiny_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    ckpt.save_pretrained(loaded, tmp_path / "again")
+    again = load_file(tmp_path / "again" / ckpt.SINGLE_FILE)
+    assert again.keys() == disk.keys() and all(torch.equal(again[k], disk[k]) for k in disk)
+
+
+def test_released_config_reads_the_text_vocab_and_writes_back_unchanged(tmp_path):
+    cfg = get_preset("preview")
+    assert cfg.vocab_size == 151676 and cfg.hf_vocab_size == 151936
+    d = cfg.to_hf_dict()
+    assert d["vocab_size"] == 151936 and d["text_config"]["vocab_size"] == 151676
+
+
+def test_load_honours_the_checkpoint_dtype_and_routes_in_it(tiny_model, tmp_path):
+    ckpt.save_pretrained(tiny_model.to(torch.bfloat16), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["torch_dtype"] = "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = ckpt.load_pretrained(tmp_path)
+    assert m.codec_head.weight.dtype == torch.bfloat16
+    assert all(not layer.fp32_router_at_inference for layer in m.moe_layers)
+    m32 = ckpt.load_pretrained(tmp_path, dtype="float32", router_precision="fp32")
+    assert m32.codec_head.weight.dtype == torch.float32
+    assert all(layer.fp32_router_at_inference for layer in m32.moe_layers)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        ckpt.load_pretrained(tmp_path, dtype="int3")

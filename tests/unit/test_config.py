@@ -23,7 +23,7 @@ def test_preview_is_the_reference_file_unchanged():
     assert m.weighting == "released" and m.fp32_gate and not m.token_drop
     assert cfg.codec_delay_pattern == (0, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
     assert (cfg.codec_vocab_size, cfg.codec_eos, cfg.codec_pad, cfg.codec_bos) == (1027, 1024, 1025, 1026)
-    assert cfg.codec_placeholder_id == 151665 and cfg.vocab_size == 151936
+    assert cfg.codec_placeholder_id == 151665 and cfg.vocab_size == 151676 and cfg.hf_vocab_size == 151936
     assert cfg.vision.out_hidden_size == 2048 and cfg.vision.patch_size == 14
 
 

@@ -52,12 +52,17 @@ class DCMoE(nn.Module):
         )
         self.expert_backend: ExpertBackend = LocalExperts(self.routed_experts)
 
+    # At inference the released code computes the router in the model's dtype (its fp32 gate
+    # applies in training only); set_router_precision(model, "model") reproduces that.
+    fp32_router_at_inference: bool = True
+
     def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """logits_TE, in fp32 when `fp32_gate` (routing decisions are precision-sensitive)."""
+        """logits_TE, in fp32 when `fp32_gate` (routing decisions are precision-sensitive) in
+        training, and at inference unless the router precision is set to the model's dtype."""
         cfg = self.cfg
         if self.training:
             x_TD = router.jitter(x_TD, cfg.input_jitter)
-        if cfg.fp32_gate:
+        if cfg.fp32_gate and (self.training or self.fp32_router_at_inference):
             logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         else:
             logits_TE = self.gate(x_TD)
@@ -118,6 +123,16 @@ class DenseFFN(SwiGLU):
 
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         return super().forward(x_TD), None
+
+
+def set_router_precision(model: nn.Module, precision: str) -> None:
+    """Router precision at inference for every DCMoE in `model`: "fp32" or "model" (the
+    model's dtype, as the released inference code)."""
+    if precision not in ("fp32", "model"):
+        raise ValueError(f"router precision {precision!r}: use 'fp32' or 'model'")
+    for m in model.modules():
+        if isinstance(m, DCMoE):
+            m.fp32_router_at_inference = precision == "fp32"
 
 
 def build_ffn(*, dim: int, cfg: MoEConfig, layer_idx: int) -> DCMoE | DenseFFN:

@@ -42,8 +42,11 @@ def config_for_tokenizer(cfg: ModelConfig, tok: PreTrainedTokenizerBase) -> Mode
         ("video_token_id", "<|video_pad|>", n + 2),
     ):
         vision[field] = vocab.get(token, fallback)
+    # Grow the embedding only as far as the ids in use need (the released tokenizer has the
+    # vision tokens, so the released 151676 rows stay as they are).
+    needed = max(n, *(i + 1 for i in vision.values()))
     return cfg.replace(
-        vocab_size=max(cfg.vocab_size, n + 3),
+        vocab_size=max(cfg.vocab_size, needed),
         codec_placeholder_id=ids["<|AUDIO_PLACEHOLDER|>"],
         eos_token_id=ids["<|im_end|>"],
         **vision,
