@@ -63,7 +63,9 @@ class DCMoE(nn.Module):
         if self.training:
             x_TD = router.jitter(x_TD, cfg.input_jitter)
         if cfg.fp32_gate and (self.training or self.fp32_router_at_inference):
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+            # Autocast (bf16 training) would run this linear in bf16 again: turn it off here.
+            with torch.autocast(x_TD.device.type, enabled=False):
+                logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         else:
             logits_TE = self.gate(x_TD)
         if self.training:
