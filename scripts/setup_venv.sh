@@ -24,7 +24,8 @@ if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v ffmpeg >/dev/null 2>&1
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng ffmpeg >/dev/null
   else
-    echo "note: espeak-ng/ffmpeg not found and cannot apt-get install them; speech-corpus tests will skip" >&2
+    echo "warning: espeak-ng/ffmpeg not found and cannot apt-get install them; the mini-corpus" \
+      "tests will FAIL until you install both (e.g. sudo apt-get install -y espeak-ng ffmpeg)" >&2
   fi
 fi
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +16,8 @@ import soundfile as sf
 from unimoe_ray.data import music
 from unimoe_ray.data.mini_corpus import MiniCorpusConfig, ball_video_frames, make_mini_corpus
 
-needs_tools = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None,
-    reason="needs espeak-ng and ffmpeg",
-)
+REPO = Path(__file__).resolve().parents[2]
+INSTALL = "apt-get install -y espeak-ng ffmpeg"
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -92,7 +92,6 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-@needs_tools
 def test_mini_corpus_is_deterministic_and_tags_broken_rows(tmp_path):
     cfg = MiniCorpusConfig(
         n_tts_en=1,
@@ -126,3 +125,34 @@ def test_mini_corpus_is_deterministic_and_tags_broken_rows(tmp_path):
         "filtered:low_snr_db",
         "filtered:high_clipping_ratio",
     } <= expects
+
+
+def test_missing_tools_fail_naming_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no_tools"))
+    with pytest.raises(FileNotFoundError, match=r"espeak-ng and ffmpeg not found") as err:
+        make_mini_corpus(tmp_path / "corpus", MiniCorpusConfig(n_tts_en=1, n_tts_zh=0))
+    assert INSTALL in str(err.value)
+    assert not (tmp_path / "corpus").exists()  # nothing half-made
+
+
+def test_corpus_tests_fail_rather_than_skip_without_the_tools(tmp_path):
+    """CI installs espeak-ng and ffmpeg: a suite that skipped the corpus tests without them
+    would pass on a broken image. Run one test of each module that needs them with an empty
+    PATH (the corpus is checked before Ray starts, so this takes seconds)."""
+    tests = [
+        f"{Path(__file__).relative_to(REPO)}::test_mini_corpus_is_deterministic_and_tags_broken_rows",
+        "tests/ray/test_preprocess.py::test_counts_add_up",
+        "tests/integration/test_preprocess_job.py::test_make_corpus_then_preprocess",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *tests],
+        cwd=REPO,
+        env={**os.environ, "PATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    summary = done.stdout.splitlines()[-1]
+    assert "skipped" not in summary, done.stdout[-3000:]
+    assert "2 failed" in summary and "1 error" in summary, done.stdout[-3000:]
+    assert done.stdout.count(INSTALL) >= 3, done.stdout[-3000:]

@@ -206,10 +206,26 @@ def _piece(rng: np.random.Generator, seconds: float) -> music.Piece:
     )
 
 
+TOOLS = ("espeak-ng", "ffmpeg")  # speech and video of the corpus; scripts/setup_venv.sh installs both
+
+
+def check_tools() -> None:
+    """Raise FileNotFoundError naming the missing tools and the command that installs them."""
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise FileNotFoundError(
+            f"{' and '.join(missing)} not found on PATH: the mini corpus speaks its speech with "
+            "espeak-ng and encodes its videos with ffmpeg. Install them with "
+            "`apt-get install -y espeak-ng ffmpeg` (scripts/setup_venv.sh does this when run as "
+            "root)"
+        )
+
+
 def make_mini_corpus(out_dir: str | Path, cfg: MiniCorpusConfig = MiniCorpusConfig()) -> Path:
     """Write the corpus under out_dir and return its manifest (manifest.jsonl; audio/video
     paths relative to it). Rows: task, audio, text, video, speaker, language, and for
     deliberately bad rows `expect` = "quarantined:<reason>" or "filtered:<reason>"."""
+    check_tools()  # before writing anything: no half-made corpus
     out = Path(out_dir)
     for sub in ("speech", "music", "video", "broken"):
         (out / sub).mkdir(parents=True, exist_ok=True)
