@@ -133,3 +133,30 @@ def test_route_top_k_mode_picks_k():
     assert r.k_T.tolist() == [2] * 16
     torch.testing.assert_close(r.weights_TR.sum(-1), torch.ones(16))
     assert r.shared_weights_TS.shape == (16, 2)
+
+
+def test_selection_follows_logit_order_with_lower_index_first_on_ties():
+    # Equal probabilities (as distinct bf16 logits can round to), distinct logits: the higher
+    # logit is picked, as the released code picks by max logit.
+    probs = torch.tensor([[0.3, 0.3, 0.2, 0.2]] * 2)
+    logits = torch.tensor([[0.0, 0.001, -0.4, -0.4], [0.001, 0.0, -0.4, -0.4]])
+    mask = router.top_p_mask(probs, 0.25, order_TR=logits)
+    assert mask.tolist() == [[False, True, False, False], [True, False, False, False]]
+    # Exact ties in the logits: the lower index first (k = 3 of 4 tied → 0, 1, 2).
+    flat = torch.zeros(1, 4)
+    assert router.top_p_mask(flat.softmax(-1), 0.6, order_TR=flat).tolist() == [[True, True, True, False]]
+    assert router.top_k_mask(flat.softmax(-1), 1, order_TR=flat).tolist() == [[True, False, False, False]]
+
+
+def test_bf16_routing_picks_the_experts_the_released_rule_picks():
+    """Many bf16 rows with near-equal logits: selection must equal a per-token reference that
+    takes the k highest logits (lower index first), k from the bf16 probability cumsum."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(512, 5, generator=g) * 0.02).to(torch.bfloat16)
+    r = router.route(logits, num_dynamic=5, mode="top_p", top_p=0.7, top_k=2,
+                     weighting="released", sparsemixer_eps=0.01)
+    probs = logits.softmax(-1)
+    for t in range(logits.shape[0]):
+        k = int((probs[t].sort(descending=True).values.cumsum(-1) < 0.7).sum()) + 1
+        order = sorted(range(5), key=lambda e: (-float(logits[t, e]), e))
+        assert sorted(order[:k]) == r.mask_TR[t].nonzero().flatten().tolist(), t

@@ -37,24 +37,33 @@ class Routing:
     aux_loss: torch.Tensor
 
 
-def top_p_mask(probs_TR: torch.Tensor, p: float) -> torch.Tensor:
+def top_p_mask(probs_TR: torch.Tensor, p: float, *, order_TR: torch.Tensor | None = None) -> torch.Tensor:
     """Paper eq. 1-2: keep the smallest prefix of experts (by descending probability) whose
     cumulative probability reaches p; k = (#cumsum < p) + 1, so at least one expert is kept.
 
-    probs_TR: softmax over dynamic experts. Returns mask_TR (bool).
+    probs_TR: softmax over dynamic experts. order_TR: the scores that rank experts (the router
+    logits, as the released code picks by highest logit); default the probabilities. Ties go
+    to the lower index (a stable sort): in bf16, distinct logits can round to equal
+    probabilities, and an unstable sort of those picked other experts than the released code.
+    Returns mask_TR (bool).
     """
-    sorted_TR, order_TR = probs_TR.sort(dim=-1, descending=True)
+    sorted_TR = probs_TR.sort(dim=-1, descending=True).values
     k_T1 = (sorted_TR.cumsum(dim=-1) < p).sum(dim=-1, keepdim=True) + 1
-    rank_R = torch.arange(probs_TR.shape[-1], device=probs_TR.device)
+    return _first_k(probs_TR if order_TR is None else order_TR, k_T1)
+
+
+def top_k_mask(probs_TR: torch.Tensor, k: int, *, order_TR: torch.Tensor | None = None) -> torch.Tensor:
+    """Fixed-k selection (the paper's Unify-MoE ablation), ranked as in `top_p_mask`."""
+    k_T1 = torch.full_like(probs_TR[:, :1], k, dtype=torch.long)
+    return _first_k(probs_TR if order_TR is None else order_TR, k_T1)
+
+
+def _first_k(scores_TR: torch.Tensor, k_T1: torch.Tensor) -> torch.Tensor:
+    """mask of each token's k_T1 highest scores, lower index first among equals."""
+    order_TR = scores_TR.sort(dim=-1, descending=True, stable=True).indices
+    rank_R = torch.arange(scores_TR.shape[-1], device=scores_TR.device)
     keep_sorted_TR = rank_R < k_T1
-    mask_TR = torch.zeros_like(keep_sorted_TR)
-    return mask_TR.scatter(-1, order_TR, keep_sorted_TR)
-
-
-def top_k_mask(probs_TR: torch.Tensor, k: int) -> torch.Tensor:
-    """Fixed-k selection (the paper's Unify-MoE ablation). Returns mask_TR (bool)."""
-    idx_TK = probs_TR.topk(k, dim=-1).indices
-    return torch.zeros_like(probs_TR, dtype=torch.bool).scatter(-1, idx_TK, True)
+    return torch.zeros_like(keep_sorted_TR).scatter(-1, order_TR, keep_sorted_TR)
 
 
 def paper_weights(probs_TR: torch.Tensor, mask_TR: torch.Tensor) -> torch.Tensor:
@@ -174,13 +183,14 @@ def route(
     token_capacity: int | None = None,
     valid_T: torch.Tensor | None = None,
 ) -> Routing:
-    """Select experts and combine weights from router logits (fp32 recommended)."""
+    """Select experts and combine weights from router logits. The softmax, the Top-P cumsum
+    and the weights are computed in the logits' dtype (bf16 at inference, as released)."""
     logits_TR = logits_TE[:, :num_dynamic]
     probs_TR = logits_TR.softmax(dim=-1)
     if mode == "top_p":
-        mask_TR = top_p_mask(probs_TR, top_p)
+        mask_TR = top_p_mask(probs_TR, top_p, order_TR=logits_TR)
     elif mode == "top_k":
-        mask_TR = top_k_mask(probs_TR, top_k)
+        mask_TR = top_k_mask(probs_TR, top_k, order_TR=logits_TR)
     else:
         raise ValueError(f"route(): mode {mode!r} has no router; use 'top_p' or 'top_k'")
     aux = load_balancing_loss(probs_TR, mask_TR, valid_T)
