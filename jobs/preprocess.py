@@ -8,7 +8,8 @@ Cluster:  ray job submit --working-dir . -- python jobs/preprocess.py --manifest
 
 Model scorers: --model-scorer utmos=/w/utmos.pt --min utmos=3.0 (KIND[:OUTPUT]=PATH; kinds
 utmos, aesthetics, clap). --min/--max NAME=VALUE add a rule on a score column for the tasks
-that scorer applies to (signal scorers: all tasks).
+that scorer applies to (signal scorers: all tasks). NAME must be a score of the run: snr_db,
+clipping_ratio, silence_ratio, or a model scorer's name; any other name is an error.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from unimoe_ray.data.config import (
     VideoConfig,
 )
 from unimoe_ray.data.pipeline import run_preprocess
+from unimoe_ray.data.quality import check_rules
 
 
 def _pairs(items: list[str], cast=str) -> list[tuple[str, object]]:
@@ -64,6 +66,8 @@ def build_config(args: argparse.Namespace) -> PreprocessConfig:
             QualityRule(scorer=name, tasks=tasks_of.get(name, TASKS), **{bound: value})
             for name, value in _pairs(pairs, float)
         ]
+    quality = QualityConfig(rules=tuple(rules), model_scorers=tuple(scorers))
+    check_rules(quality)  # e.g. --min snr=15 (the score is snr_db) must not silently do nothing
     return PreprocessConfig(
         tokenizer_path=args.tokenizer,
         audio=AudioConfig(music_window_s=args.music_window_s, min_duration_s=args.min_duration_s),
@@ -73,8 +77,9 @@ def build_config(args: argparse.Namespace) -> PreprocessConfig:
             actors=args.encode_actors,
             threads_per_actor=args.threads_per_actor,
             batch_rows=args.batch_rows,
+            max_error_fraction=args.max_encode_error_fraction,
         ),
-        quality=QualityConfig(rules=tuple(rules), model_scorers=tuple(scorers)),
+        quality=quality,
         balance=BalanceConfig(
             targets=tuple(_pairs(args.target, int)), total=args.balance_total, seed=args.seed
         ),
@@ -95,6 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--encode-actors", type=int, default=1)
     p.add_argument("--threads-per-actor", type=int, default=1)
     p.add_argument("--batch-rows", type=int, default=8)
+    p.add_argument(
+        "--max-encode-error-fraction",
+        type=float,
+        default=EncodeConfig().max_error_fraction,
+        help="fail when one kind of DAC error (e.g. out of memory) hits more than this "
+        "fraction of the rows the codec received (1: never fail)",
+    )
     p.add_argument("--music-window-s", type=float, default=20.0)
     p.add_argument("--min-duration-s", type=float, default=1.0)
     p.add_argument("--video-fps", type=float, default=2.0)
@@ -107,10 +119,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows-per-shard", type=int, default=2000)
     args = p.parse_args(argv)
+    try:
+        cfg = build_config(args)  # before Ray starts: a bad option fails in a second
+    except ValueError as err:
+        p.error(str(err))
 
     logging.basicConfig(level=logging.INFO)
     ray.init()  # joins RAY_ADDRESS when set (ray job submit), else starts a local Ray
-    stats = run_preprocess(args.manifest, args.out, build_config(args))
+    stats = run_preprocess(args.manifest, args.out, cfg)
     print(
         json.dumps({k: stats[k] for k in ("items_in", "out", "quarantined", "filtered")}, indent=2)
     )

@@ -140,7 +140,7 @@ def test_corpus_tests_fail_rather_than_skip_without_the_tools(tmp_path):
     would pass on a broken image. Run one test of each module that needs them with an empty
     PATH (the corpus is checked before Ray starts, so this takes seconds)."""
     tests = [
-        f"{Path(__file__).relative_to(REPO)}::test_mini_corpus_is_deterministic_and_tags_broken_rows",
+        "tests/unit/test_data_corpus.py::test_mini_corpus_is_deterministic_and_tags_broken_rows",
         "tests/ray/test_preprocess.py::test_counts_add_up",
         "tests/integration/test_preprocess_job.py::test_make_corpus_then_preprocess",
     ]

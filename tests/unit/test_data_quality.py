@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import runpy
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from unimoe_ray.data.config import QualityRule
+from unimoe_ray.data.config import SPEECH_TASKS, TASKS, ModelScorerSpec, QualityConfig, QualityRule
 from unimoe_ray.data.quality import (
     ClapScorer,
     ClippingScorer,
@@ -16,6 +18,7 @@ from unimoe_ray.data.quality import (
     SilenceScorer,
     SnrScorer,
     TorchModuleScorer,
+    check_rules,
     failed_rule,
     signal_scorers,
 )
@@ -103,3 +106,31 @@ def test_model_scorers_name_what_is_missing(tmp_path):
     else:
         with pytest.raises(FileNotFoundError, match="clap.ckpt"):
             ClapScorer(tmp_path / "clap.ckpt")
+
+
+def test_a_rule_on_a_score_no_scorer_produces_is_an_error():
+    utmos = ModelScorerSpec(kind="utmos", path="u.pt", tasks=SPEECH_TASKS)
+    check_rules(QualityConfig())  # the defaults are on the signal scores
+    check_rules(
+        QualityConfig(
+            rules=(QualityRule(scorer="utmos", tasks=SPEECH_TASKS, min_value=3.0),),
+            model_scorers=(utmos,),
+        )
+    )
+    # utmos without its scorer, and a typo of snr_db: either rule would keep every row.
+    for name in ("utmos", "snr"):
+        bad = QualityConfig(rules=(QualityRule(scorer=name, tasks=TASKS, min_value=3.0),))
+        with pytest.raises(ValueError, match=f"{name!r}.*snr_db, clipping_ratio, silence_ratio"):
+            check_rules(bad)
+    with pytest.raises(ValueError, match="unknown tasks .'tts'"):
+        check_rules(QualityConfig(rules=(QualityRule(scorer="snr_db", tasks=("tts",)),)))
+
+
+def test_preprocess_job_rejects_an_unknown_score_before_starting_ray(tmp_path, capsys):
+    job = runpy.run_path(str(Path(__file__).resolve().parents[2] / "jobs" / "preprocess.py"))
+    args = ["--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_:
+        job["main"]([*args, "--tokenizer", str(tmp_path), "--min", "snr=15"])
+    assert exit_.value.code == 2  # argparse's usage error, not a run
+    err = capsys.readouterr().err
+    assert "'snr'" in err and "the known scores are snr_db, clipping_ratio, silence_ratio" in err

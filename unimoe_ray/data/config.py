@@ -64,6 +64,17 @@ class EncodeConfig:
     # on CPU, where a batch falls out of cache (one thread, 4 x 20 s batched: 2x slower than one
     # at a time). On GPU raise it, e.g. 300.
     max_batch_seconds: float = 0.0
+    # The job fails (before writing shards) when one kind of encode error, e.g. OutOfMemoryError,
+    # hits more than this fraction of the rows the codec received: that is a broken codec or
+    # machine, not bad data, and finishing would hand over a quietly empty dataset. Below it,
+    # failed rows are quarantined with the error and the job goes on. 1.0: never fail.
+    max_error_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            raise ValueError(
+                f"encode max_error_fraction={self.max_error_fraction}: use a fraction in [0, 1]"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

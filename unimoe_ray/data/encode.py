@@ -12,7 +12,7 @@ Shape legend: K codebooks, T frames, N samples.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 
@@ -21,6 +21,37 @@ from unimoe_ray.data.config import EncodeConfig
 from unimoe_ray.data.schema import OK, QUARANTINED
 
 _NO_CODES = np.zeros(0, np.uint16)
+ENCODE_ERROR = "encode_error"  # quarantine reason; the detail starts with the exception type
+
+
+def error_kind(detail: str) -> str:
+    """The exception type an encode_error detail starts with, e.g. "OutOfMemoryError"."""
+    return detail.split(":", 1)[0]
+
+
+def check_encode_errors(
+    statuses: list[str], reasons: list[str], details: list[str], max_fraction: float
+) -> None:
+    """Raise RuntimeError when one kind of encode error hit more than `max_fraction` of the rows
+    that reached the codec (rows still OK, plus those it quarantined); see
+    EncodeConfig.max_error_fraction.
+
+    Example: 3 rows OK, 5 quarantined with "OutOfMemoryError: ..." -> 5 / 8 > 0.5 -> raises.
+    """
+    reached = [i for i, (s, r) in enumerate(zip(statuses, reasons)) if s == OK or r == ENCODE_ERROR]
+    failed = [i for i in reached if reasons[i] == ENCODE_ERROR]
+    if not failed:
+        return
+    kind, n = Counter(error_kind(details[i]) for i in failed).most_common(1)[0]
+    if n > max_fraction * len(reached):
+        example = next(details[i] for i in failed if error_kind(details[i]) == kind)
+        raise RuntimeError(
+            f"the DAC stage failed on {n} of the {len(reached)} rows it received with {kind} "
+            f"(more than max_error_fraction={max_fraction:g}), e.g. {example}. This is the "
+            "codec or the machine, not the data: check the DAC checkpoint (--dac-path or "
+            "UNIMOE_DAC_PATH); out of memory: lower --batch-rows, max_batch_seconds or "
+            "--encode-actors"
+        )
 
 
 def length_buckets(lengths: list[int], bucket: int) -> dict[int, list[int]]:
@@ -76,7 +107,8 @@ class EncodeAudio:
                     encoded.extend(self.encode([np.asarray(batch["wav"][i], np.float32)]))
                 except Exception as row_err:  # noqa: PERF203 - rare path
                     encoded.append(None)
-                    mark(batch, i, QUARANTINED, "encode_error", f"{row_err!r} (batch: {err!r})")
+                    detail = f"{type(row_err).__name__}: {row_err} (whole batch: {err!r})"
+                    mark(batch, i, QUARANTINED, ENCODE_ERROR, detail)
         for i, codes_KT in zip(ok, encoded):
             if codes_KT is not None:
                 codes[i], n_frames[i] = codes_KT.reshape(-1), codes_KT.shape[1]

@@ -206,7 +206,8 @@ def _piece(rng: np.random.Generator, seconds: float) -> music.Piece:
     )
 
 
-TOOLS = ("espeak-ng", "ffmpeg")  # speech and video of the corpus; scripts/setup_venv.sh installs both
+# The corpus speaks its speech with espeak-ng and encodes its videos with ffmpeg.
+TOOLS = ("espeak-ng", "ffmpeg")  # scripts/setup_venv.sh installs both
 
 
 def check_tools() -> None:

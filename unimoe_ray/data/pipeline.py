@@ -29,7 +29,7 @@ from unimoe_ray.data.config import PreprocessConfig
 from unimoe_ray.data.decode import decode_row
 from unimoe_ray.data.encode import EncodeAudio
 from unimoe_ray.data.manifest import read_manifest
-from unimoe_ray.data.quality import score_names
+from unimoe_ray.data.quality import check_rules, score_names
 from unimoe_ray.data.shards import finalize
 from unimoe_ray.data.stages import ScoreAudio, TokenizeText, attach_video, to_staging_table
 
@@ -84,7 +84,12 @@ def build_dataset(rows: list[dict], cfg: PreprocessConfig) -> ray.data.Dataset:
 
 def run_preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessConfig) -> dict:
     """Run the pipeline on a manifest and write out_dir (see `shards.py` for its contents).
-    Ray must be initialised. Returns the stats (also written to out_dir/stats.json)."""
+    Ray must be initialised. Returns the stats (also written to out_dir/stats.json).
+
+    Raises ValueError for a quality rule that could never apply, before any work, and
+    RuntimeError when the DAC stage failed on most rows alike (see
+    EncodeConfig.max_error_fraction), before writing any output."""
+    check_rules(cfg.quality)
     out_dir = Path(out_dir)
     staging = out_dir / "_staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -103,6 +108,7 @@ def run_preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessCon
         balance=cfg.balance,
         rows_per_shard=cfg.rows_per_shard,
         source_ids=[r["source_id"] for r in rows],
+        max_encode_error_fraction=cfg.encode.max_error_fraction,
     )
     if not cfg.keep_staging:
         shutil.rmtree(staging, ignore_errors=True)

@@ -28,7 +28,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from unimoe_ray.data.balance import resolve_targets, select_balanced
-from unimoe_ray.data.config import TASKS, BalanceConfig
+from unimoe_ray.data.config import TASKS, BalanceConfig, EncodeConfig
+from unimoe_ray.data.encode import check_encode_errors
 from unimoe_ray.data.schema import (
     FILTERED,
     OK,
@@ -59,14 +60,22 @@ def finalize(
     balance: BalanceConfig,
     rows_per_shard: int,
     source_ids: list[str],
+    max_encode_error_fraction: float = EncodeConfig().max_error_fraction,
 ) -> dict:
     """Write the outputs from the staging folder and return the stats (also in stats.json).
 
     Args:
         source_ids: the manifest rows' source ids, to check every row came out as something.
+        max_encode_error_fraction: see EncodeConfig.max_error_fraction; above it, raises
+            RuntimeError before writing anything (the staging folder stays for inspection).
     """
     staged = pads.dataset(staging, format="parquet")
     meta = staged.to_table(columns=_META).sort_by("sample_id")  # fixed order: sums repeat exactly
+    outcome = staged.to_table(columns=["status", "reason", "detail"])
+    check_encode_errors(
+        *(outcome.column(c).to_pylist() for c in outcome.column_names),
+        max_fraction=max_encode_error_fraction,
+    )
     if len(set(meta["sample_id"].to_pylist())) != meta.num_rows:
         raise RuntimeError("duplicate sample ids in staging: a stage emitted a row twice")
     missing = set(source_ids) - set(meta["source_id"].to_pylist())
