@@ -39,6 +39,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from unimoe_ray.parallel.config import ExpertParallelConfig
 from unimoe_ray.parallel.expert_actor import ExpertWorker
+from unimoe_ray.parallel.fingerprint import ExpertShape, ModelFingerprint
 from unimoe_ray.parallel.resources import actor_options
 from unimoe_ray.parallel.routing_stats import RoutingSample, RoutingWindow
 from unimoe_ray.parallel.status import ExpertRow, ExpertStatus
@@ -63,6 +64,8 @@ class Replica:
     handle: ActorHandle
     actor_id: str
     node: str  # node IP (what an admin recognises), for `status`
+    shape: ExpertShape
+    digest: str  # of the weights it loaded (fingerprint.state_digest)
 
 
 @dataclass
@@ -78,11 +81,13 @@ class ExpertController:
     weights: a checkpoint folder every node can read, or one object ref per expert (refs nested
     in a list so Ray hands them over unresolved); the controller re-puts those objects so it owns
     them: they then outlive the launching driver and feed replica restarts.
+    routers: `fingerprint.router_digest` of the model the weights come from; with the digests
+    the first replicas report it makes the group's fingerprint, which attach checks.
     """
 
     def __init__(
         self, cfg: ExpertParallelConfig, *, num_routed: int, num_layers: int,
-        weights: str | list[ray.ObjectRef],
+        weights: str | list[ray.ObjectRef], routers: str,
     ) -> None:
         self.cfg = cfg
         if isinstance(weights, str):
@@ -99,8 +104,16 @@ class ExpertController:
         self._retiring: list[tuple[int, float, ActorHandle]] = []  # (version, deadline, actor)
         self._version = 0
         self._replicas: tuple[tuple[Replica, ...], ...] = ()
+        self._fingerprint: ModelFingerprint | None = None
         started = iter(self._start([e for e in range(num_routed) for _ in range(cfg.initial_replicas)]))
         self._publish(tuple(tuple(next(started) for _ in range(cfg.initial_replicas)) for _ in range(num_routed)))
+        first = [group[0] for group in self._replicas]
+        if len({r.shape for r in first}) != 1:
+            self.shutdown()
+            raise ValueError(f"the experts' weights differ in shape: {[r.shape for r in first]}")
+        self._fingerprint = ModelFingerprint(
+            shape=first[0].shape, num_routed=num_routed, routers=routers, experts=tuple(r.digest for r in first),
+        )
 
     # ---- replicas ----
 
@@ -116,6 +129,14 @@ class ExpertController:
             for e in experts
         ]
         replicas = self._probe(handles)
+        fp = self._fingerprint
+        if fp is not None and any(r and r.digest != fp.experts[e] for e, r in zip(experts, replicas)):
+            for h in handles:
+                ray.kill(h, no_restart=True)
+            raise ExpertUnavailableError(
+                f"experts {sorted(set(experts))}: a new replica loaded other weights than the group "
+                "launched with (was the checkpoint folder changed?); relaunch the group"
+            )
         if any(r is None for r in replicas):
             for h in handles:
                 ray.kill(h, no_restart=True)
@@ -148,7 +169,10 @@ class ExpertController:
             for i, ref in refs.items():
                 try:
                     info = ray.get(ref, timeout=0)
-                    out[i] = Replica(handle=handles[i], actor_id=info["actor_id"], node=info["node_ip"])
+                    out[i] = Replica(
+                        handle=handles[i], actor_id=info["actor_id"], node=info["node_ip"],
+                        shape=info["shape"], digest=info["digest"],
+                    )
                 except ActorUnavailableError:
                     todo.append(i)
                 except (RayActorError, GetTimeoutError):
@@ -239,6 +263,10 @@ class ExpertController:
 
     def topology(self) -> Topology:
         return self._topology()
+
+    def fingerprint(self) -> ModelFingerprint:
+        """What the group serves (recorded at launch): attach checks a model against it."""
+        return self._fingerprint
 
     def ack(self, trunk_id: str, version: int) -> None:
         """The trunk now runs on `version`: replicas retired before it may go."""

@@ -23,6 +23,7 @@ from unimoe_ray.parallel.admin import get_controller
 from unimoe_ray.parallel.backend import RayExperts
 from unimoe_ray.parallel.config import ExpertParallelConfig
 from unimoe_ray.parallel.controller import ExpertController
+from unimoe_ray.parallel.fingerprint import checkpoint_router_digest, model_fingerprint, router_digest
 from unimoe_ray.parallel.weights import dcmoe_layers, expert_state, strip_routed_experts
 
 # Threads: admin calls (status, scale) must be answered while a heal waits on restarting actors.
@@ -41,14 +42,16 @@ def launch_experts(weights: UniMoEAudio | str | Path, cfg: ExpertParallelConfig)
         source: str | list[ray.ObjectRef] = [
             ray.put(expert_state(weights, e)) for e in range(model_cfg.moe.num_routed)
         ]
+        routers = router_digest(weights)
     else:
         model_cfg = ModelConfig.from_json(weights)
         source = str(weights)
+        routers = checkpoint_router_digest(weights)
     try:
         controller = ray.remote(ExpertController).options(
             name=cfg.controller_name, namespace=cfg.namespace, lifetime="detached", num_cpus=0,
             max_concurrency=CONTROLLER_CONCURRENCY,
-        ).remote(cfg, num_routed=model_cfg.moe.num_routed, num_layers=model_cfg.num_layers, weights=source)
+        ).remote(cfg, num_routed=model_cfg.moe.num_routed, num_layers=model_cfg.num_layers, weights=source, routers=routers)
     except ValueError as err:
         raise ValueError(
             f"expert group {cfg.group!r} already runs in namespace {cfg.namespace!r}: scale it, or "
@@ -61,12 +64,22 @@ def launch_experts(weights: UniMoEAudio | str | Path, cfg: ExpertParallelConfig)
 def attach_experts(model: UniMoEAudio, cfg: ExpertParallelConfig) -> RayExperts:
     """Run `model`'s routed experts on the group's actors, from this process on.
 
-    The model's own routed-expert weights are freed (moved to the meta device). Returns the
-    backend (topology, exchange kind, recoveries; `close()` detaches from the group).
+    The model is first checked against the group's fingerprint (expert shapes and layers,
+    router weights, and each routed expert's weights unless the model's were stripped): a
+    mismatch raises ValueError naming the difference, with the model untouched. Then its own
+    routed-expert weights are freed (moved to the meta device). Returns the backend (topology,
+    exchange kind, recoveries; `close()` detaches from the group).
     """
     layers = dcmoe_layers(model)
+    controller = get_controller(cfg.group, cfg.namespace)
+    why = model_fingerprint(model).mismatch(ray.get(controller.fingerprint.remote()))
+    if why is not None:
+        raise ValueError(
+            f"the model does not match expert group {cfg.group!r}: {why}. Attach the model the group "
+            "was launched with, or launch a group for this model (launch_experts with another group name)"
+        )
     experts = RayExperts(
-        get_controller(cfg.group, cfg.namespace), cfg,
+        controller, cfg,
         num_routed=model.cfg.moe.num_routed, num_layers=model.cfg.num_layers,
     )
     strip_routed_experts(model)

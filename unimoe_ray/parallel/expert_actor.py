@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from unimoe_ray.model.experts import SwiGLU
+from unimoe_ray.parallel.fingerprint import ExpertShape, state_digest
 from unimoe_ray.parallel.resources import Device, load_device_backend
 from unimoe_ray.parallel.weights import load_expert_state
 from unimoe_ray.parallel.wire import READONLY_WARNING, ExpertCall, decode_call, encode_reply
@@ -44,6 +45,9 @@ class ExpertWorker:
             state = load_expert_state(state, expert_idx)
         self.expert_idx = expert_idx
         self.device = torch.device(device)
+        # What this replica serves, for the group's fingerprint (see fingerprint.py).
+        self.shape = ExpertShape.of_state(state)
+        self.digest = state_digest(state)
         by_layer: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in state.items():
             layer, name = key.split(".", 1)
@@ -79,4 +83,6 @@ class ExpertWorker:
             "node_ip": ray.util.get_node_ip_address(),
             "pid": os.getpid(),
             "layers": sorted(int(k) for k in self.layers),
+            "shape": self.shape,
+            "digest": self.digest,
         }

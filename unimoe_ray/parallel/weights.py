@@ -43,7 +43,7 @@ def trunk_state(model: UniMoEAudio) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items() if not _ROUTED.match(k)}
 
 
-def _read(path: str | Path, keep) -> dict[str, torch.Tensor]:
+def read_tensors(path: str | Path, keep) -> dict[str, torch.Tensor]:
     """Tensors whose in-memory name `keep(name)` maps to a key (None: skip), read lazily."""
     out: dict[str, torch.Tensor] = {}
     for f in shard_files(path):
@@ -62,7 +62,7 @@ def load_expert_state(path: str | Path, expert_idx: int) -> dict[str, torch.Tens
         m = _ROUTED.match(name)
         return f"{m[1]}.{m[3]}" if m and int(m[2]) == expert_idx else None
 
-    state = _read(path, keep)
+    state = read_tensors(path, keep)
     if not state:
         raise ValueError(f"checkpoint {path} holds no weights of routed expert {expert_idx}")
     return state
@@ -70,7 +70,7 @@ def load_expert_state(path: str | Path, expert_idx: int) -> dict[str, torch.Tens
 
 def load_trunk_state(path: str | Path) -> dict[str, torch.Tensor]:
     """`trunk_state` read from a checkpoint folder."""
-    return _read(path, lambda name: None if _ROUTED.match(name) else name)
+    return read_tensors(path, lambda name: None if _ROUTED.match(name) else name)
 
 
 class NoLocalExperts:
