@@ -21,7 +21,7 @@ from unimoe_ray.audio.codec import DACCodec
 from unimoe_ray.audio.io import write_wav
 from unimoe_ray.checkpoint import save_pretrained
 from unimoe_ray.config import get_preset
-from unimoe_ray.inference.generate import SamplingConfig
+from unimoe_ray.inference.sampling import task_sampling
 from unimoe_ray.inference.pipeline import AudioGenerator
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.text.prompts import config_for_tokenizer
@@ -72,9 +72,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     speech_ref = worker.tts.remote(
         [cfg.tts_text], voice_wav=reference_voice(), voice_sample_rate=16000,
-        voice_text="This is my voice.", sampling=SamplingConfig(guidance_scale=2.0, **sampling),
+        voice_text="This is my voice.", sampling=task_sampling("speech", **sampling),
     )
-    music_ref = worker.music.remote([cfg.music_caption], sampling=SamplingConfig(guidance_scale=5.0, **sampling))
+    music_ref = worker.music.remote([cfg.music_caption], sampling=task_sampling("music", **sampling))
     results = {"tts": ray.get(speech_ref)[0], "music": ray.get(music_ref)[0]}
     elapsed = time.perf_counter() - t0
     summary: dict = {"config": asdict(cfg), "checkpoint": str(ckpt), "seconds_wall": round(elapsed, 2)}

@@ -20,8 +20,9 @@ def test_tts_prompt_places_voice_frames_at_placeholders(builder, tok):
     voice = torch.randint(0, 1024, (12, 7))
     p = builder.tts("hello world", prompt_text="my voice", prompt_codes_KT=voice)
     slots = (p.input_ids_L == builder.cfg.codec_placeholder_id).nonzero().flatten()
-    assert slots.numel() == 7 and (slots.diff() == 1).all()
-    assert torch.equal(p.audio_codes_KL[:, slots], voice)
+    # Released layout: the 7 frames delay-patterned, one placeholder per step (7 + 18 + 1).
+    assert slots.numel() == 7 + 18 + 1 and (slots.diff() == 1).all()
+    assert torch.equal(p.audio_codes_KL[:, slots], builder.pattern.voice_prompt(voice))
     others = torch.ones_like(p.input_ids_L, dtype=torch.bool)
     others[slots] = False
     assert (p.audio_codes_KL[:, others] == builder.cfg.codec_pad).all()

@@ -68,6 +68,18 @@ class DelayPattern:
             out_KS[c, d + T] = self.eos
         return out_KS
 
+    def voice_prompt(self, codes_KT: torch.Tensor) -> torch.Tensor:
+        """The released layout of a voice prompt's codes, one placeholder per step:
+        (K, T) → (K, T + max_delay + 1) with BOS for delay[c] + 1 steps, the codes, EOS, then
+        PAD — `apply` shifted one step right behind a BOS column (so the last codebook's EOS
+        falls just past the end, as in the released `_preprocess_codec`).
+
+        Worked example, T = 2 (a, b), delays [0, 2]:  c0: B a0 b0 E P   c1: B B B a1 b1
+        """
+        delayed_KS = self.apply(codes_KT)
+        bos_K1 = torch.full_like(delayed_KS[:, :1], self.bos)
+        return torch.cat([bos_K1, delayed_KS[:, :-1]], dim=1)
+
     def revert(self, delayed_KS: torch.Tensor) -> torch.Tensor:
         """(K, S) delayed steps → (K, T) frames, T = S − max_delay − 1."""
         if delayed_KS.dim() != 2 or delayed_KS.shape[0] != self.num_codebooks:

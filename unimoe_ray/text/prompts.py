@@ -12,7 +12,9 @@ content, per task:
 Negative prompts for classifier-free guidance: music "Low quality."; speech: the same prompt
 with empty target text. Generation appends the first audio placeholder (a BOS frame) itself.
 
-Voice-prompt frames sit at their placeholders as plain (undelayed) DAC frames.
+The voice prompt's codes enter as the released code places them: delay-patterned (BOS for a
+codebook's delay + 1 steps, the codes, EOS, then PAD; `DelayPattern.voice_prompt`), one
+placeholder per delayed step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from unimoe_ray.audio.delay import DelayPattern
 from unimoe_ray.config import ModelConfig
 from unimoe_ray.inference.generate import Prompt
 from unimoe_ray.text.tokenizer import special_token_ids
@@ -74,6 +77,7 @@ class PromptBuilder:
         self.tok = tok
         self.cfg = cfg
         self.ids = special_token_ids(tok)
+        self.pattern = DelayPattern(cfg.codec_delay_pattern, bos=cfg.codec_bos, eos=cfg.codec_eos, pad=cfg.codec_pad)
 
     def _text(self, s: str) -> list[int]:
         return self.tok.encode(s, add_special_tokens=False)
@@ -112,8 +116,9 @@ class PromptBuilder:
             self._check_frames(prompt_codes_KT)
             content += self._sp("<|SPEECH_PROMPT_START|>") + self._text(prompt_text or "") + self._sp("<|SPEECH_PROMPT_END|>")
             content += self._sp("<|VOICE_PROMPT_START|>")
-            frames[len(content)] = prompt_codes_KT.long()
-            content += [self.cfg.codec_placeholder_id] * prompt_codes_KT.shape[1]
+            steps_KS = self.pattern.voice_prompt(prompt_codes_KT.long())
+            frames[len(content)] = steps_KS
+            content += [self.cfg.codec_placeholder_id] * steps_KS.shape[1]
             content += self._sp("<|VOICE_PROMPT_END|>")
         content += self._sp("<|SPEECH_START|>") + target + self._sp("<|SPEECH_END|>")
         offset = self._content_offset()
