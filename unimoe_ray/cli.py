@@ -2,6 +2,7 @@
 
     unimoe-ray experts status [--json]
     unimoe-ray experts scale --expert 3 --replicas 2
+    unimoe-ray generate tts|t2m|v2m ...      (unimoe_ray/cli_generate.py)
 
 Each group adds itself in `build_parser` through an `add_<group>_parser(subparsers)` function
 and handles its commands with thin adapters over library functions. Library imports happen
@@ -13,16 +14,73 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
+import threading
+
+
+class CliError(Exception):
+    """A failure the CLI reports as one line (exit 2)."""
+
+
+def _resolve_address(address: str) -> str:
+    """host:port of the cluster: --address, else RAY_ADDRESS, else the last `ray start` on this
+    machine. (Ray's own "auto" would also pick any Ray process found by `ps`, silently, and
+    wait for it without end if it is not a cluster head.)"""
+    import ray._private.services as services
+    from ray._private.utils import read_ray_address
+
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS") or read_ray_address() or ""
+        if not address:
+            raise CliError(
+                "no Ray cluster found: none started with `ray start` on this machine and RAY_ADDRESS "
+                "is unset; start one (`ray start --head`) or pass --address HOST:PORT"
+            )
+    try:
+        return services.canonicalize_bootstrap_address_or_die(address)
+    except (ConnectionError, ValueError) as err:
+        raise CliError(f"bad cluster address {address!r}: {err}") from None
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """Fail in `timeout_s` where Ray's client would wait for minutes: nothing listens there."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise CliError(
+            f"no Ray cluster answers at {address} ({err.strerror or err}): is the cluster up? "
+            "(`ray status` on the head shows it; a cluster that was stopped left its address behind)"
+        ) from None
 
 
 def _connect(args: argparse.Namespace) -> None:
+    """Join the cluster within args.timeout, or fail with one line."""
     import ray
 
-    if not ray.is_initialized():
-        # "auto" joins the running cluster (or RAY_ADDRESS) and never starts a new one.
-        ray.init(address=args.address, namespace=args.namespace, logging_level=logging.WARNING,
-                 log_to_driver=False)
+    if ray.is_initialized():
+        return
+    address = _resolve_address(args.address)
+    _check_reachable(address, args.timeout)
+    hint = ""
+
+    def give_up() -> None:  # Ray's client retries for minutes: end the process here
+        sys.stderr.write(f"unimoe-ray: error: the Ray cluster at {address} did not accept a connection "
+                         f"within {args.timeout:g}s{hint}\n")
+        sys.stderr.flush()
+        os._exit(2)
+
+    watchdog = threading.Timer(args.timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        ray.init(address=address, namespace=args.namespace, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError) as err:
+        raise CliError(f"could not connect to the Ray cluster at {address}: {str(err).splitlines()[0]}{hint}") from None
+    finally:
+        watchdog.cancel()
 
 
 def _experts_status(args: argparse.Namespace) -> None:
@@ -30,7 +88,7 @@ def _experts_status(args: argparse.Namespace) -> None:
     from unimoe_ray.parallel.status import format_status
 
     _connect(args)
-    status = expert_status(args.group, args.namespace)
+    status = expert_status(args.group, args.namespace, timeout_s=args.timeout)
     print(json.dumps(status.to_dict(), indent=2) if args.json else format_status(status))
 
 
@@ -47,6 +105,10 @@ def add_experts_parser(subparsers: argparse._SubParsersAction) -> None:
     cluster.add_argument("--address", default="auto", help="Ray cluster address (default: auto / RAY_ADDRESS)")
     cluster.add_argument("--namespace", default="unimoe", help="Ray namespace of the expert group")
     cluster.add_argument("--group", default="default", help="expert group (one controller and its replicas)")
+    cluster.add_argument(
+        "--timeout", type=float, default=15.0,
+        help="seconds to wait for the cluster to accept the connection and the controller to answer",
+    )
 
     experts = subparsers.add_parser(
         "experts", help="inspect and scale the routed-expert actors of a running cluster"
@@ -68,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimoe-ray", description="UniMoE-Audio on Ray")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_experts_parser(subparsers)
+    from unimoe_ray.cli_generate import add_generate_parser
+
+    add_generate_parser(subparsers)
     return parser
 
 
@@ -76,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.handler(args)
-    except (LookupError, ValueError) as err:
-        # A RayTaskError from the controller wraps the ValueError it raised; show that one.
-        parser.exit(2, f"unimoe-ray: error: {getattr(err, 'cause', None) or err}\n")
+    except (CliError, LookupError, ValueError, RuntimeError, OSError) as err:
+        # One line naming the cause (admin.call_controller unwraps the controller's errors);
+        # ExpertUnavailableError and ControllerUnavailableError are RuntimeErrors.
+        parser.exit(2, f"unimoe-ray: error: {' '.join(str(err).split())}\n")
     return 0
 
 
