@@ -34,12 +34,11 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
 # shellcheck disable=SC2086
 $PIP install -q $TORCH_SPEC
-DS_BUILD_OPS=0 $PIP install -q -e ".[dev,deepspeed]"
+# Step 1 also brings the codec's runtime needs (the `codec` extra in pyproject.toml).
+DS_BUILD_OPS=0 $PIP install -q -e ".[dev,deepspeed,codec]"
 
 # Step 2: the codec, without its protobuf<3.20 pin.
 $PIP install -q --no-deps descript-audio-codec==1.0.0 descript-audiotools==0.7.2 torchaudio
-$PIP install -q argbind einops julius pyloudnorm scipy librosa rich flatten-dict markdown2 \
-  randomname importlib-resources ffmpy tqdm tensorboard  # audiotools imports torch.utils.tensorboard
 
 # CPU-only workaround: PyPI's torchaudio wheel is a CUDA build whose compiled library does not
 # load beside CPU torch. audiotools only imports torchaudio's pure-Python parts (we resample

@@ -14,6 +14,19 @@ from unimoe_ray.data.video import (
 )
 
 
+def _transformers_pil():
+    """transformers' PIL Qwen2-VL image processor module, the reference (transformers >= 5.5,
+    the dev extra). A missing one fails: a skip would let the comparison silently lapse."""
+    try:
+        from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl
+    except ImportError as err:
+        pytest.fail(
+            "the reference Qwen2VLImageProcessorPil needs transformers>=5.5 "
+            f"(pip install -e '.[dev]'): {err}"
+        )
+    return image_processing_pil_qwen2_vl
+
+
 def _normalised(frames_THWC: np.ndarray) -> np.ndarray:
     return (frames_THWC.astype(np.float32) / 255.0 - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)
 
@@ -21,7 +34,7 @@ def _normalised(frames_THWC: np.ndarray) -> np.ndarray:
 def test_matches_transformers_qwen2vl_image_processor():
     """A single image is a video of one frame: the PIL processor broadcasts it over the
     temporal patch, we repeat the last frame; both must give the same numbers."""
-    pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    pil = _transformers_pil()
     img_HWC = np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8)
     ref = pil.Qwen2VLImageProcessorPil()(images=[img_HWC], do_resize=False)
     pixel_values, grid_thw = frames_to_patches(img_HWC[None])
@@ -62,7 +75,7 @@ def test_rejects_sizes_off_the_merge_grid():
 
 @pytest.mark.parametrize("hw", [(112, 112), (480, 640), (37, 1000), (2000, 300)])
 def test_smart_resize_matches_transformers(hw):
-    pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    pil = _transformers_pil()
     for lo, hi in ((56 * 56, 224 * 224), (3136, 1003520)):
         assert smart_resize(*hw, 28, lo, hi) == pil.smart_resize(
             *hw, factor=28, min_pixels=lo, max_pixels=hi
