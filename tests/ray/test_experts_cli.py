@@ -3,6 +3,8 @@
 would)."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +21,38 @@ pytestmark = pytest.mark.ray
 
 GROUP = "test-cli"
 CFG = ExpertParallelConfig(group=GROUP, expert_resources=ActorResources(num_cpus=0))
+# A group that fills the cluster: each replica takes one of the 4 `cli_slot`s there are.
+FULL = ExpertParallelConfig(
+    group="test-cli-full", expert_resources=ActorResources(num_cpus=0, node_resource="cli_slot"),
+    restart_timeout_s=30.0,
+)
 SCRIPT = Path(sys.executable).with_name("unimoe-ray")
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, resources={"cli_slot": 4}, include_dashboard=False, log_to_driver=False)
     model = UniMoEAudio(get_preset("tiny").replace(vision=None)).init_weights(seed=0)
     controller = launch_experts(model, CFG)
+    launch_experts(model, FULL)
     yield controller
     shutdown_experts(GROUP, CFG.namespace)
+    shutdown_experts(FULL.group, FULL.namespace)
     ray.shutdown()
+
+
+def run_cli(*args, env=None, timeout=120):
+    """The console script as an admin runs it; (exit code, stdout, stderr lines)."""
+    run = subprocess.run(
+        [str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+    return run.returncode, run.stdout, run.stderr.splitlines()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_parser_dispatches_experts_commands():
@@ -80,3 +103,46 @@ def test_console_script_finds_the_group_by_name_from_another_process(cluster):
     )
     assert run.returncode == 0, run.stderr
     assert [e["expert"] for e in json.loads(run.stdout)["experts"]] == [0, 1, 2, 3]
+
+
+# ---- errors as an admin meets them: one line, exit 2, never a hang ----
+
+def test_no_cluster_is_one_line(tmp_path):
+    # No RAY_ADDRESS, and no `ray start` recorded in this (empty) Ray temp dir.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run(
+        [str(SCRIPT), "experts", "status"], capture_output=True, text=True, timeout=120,
+        env={**env, "RAY_TMPDIR": str(tmp_path)},
+    )
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [
+        "unimoe-ray: error: no Ray cluster found: none started with `ray start` on this machine and "
+        "RAY_ADDRESS is unset; start one (`ray start --head`) or pass --address HOST:PORT"
+    ]
+
+
+def test_address_of_a_stopped_cluster_fails_at_once():
+    code, _, err = run_cli("experts", "status", "--address", f"127.0.0.1:{free_port()}", timeout=60)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("unimoe-ray: error: no Ray cluster answers at ") and "refused" in err[0]
+
+
+def test_address_that_never_answers_fails_within_the_timeout():
+    with socket.socket() as server:  # accepts TCP connections, never speaks Ray's protocol
+        server.bind(("0.0.0.0", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        code, _, err = run_cli("experts", "status", "--address", f"127.0.0.1:{port}", "--timeout", "3", timeout=60)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("unimoe-ray: error: the Ray cluster at ")
+    assert f":{port} did not accept a connection within 3s" in err[0]
+
+
+def test_scale_the_cluster_cannot_place_is_one_line(cluster):
+    address = ray.get_runtime_context().gcs_address
+    code, _, err = run_cli(
+        "experts", "scale", "--address", address, "--group", FULL.group, "--expert", "0", "--replicas", "2",
+    )
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("unimoe-ray: error: ") and "cli_slot" in err[0]
+    assert main(["experts", "status", "--group", FULL.group, "--json"]) == 0  # still serving
