@@ -1,0 +1,92 @@
+"""Training configuration: one frozen dataclass for the loop, and the three named curriculum
+stages (DESIGN.md §2, paper §4) as presets of it.
+
+Stage            trains                          data                 lr     aux weight
+stage1 (dense)   everything                      one task, raw        1e-4   — (no router)
+stage2 (warm-up) router + shared experts only    balanced, all tasks  3e-5   moe.aux_weight(step)
+stage3 (joint)   everything                      balanced, all tasks  1e-5   moe.aux_weight(step)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+Trainable = Literal["all", "router_and_shared"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+class TrainConfigError(ValueError):
+    """A training option is invalid; the message names the option and the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything the train function needs besides the data and the initial weights."""
+
+    stage: str = "stage3"
+    tasks: tuple[str, ...] = ("tts_zh", "tts_en", "t2m", "v2m")
+    trainable: Trainable = "all"
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    max_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    max_tokens: int = 4096  # per micro-batch and worker, padded tokens (rows × longest row)
+    shuffle_window: int = 256  # rows shuffled and length-bucketed together
+    use_aux_loss: bool = True  # False: aux weight 0 (e.g. the DDP-equivalence test)
+    precision: Precision = "auto"  # auto: bf16 autocast on CUDA/NPU with bf16, fp32 on CPU
+    val_every: int = 50
+    val_max_rows: int = 16  # per task
+    checkpoint_every: int = 50
+    log_every: int = 1
+    seed: int = 0
+    deepspeed_config: dict | None = None
+    log_samples: bool = False  # write each step's sample ids (resume / equivalence tests)
+    max_bad_steps: int = 3  # consecutive non-finite losses that stop the run
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0, f"lr={self.lr}: must be > 0"),
+            (self.max_steps >= 1, f"max_steps={self.max_steps}: must be >= 1"),
+            (0 <= self.warmup_steps, f"warmup_steps={self.warmup_steps}: must be >= 0"),
+            (self.grad_accum >= 1, f"grad_accum={self.grad_accum}: must be >= 1"),
+            (self.max_tokens >= 16, f"max_tokens={self.max_tokens}: must be >= 16"),
+            (self.grad_clip >= 0, f"grad_clip={self.grad_clip}: must be >= 0 (0 disables)"),
+            (self.checkpoint_every >= 1, f"checkpoint_every={self.checkpoint_every}: must be >= 1"),
+            (self.val_every >= 0, f"val_every={self.val_every}: must be >= 0 (0 disables)"),
+            (self.trainable in ("all", "router_and_shared"),
+             f"trainable={self.trainable!r}: use 'all' or 'router_and_shared'"),
+            (self.precision in ("auto", "fp32", "bf16"),
+             f"precision={self.precision!r}: use 'auto', 'fp32' or 'bf16'"),
+            (bool(self.tasks), "tasks is empty: name at least one of tts_zh, tts_en, t2m, v2m"),
+            (self.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise TrainConfigError(msg)
+        unknown = set(self.tasks) - {"tts_zh", "tts_en", "t2m", "v2m"}
+        if unknown:
+            raise TrainConfigError(f"unknown tasks {sorted(unknown)}: use tts_zh, tts_en, t2m, v2m")
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Paper §4: learning rates 1e-4 / 3e-5 / 1e-5 for the three stages.
+STAGES: dict[str, TrainConfig] = {
+    "stage1": TrainConfig(stage="stage1", trainable="all", lr=1e-4, use_aux_loss=False),
+    "stage2": TrainConfig(stage="stage2", trainable="router_and_shared", lr=3e-5),
+    "stage3": TrainConfig(stage="stage3", trainable="all", lr=1e-5),
+}
+
+
+def stage_config(stage: str, **overrides) -> TrainConfig:
+    """A curriculum stage's defaults with some fields changed (None values are ignored)."""
+    if stage not in STAGES:
+        raise TrainConfigError(f"unknown stage {stage!r}: use one of {sorted(STAGES)}")
+    return STAGES[stage].replace(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,179 @@
+"""Driver side of a training stage: check the inputs (clear errors before any worker starts),
+build the Ray datasets (shards → task filter → train / per-task validation split), and run the
+TorchTrainer with resume, checkpoint retention and failure retries.
+
+Re-running with the same `name` and `storage_path` resumes from that run's latest checkpoint
+(Ray Train restores its checkpoint manager from storage); a worker that dies mid-run is
+replaced and the run continues from the last checkpoint (`max_failures`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from unimoe_ray.train.config import TrainConfig
+from unimoe_ray.train.loop import train_loop
+from unimoe_ray.train.state import check_model_folder
+
+
+class InputError(ValueError):
+    """Bad stage input (shards, checkpoints, flags); the message names the cause and the fix."""
+
+
+@dataclass(kw_only=True)
+class RunSpec:
+    """One stage run: data, initial weights, training config and the Ray Train settings."""
+
+    shards: list[str]
+    tokenizer: str
+    init: str  # model folder (save_pretrained layout) to start from
+    train: TrainConfig
+    name: str
+    storage_path: str
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict = field(default_factory=lambda: {"CPU": 1})
+    num_to_keep: int = 2
+    max_failures: int = 1
+    meta: dict = field(default_factory=dict)  # recorded in every checkpoint (e.g. the task)
+    step_callback: Callable | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage_path) / self.name / "logs"
+
+
+def shard_paths(shards: list[str]) -> list[str]:
+    """Parquet files from files or folders (a folder: its shard-*.parquet)."""
+    paths: list[str] = []
+    for s in shards:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(p.glob("shard-*.parquet"))
+            if not found:
+                raise InputError(f"{p} holds no shard-*.parquet files: point --shards at the output of jobs/preprocess.py")
+            paths += [str(f.resolve()) for f in found]
+        elif p.is_file():
+            paths.append(str(p.resolve()))
+        else:
+            raise InputError(f"shard path {p} does not exist")
+    return paths
+
+
+def split_rows(index: list[dict], train: TrainConfig) -> tuple[dict[str, int], set[str]]:
+    """Per-task row counts and the validation sample ids: per task, the first
+    min(val_max_rows, 10%) rows in sample-id order (a hash: a fixed random subset), at least
+    one when the task has two or more rows."""
+    by_task: dict[str, list[str]] = {}
+    for r in index:
+        by_task.setdefault(r["task"], []).append(r["sample_id"])
+    counts = {t: len(v) for t, v in by_task.items()}
+    val: set[str] = set()
+    if train.val_every > 0:
+        for t in train.tasks:
+            ids = sorted(by_task.get(t, []))
+            n_val = min(train.val_max_rows, max(1, len(ids) // 10)) if len(ids) >= 2 else 0
+            val.update(ids[:n_val])
+    return counts, val
+
+
+def check_tasks(counts: dict[str, int], train: TrainConfig, shards: list[str]) -> None:
+    missing = [t for t in train.tasks if counts.get(t, 0) == 0]
+    if missing:
+        raise InputError(
+            f"the shards hold no rows of task(s) {missing} that {train.stage} needs (they hold "
+            f"{dict(sorted(counts.items()))}; shards: {shards[:3]}{'…' if len(shards) > 3 else ''}). "
+            "Preprocess data for those tasks or train on fewer tasks (--tasks)"
+        )
+
+
+def build_datasets(spec: RunSpec):
+    """(train, val) Ray datasets and the per-task counts, after the input checks."""
+    paths = shard_paths(spec.shards)
+    tasks = set(spec.train.tasks)
+    index = ray.data.read_parquet(paths, columns=["sample_id", "task"]).take_all()
+    counts, val_ids = split_rows(index, spec.train)
+    check_tasks(counts, spec.train, paths)
+    n_train = sum(counts[t] for t in tasks) - len(val_ids)
+    if n_train < spec.num_workers:
+        raise InputError(
+            f"{n_train} training rows for {spec.num_workers} workers: some worker would get an "
+            "empty shard. Use fewer workers (--num-workers) or more data"
+        )
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the same rows in the same order every run
+    ds = ray.data.read_parquet(paths).filter(lambda r: r["task"] in tasks)
+    train_ds = ds.filter(lambda r: r["sample_id"] not in val_ids).materialize()
+    val_ds = ds.filter(lambda r: r["sample_id"] in val_ids).materialize()
+    return train_ds, val_ds, counts, len(val_ids)
+
+
+def worker_shards(train_ds, num_workers: int) -> dict:
+    """Deterministic dataset shards: contiguous, near-equal slices of the materialised rows,
+    one per worker rank (`train_{rank}`; Ray Data's streaming split hands blocks to whichever
+    worker asks first, which differs between runs and would break exact resume). Everything
+    is read and cut here, on the driver, before the workers take the cluster's CPUs."""
+    n = train_ds.count()
+    cuts = [n * i // num_workers for i in range(1, num_workers)]
+    parts = train_ds.split_at_indices(cuts) if cuts else [train_ds]
+    return {f"train_{i}": p for i, p in enumerate(parts)}
+
+
+def run_training(spec: RunSpec):
+    """Run (or resume) one stage; returns Ray Train's Result. Raises InputError early."""
+    check_model_folder(spec.init, "initial weights")
+    if not Path(spec.tokenizer).is_dir():
+        raise InputError(f"tokenizer folder {spec.tokenizer} does not exist: pass the one used by jobs/preprocess.py")
+    if not ray.is_initialized():
+        ray.init()  # joins RAY_ADDRESS (ray job submit sets it), else starts a local Ray
+    train_ds, val_ds, counts, n_val = build_datasets(spec)
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    (spec.run_dir / "data.json").write_text(json.dumps({"rows": counts, "val_rows": n_val, "tasks": list(spec.train.tasks)}) + "\n")
+    backend = "gloo"
+    if spec.use_gpu:
+        backend = "nccl"
+    elif "NPU" in spec.resources_per_worker:
+        backend = "hccl"
+    datasets = worker_shards(train_ds, spec.num_workers)
+    if spec.train.val_every > 0:
+        datasets["val"] = val_ds
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "train": spec.train, "init": str(Path(spec.init).resolve()), "tokenizer": str(Path(spec.tokenizer).resolve()),
+            "run_dir": str(spec.run_dir), "meta": spec.meta, "step_callback": spec.step_callback,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=spec.num_workers, use_gpu=spec.use_gpu, resources_per_worker=spec.resources_per_worker,
+        ),
+        torch_config=TorchConfig(backend=backend),
+        run_config=RunConfig(
+            name=spec.name, storage_path=str(Path(spec.storage_path).resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.num_to_keep),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    return trainer.fit()
+
+
+def export_model(result, out: str | Path) -> Path:
+    """Copy the final checkpoint folder (model + training state) to `out` for the next stage."""
+    if result.checkpoint is None:
+        raise RuntimeError("the run produced no checkpoint")
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    src = result.checkpoint.to_directory()
+    shutil.copytree(src, out)
+    return out
+
