@@ -18,11 +18,19 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import dac
 import numpy as np
 import torch
 
 from unimoe_ray.audio.io import resample
+
+try:
+    import dac
+except ImportError as _err:  # the codec installs in a second step (README "Installing by hand")
+    raise ImportError(
+        f"the DAC codec package is not importable ({_err}): install it with "
+        "`pip install --no-deps descript-audio-codec==1.0.0 descript-audiotools==0.7.2 torchaudio` "
+        "after `pip install -e '.[codec]'` (or run scripts/setup_venv.sh)"
+    ) from _err
 
 DAC_PATH_ENV = "UNIMOE_DAC_PATH"
 
