@@ -2,6 +2,10 @@
 
     unimoe-ray experts status [--json]
     unimoe-ray experts scale --expert 3 --replicas 2
+
+Ray token authentication: the CLI sends the cluster's token when one is configured on this
+machine (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; RAY_AUTH_MODE, if set, is
+honoured as is).
     unimoe-ray generate tts|t2m|v2m ...      (unimoe_ray/cli_generate.py)
 
 Each group adds itself in `build_parser` through an `add_<group>_parser(subparsers)` function
@@ -18,10 +22,38 @@ import os
 import socket
 import sys
 import threading
+from pathlib import Path
 
 
 class CliError(Exception):
     """A failure the CLI reports as one line (exit 2)."""
+
+
+# Ray token authentication (on by default for `ray start --head` wherever ~/.ray/auth_token
+# exists, e.g. after any local `ray.init()`): Ray's client sends the token only with
+# RAY_AUTH_MODE=token, and sets that itself only for a cluster it finds by "auto", never for an
+# explicit address. The CLI sends the token whenever one is configured here; a cluster without
+# authentication ignores it.
+AUTH_HINT = (
+    "if the cluster uses Ray token authentication, give this machine its token: copy the head's "
+    "~/.ray/auth_token here (`ray get-auth-token` on the head prints it) or export RAY_AUTH_TOKEN"
+)
+
+
+def token_configured() -> bool:
+    """Whether Ray would find a token here (its order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token)."""
+    return bool(
+        os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or (Path.home() / ".ray" / "auth_token").is_file()
+    )
+
+
+def use_token_if_available() -> None:
+    """RAY_AUTH_MODE=token when a token is configured and the mode was not set explicitly
+    (before Ray reads its config, i.e. before connecting)."""
+    if "RAY_AUTH_MODE" not in os.environ and token_configured():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _resolve_address(address: str) -> str:
@@ -64,23 +96,33 @@ def _connect(args: argparse.Namespace) -> None:
         return
     address = _resolve_address(args.address)
     _check_reachable(address, args.timeout)
-    hint = ""
+    hint = "" if token_configured() else f"; {AUTH_HINT}"
+
+    # Ray's C++ client logs each failed attempt to stderr (no setting silences it): keep the
+    # terminal for our one line by pointing fd 2 elsewhere while connecting.
+    stderr_fd = os.dup(2)
 
     def give_up() -> None:  # Ray's client retries for minutes: end the process here
-        sys.stderr.write(f"unimoe-ray: error: the Ray cluster at {address} did not accept a connection "
-                         f"within {args.timeout:g}s{hint}\n")
-        sys.stderr.flush()
+        os.write(stderr_fd, f"unimoe-ray: error: the Ray cluster at {address} did not accept a connection "
+                            f"within {args.timeout:g}s{hint}\n".encode())
         os._exit(2)
 
     watchdog = threading.Timer(args.timeout, give_up)
     watchdog.daemon = True
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
     watchdog.start()
     try:
         ray.init(address=address, namespace=args.namespace, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError) as err:
+        chain = f"{err} {err.__cause__}"
+        if "AuthenticationError" in chain or "InvalidAuthToken" in chain:
+            raise CliError(f"the Ray cluster at {address} rejected this machine's token; {AUTH_HINT}") from None
         raise CliError(f"could not connect to the Ray cluster at {address}: {str(err).splitlines()[0]}{hint}") from None
     finally:
         watchdog.cancel()
+        os.dup2(stderr_fd, 2)
+        os.close(stderr_fd)
 
 
 def _experts_status(args: argparse.Namespace) -> None:
@@ -139,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    use_token_if_available()  # before anything imports Ray (it reads the mode once)
     try:
         args.handler(args)
     except (CliError, LookupError, ValueError, RuntimeError, OSError) as err:
