@@ -95,25 +95,35 @@ def check_tasks(counts: dict[str, int], train: TrainConfig, shards: list[str]) -
         )
 
 
-def build_datasets(spec: RunSpec):
-    """(train, val) Ray datasets and the per-task counts, after the input checks."""
+def plan_data(spec: RunSpec) -> tuple[list[str], dict[str, int], set[str]]:
+    """Shard files, rows per task and the validation ids, checked before Ray starts (reads
+    only the sample_id and task columns)."""
+    import pyarrow.dataset as pads
+
     paths = shard_paths(spec.shards)
-    tasks = set(spec.train.tasks)
-    index = ray.data.read_parquet(paths, columns=["sample_id", "task"]).take_all()
+    try:
+        index = pads.dataset(paths, format="parquet").to_table(columns=["sample_id", "task"]).to_pylist()
+    except Exception as err:  # noqa: BLE001 (pyarrow raises several types)
+        raise InputError(f"cannot read the shards' sample_id/task columns ({err}): are they outputs of jobs/preprocess.py?") from None
     counts, val_ids = split_rows(index, spec.train)
     check_tasks(counts, spec.train, paths)
-    n_train = sum(counts[t] for t in tasks) - len(val_ids)
+    n_train = sum(counts[t] for t in spec.train.tasks) - len(val_ids)
     if n_train < spec.num_workers:
         raise InputError(
             f"{n_train} training rows for {spec.num_workers} workers: some worker would get an "
             "empty shard. Use fewer workers (--num-workers) or more data"
         )
+    return paths, counts, val_ids
+
+
+def build_datasets(paths: list[str], tasks: set[str], val_ids: set[str]):
+    """(train, val) Ray datasets, materialised in a fixed order."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the same rows in the same order every run
     ds = ray.data.read_parquet(paths).filter(lambda r: r["task"] in tasks)
     train_ds = ds.filter(lambda r: r["sample_id"] not in val_ids).materialize()
     val_ds = ds.filter(lambda r: r["sample_id"] in val_ids).materialize()
-    return train_ds, val_ds, counts, len(val_ids)
+    return train_ds, val_ds
 
 
 def worker_shards(train_ds, num_workers: int) -> dict:
@@ -132,9 +142,11 @@ def run_training(spec: RunSpec):
     check_model_folder(spec.init, "initial weights")
     if not Path(spec.tokenizer).is_dir():
         raise InputError(f"tokenizer folder {spec.tokenizer} does not exist: pass the one used by jobs/preprocess.py")
+    paths, counts, val_ids = plan_data(spec)
+    n_val = len(val_ids)
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS (ray job submit sets it), else starts a local Ray
-    train_ds, val_ds, counts, n_val = build_datasets(spec)
+    train_ds, val_ds = build_datasets(paths, set(spec.train.tasks), val_ids)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     (spec.run_dir / "data.json").write_text(json.dumps({"rows": counts, "val_rows": n_val, "tasks": list(spec.train.tasks)}) + "\n")
     backend = "gloo"
