@@ -1,28 +1,36 @@
-"""The inference-only expert paths (skinny W·xᵀ GEMMs at few tokens, row blocks at many) give
-the autograd path's numbers."""
+"""The inference-only expert paths (every kernel candidate, at few and many tokens) give the
+autograd path's numbers."""
 
 import pytest
 import torch
 
 from unimoe_ray.config import MoEConfig
-from unimoe_ray.model import experts
+from unimoe_ray.model import kernels
 from unimoe_ray.model.experts import SwiGLU
 from unimoe_ray.model.moe import DCMoE
 
 DIM = 16
+FP32 = [name for name, c in kernels.CANDIDATES.items() if "fp32" in c.dtypes]
 
 
-@pytest.mark.parametrize(
-    "n",
-    [1, 2, 5, 8, 9, 13, 16, 61, experts.SKINNY_MAX_TOKENS, experts.SKINNY_MAX_TOKENS + 1,
-     2 * experts.BLOCK_TOKENS + 7],
-)
-def test_swiglu_fast_paths_match_autograd_path(n):
+@pytest.fixture(autouse=True)
+def _no_plans():
+    kernels.clear()
+    yield
+    kernels.clear()
+
+
+@pytest.mark.parametrize("name", ["default", *FP32])
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 13, 16, 61, 64, 65, 2 * kernels.BLOCK_TOKENS + 7])
+def test_swiglu_fast_paths_match_autograd_path(n, name):
     torch.manual_seed(n)
     mlp = SwiGLU(dim=DIM, hidden=24)
+    mlp.fuse_gate_up()  # the fused candidates need gate and up in one buffer
     x = torch.randn(n, DIM)
     expected = mlp(x)  # parameters require grad: the plain autograd formula
     assert expected.requires_grad
+    if name != "default":  # route every token count to this candidate
+        kernels.register(mlp.expert_weights().key, kernels.Plan((1,), (name,), "measured"))
     with torch.inference_mode():
         got = mlp(x)
         out = torch.full((n + 3, DIM), float("nan"))

@@ -1,0 +1,631 @@
+"""Expert GEMM kernels: the ways this project knows to run one SwiGLU expert,
+down(silu(gate·x) * up·x), without autograd, and the start-up measurement that picks the
+fastest per device, weight dtype, expert shape and token count on the machine at hand.
+
+Why measured instead of tuned: which formulation is fastest at a few tokens depends on the
+BLAS and the CPU. On 2 AVX2 cores of an AMD EPYC, MKL read expert weights 1.5-2x faster as
+W·xᵀ (weights as the left operand) than as nn.Linear's x·Wᵀ, and wanted the token columns in
+multiples of 8; on 2 AVX-512 cores of an Intel Xeon with the same torch build, W·xᵀ is ~2.5x
+*slower* than x·Wᵀ at 1-3 tokens (benchmarks/README.md, issue 12). Constants tuned on one box
+lost 2x on the other. So every candidate below computes the same function, `select` times them
+on the model's own weights at a ladder of token counts once per (device, dtype, D, F), and the
+choice is cached per machine (CPU model, ISA, torch version, thread count).
+
+Environment:
+  UNIMOE_KERNELS=auto     (default) `select` measures, or reads the machine's cached choice;
+  UNIMOE_KERNELS=default  no measurement: one fixed formulation per weight dtype (DEFAULT),
+                          the same kernels and rounding on every machine (reproducible runs);
+  UNIMOE_KERNEL_CACHE     the cache file (default $XDG_CACHE_HOME or ~/.cache, then
+                          unimoe_ray/kernels.json).
+Without a `select` call every expert runs its dtype's DEFAULT formulation.
+
+Shape legend: n tokens, c token columns after padding, D model dim, F expert FFN dim.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENV_MODE = "UNIMOE_KERNELS"
+ENV_CACHE = "UNIMOE_KERNEL_CACHE"
+CACHE_VERSION = 1
+
+# Above this many tokens the x·Wᵀ kernels go through in row blocks with one reused gate/up
+# buffer: GEMMs of ~1k rows already run at full speed, and the buffers stay in the heap and
+# the cache where whole-expert (n × F) temporaries are fresh mmap'd pages every call.
+BLOCK_TOKENS = 1024
+# Token counts at which `select` times the candidates; a count n uses the choice measured at
+# the smallest ladder point ≥ n (the last one beyond it). Decode sizes are dense, prefill blocks
+# sparse.
+LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 1024)
+# A candidate replaces the dtype's default only when faster by this fraction: timing noise on a
+# shared machine must not flip the choice (and with it the rounding) from run to run.
+MARGIN = 0.03
+
+WEIGHT_DTYPES = ("fp32", "bf16", "int8")
+
+
+# ---------------------------------------------------------------- weights in kernel form
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertWeights:
+    """One SwiGLU expert's weights as the kernels take them.
+
+    dtype: the stored weight dtype, "fp32" | "bf16" | "int8" (activations in and out stay in
+    the caller's dtype). gate_FD, up_FD, down_DF: the matrices (int8: the quantised values).
+    gate_up_2FD: gate rows then up rows as one matrix when they are adjacent in memory (one
+    GEMM computes both), else None. int8 only: per-output-channel scales (w ≈ q · scale),
+    scale_gate_up_2F and scale_down_D, fp32, and the same in bf16 for the bf16-activation kernel.
+    """
+
+    dtype: str
+    gate_FD: torch.Tensor
+    up_FD: torch.Tensor
+    down_DF: torch.Tensor
+    gate_up_2FD: torch.Tensor | None = None
+    scale_gate_up_2F: torch.Tensor | None = None
+    scale_down_D: torch.Tensor | None = None
+    scale_gate_up_bf16_2F: torch.Tensor | None = None
+    scale_down_bf16_D: torch.Tensor | None = None
+
+    @property
+    def hidden(self) -> int:
+        return self.gate_FD.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.gate_FD.shape[1]
+
+    @property
+    def key(self) -> "PlanKey":
+        return PlanKey(self.gate_FD.device.type, self.dtype, self.dim, self.hidden)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a kernel reads from memory: the weights and their scales."""
+        total = sum(t.numel() * t.element_size() for t in (self.gate_FD, self.up_FD, self.down_DF))
+        for s in (self.scale_gate_up_2F, self.scale_down_D):
+            total += 0 if s is None else s.numel() * s.element_size()
+        return total
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}
+    if dtype not in names:
+        raise ValueError(
+            f"expert weights in {dtype} have no kernels: use float32, bfloat16 or int8 "
+            "(unimoe_ray.model.quantize.convert_experts)"
+        )
+    return names[dtype]
+
+
+def adjacent_rows(a_FD: torch.Tensor, b_FD: torch.Tensor) -> torch.Tensor | None:
+    """[a; b] as one (2F, D) view when b directly follows a in memory, else None."""
+    if not (a_FD.is_contiguous() and b_FD.is_contiguous()) or a_FD.shape != b_FD.shape:
+        return None
+    if a_FD.dtype != b_FD.dtype or a_FD.device != b_FD.device:
+        return None
+    if b_FD.data_ptr() != a_FD.data_ptr() + a_FD.numel() * a_FD.element_size():
+        return None
+    F_, D = a_FD.shape
+    return a_FD.as_strided((2 * F_, D), (D, 1))
+
+
+def float_weights(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor) -> ExpertWeights:
+    return ExpertWeights(
+        dtype=dtype_name(gate_FD.dtype), gate_FD=gate_FD, up_FD=up_FD, down_DF=down_DF,
+        gate_up_2FD=adjacent_rows(gate_FD, up_FD),
+    )
+
+
+# ---------------------------------------------------------------- scratch buffers
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread buffer reused across calls and experts (same name, shape, dtype, device):
+    the dequantised weights of one expert at a time, never a fresh allocation per call."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    key = (name, shape, dtype, device)
+    buf = bufs.get(key)
+    if buf is None:
+        buf = bufs[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
+# ---------------------------------------------------------------- the candidates
+
+
+def _out(x_nD: torch.Tensor, out_nD: torch.Tensor | None, dim: int) -> torch.Tensor:
+    return x_nD.new_empty(x_nD.shape[0], dim) if out_nD is None else out_nD
+
+
+def _xwt_chain(
+    x_nD: torch.Tensor, gate_FD, up_FD, gate_up_2FD, down_DF, out_nD: torch.Tensor | None, *, fused: bool
+) -> torch.Tensor:
+    """x·Wᵀ GEMMs (nn.Linear's form) in row blocks of about BLOCK_TOKENS; the GEMMs run in the
+    weights' dtype (x is cast), the result is written in x's."""
+    n, hidden, dim = x_nD.shape[0], gate_FD.shape[0], down_DF.shape[0]
+    out_nD = _out(x_nD, out_nD, dim)
+    wdt = gate_FD.dtype
+    num_blocks = max(1, -(-n // BLOCK_TOKENS))
+    rows = max(1, -(-n // num_blocks))
+    # fused: one (rows, 2F) buffer, gate and up its column halves; else two (rows, F) buffers
+    # (a GEMM into a strided `out` would go through a temporary).
+    h_b2F = x_nD.new_empty(rows, 2 * hidden if fused else hidden, dtype=wdt)
+    u_bF = None if fused else x_nD.new_empty(rows, hidden, dtype=wdt)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        xb = x_nD[start:stop].to(wdt)
+        if fused:
+            h = torch.mm(xb, gate_up_2FD.t(), out=h_b2F[: stop - start])
+            g, u = h[:, :hidden], h[:, hidden:]
+        else:
+            g = torch.mm(xb, gate_FD.t(), out=h_b2F[: stop - start])
+            u = torch.mm(xb, up_FD.t(), out=u_bF[: stop - start])
+        a = F.silu(g, inplace=True).mul_(u)
+        if wdt == out_nD.dtype:
+            torch.mm(a, down_DF.t(), out=out_nD[start:stop])
+        else:
+            out_nD[start:stop].copy_(torch.mm(a, down_DF.t()))
+    return out_nD
+
+
+def _wxt_chain(
+    x_nD: torch.Tensor, gate_FD, up_FD, gate_up_2FD, down_DF, out_nD: torch.Tensor | None,
+    *, pad: int, fused: bool,
+) -> torch.Tensor:
+    """W·xᵀ GEMMs (weights as the left operand, feature-major intermediates) on the token
+    columns zero-padded to a multiple of `pad` (pad 1: none); padding columns are dropped."""
+    n, hidden, dim = x_nD.shape[0], gate_FD.shape[0], down_DF.shape[0]
+    wdt = gate_FD.dtype
+    cols = -(-n // pad) * pad
+    if cols != n or x_nD.dtype != wdt:
+        x_cD = x_nD.new_zeros(cols, x_nD.shape[1], dtype=wdt)
+        x_cD[:n] = x_nD
+    else:
+        x_cD = x_nD
+    x_Dc = x_cD.t()
+    if fused:
+        h_2Fc = torch.mm(gate_up_2FD, x_Dc)
+        g_Fc, u_Fc = h_2Fc[:hidden], h_2Fc[hidden:]
+    else:
+        g_Fc, u_Fc = torch.mm(gate_FD, x_Dc), torch.mm(up_FD, x_Dc)
+    # The down GEMM is fast with the activations token-major (their transpose as the right
+    # operand): the elementwise product is written transposed.
+    a_cF = torch.empty(cols, hidden, dtype=wdt, device=x_nD.device)
+    torch.mul(F.silu(g_Fc, inplace=True), u_Fc, out=a_cF.t())
+    y_nD = torch.mm(down_DF, a_cF.t()).t()[:n]
+    return _out(x_nD, out_nD, dim).copy_(y_nD)
+
+
+def xwt(x_nD, w: ExpertWeights, out_nD=None):
+    return _xwt_chain(x_nD, w.gate_FD, w.up_FD, None, w.down_DF, out_nD, fused=False)
+
+
+def xwt_fused(x_nD, w: ExpertWeights, out_nD=None):
+    return _xwt_chain(x_nD, w.gate_FD, w.up_FD, w.gate_up_2FD, w.down_DF, out_nD, fused=True)
+
+
+def wxt(x_nD, w: ExpertWeights, out_nD=None):
+    return _wxt_chain(x_nD, w.gate_FD, w.up_FD, None, w.down_DF, out_nD, pad=1, fused=False)
+
+
+def wxt_pad2(x_nD, w: ExpertWeights, out_nD=None):
+    # 2 columns: MKL runs a single column as a GEMV on one thread; two use every core.
+    return _wxt_chain(x_nD, w.gate_FD, w.up_FD, None, w.down_DF, out_nD, pad=2, fused=False)
+
+
+def wxt_pad8(x_nD, w: ExpertWeights, out_nD=None):
+    # MKL's AVX2 kernels take columns 8 at a time; other counts can run 10-40% slower there.
+    return _wxt_chain(x_nD, w.gate_FD, w.up_FD, None, w.down_DF, out_nD, pad=8, fused=False)
+
+
+def wxt_fused(x_nD, w: ExpertWeights, out_nD=None):
+    return _wxt_chain(x_nD, w.gate_FD, w.up_FD, w.gate_up_2FD, w.down_DF, out_nD, pad=2, fused=True)
+
+
+def _dequantised(w: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expert's weights as fp32, in two per-thread buffers reused by every expert of this
+    shape (one expert's worth of fp32, not the model's)."""
+    dev = w.gate_FD.device
+    gu = scratch("gate_up", (2 * w.hidden, w.dim), torch.float32, dev)
+    dn = scratch("down", (w.dim, w.hidden), torch.float32, dev)
+    if w.dtype == "int8":
+        gu[: w.hidden].copy_(w.gate_FD)
+        gu[w.hidden :].copy_(w.up_FD)
+        gu.mul_(w.scale_gate_up_2F[:, None])
+        torch.mul(w.down_DF, w.scale_down_D[:, None], out=dn)
+    else:
+        gu[: w.hidden].copy_(w.gate_FD)
+        gu[w.hidden :].copy_(w.up_FD)
+        dn.copy_(w.down_DF)
+    return gu, dn
+
+
+def upcast(x_nD, w: ExpertWeights, out_nD=None):
+    """Dequantise into reused fp32 buffers, then the fp32 x·Wᵀ chain (one fused GEMM)."""
+    gu, dn = _dequantised(w)
+    return _xwt_chain(x_nD, gu[: w.hidden], gu[w.hidden :], gu, dn, out_nD, fused=True)
+
+
+def _int8_chain(x_nD, w: ExpertWeights, out_nD, act_dtype: torch.dtype):
+    """torch's int8 weight-only matmul (x · (q·scale)ᵀ, int8 weights dequantised inside the
+    kernel), activations in `act_dtype`."""
+    hidden = w.hidden
+    s_gu, s_d = (
+        (w.scale_gate_up_2F, w.scale_down_D) if act_dtype == torch.float32
+        else (w.scale_gate_up_bf16_2F, w.scale_down_bf16_D)
+    )
+    xa = x_nD.to(act_dtype).contiguous()
+    h_n2F = torch._weight_int8pack_mm(xa, w.gate_up_2FD, s_gu)
+    a_nF = torch.mul(F.silu(h_n2F[:, :hidden]), h_n2F[:, hidden:])
+    y_nD = torch._weight_int8pack_mm(a_nF, w.down_DF, s_d)
+    if out_nD is None:
+        return y_nD if y_nD.dtype == x_nD.dtype else y_nD.to(x_nD.dtype)
+    return out_nD.copy_(y_nD)
+
+
+def int8_mm(x_nD, w: ExpertWeights, out_nD=None):
+    return _int8_chain(x_nD, w, out_nD, torch.float32)
+
+
+def int8_mm_bf16(x_nD, w: ExpertWeights, out_nD=None):
+    return _int8_chain(x_nD, w, out_nD, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    dtypes: tuple[str, ...]  # weight dtypes it runs
+    needs_fused: bool = False  # needs gate_up_2FD (gate and up adjacent in memory)
+    doc: str = ""
+    k_multiple: int = 1  # both GEMMs' inner dims (D and F) must be multiples of this
+
+    def applies(self, w: ExpertWeights) -> bool:
+        return (
+            w.dtype in self.dtypes and (w.gate_up_2FD is not None or not self.needs_fused)
+            and w.dim % self.k_multiple == 0 and w.hidden % self.k_multiple == 0
+        )
+
+
+CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
+    Candidate("xwt", xwt, ("fp32", "bf16"), doc="x·Wᵀ, gate and up as two GEMMs (nn.Linear's form)"),
+    Candidate("xwt_fused", xwt_fused, ("fp32", "bf16"), True, "x·Wᵀ, one GEMM for gate and up"),
+    Candidate("wxt", wxt, ("fp32", "bf16"), doc="W·xᵀ, token columns unpadded"),
+    Candidate("wxt_pad2", wxt_pad2, ("fp32", "bf16"), doc="W·xᵀ, token columns padded to even"),
+    Candidate("wxt_pad8", wxt_pad8, ("fp32", "bf16"), doc="W·xᵀ, token columns padded to a multiple of 8"),
+    Candidate("wxt_fused", wxt_fused, ("fp32", "bf16"), True, "W·xᵀ, one GEMM for gate and up, even columns"),
+    Candidate("upcast", upcast, ("bf16", "int8"), doc="dequantise into a reused fp32 buffer, fp32 x·Wᵀ"),
+    Candidate("int8_mm", int8_mm, ("int8",), True, "torch._weight_int8pack_mm, fp32 activations"),
+    # torch 2.13's CPU kernel for bf16 activations crashes or returns wrong values unless the
+    # inner dim is a multiple of 16 (probed on AVX-512: K = 8, 24, 40, 56, 72 fail; 16, 32,
+    # 48, 64, 80, 96, 688, 1376 pass); fp32 activations take any K.
+    Candidate("int8_mm_bf16", int8_mm_bf16, ("int8",), True, "torch._weight_int8pack_mm, bf16 activations", 16),
+)}
+
+# The formulation each weight dtype runs without a measured choice (UNIMOE_KERNELS=default, or
+# no `select` call): nn.Linear's x·Wᵀ, and torch's own int8 weight-only matmul.
+DEFAULT = {"fp32": "xwt", "bf16": "xwt", "int8": "int8_mm"}
+
+
+# ---------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class PlanKey:
+    device: str
+    dtype: str
+    dim: int
+    hidden: int
+
+    def __str__(self) -> str:
+        return f"{self.device}|{self.dtype}|{self.dim}x{self.hidden}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which candidate runs n tokens: names[i] for n ≤ limits[i] (the last beyond)."""
+
+    limits: tuple[int, ...]
+    names: tuple[str, ...]
+    source: str  # "measured" | "cache" | "default"
+    ms: dict = field(default_factory=dict, compare=False)  # {n: {candidate: ms per expert}}
+    fns: tuple = field(default=(), compare=False, repr=False)
+
+    def name_for(self, n: int) -> str:
+        return self.names[min(bisect.bisect_left(self.limits, n), len(self.names) - 1)]
+
+
+_PLANS: dict[PlanKey, Plan] = {}
+
+
+def _fallback(w: ExpertWeights) -> Callable[..., torch.Tensor]:
+    name = DEFAULT[w.dtype]
+    if not CANDIDATES[name].applies(w):
+        name = "upcast"  # int8 weights not in one buffer: the dequantising kernel
+    return CANDIDATES[name].fn
+
+
+def swiglu(w: ExpertWeights, x_nD: torch.Tensor, out_nD: torch.Tensor | None = None) -> torch.Tensor:
+    """y_nD = down(silu(gate·x) * up·x) by this machine's chosen kernel (no autograd); written
+    into `out_nD` when given (then returned). y has x's dtype."""
+    plan = _PLANS.get(w.key)
+    if plan is None:
+        return _fallback(w)(x_nD, w, out_nD)
+    i = min(bisect.bisect_left(plan.limits, x_nD.shape[0]), len(plan.fns) - 1)
+    return plan.fns[i](x_nD, w, out_nD)
+
+
+def plans() -> dict[PlanKey, Plan]:
+    """The plans in force in this process."""
+    return dict(_PLANS)
+
+
+def clear() -> None:
+    """Forget every plan in this process (the defaults apply again)."""
+    _PLANS.clear()
+
+
+def register(key: PlanKey, plan: Plan) -> Plan:
+    unknown = [n for n in plan.names if n not in CANDIDATES]
+    if unknown:
+        raise ValueError(f"unknown kernel candidates {unknown}: known {sorted(CANDIDATES)}")
+    plan = Plan(plan.limits, plan.names, plan.source, plan.ms, tuple(CANDIDATES[n].fn for n in plan.names))
+    _PLANS[key] = plan
+    return plan
+
+
+def mode() -> str:
+    value = os.environ.get(ENV_MODE, "auto").strip().lower() or "auto"
+    if value not in ("auto", "default"):
+        raise ValueError(
+            f"{ENV_MODE}={value!r}: use 'auto' (measure the fastest kernels once per machine) or "
+            "'default' (fixed formulation, reproducible across machines)"
+        )
+    return value
+
+
+# ---------------------------------------------------------------- the machine and its cache
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ISA flags that change which GEMM kernels a BLAS runs.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
+              "asimd", "sve", "sve2")
+
+
+def _isa_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [f for f in _ISA_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def machine(device: torch.device | str = "cpu") -> dict[str, str | int]:
+    """What a kernel choice depends on: processor, ISA, torch version, thread count."""
+    device = torch.device(device)
+    info: dict[str, str | int] = {"torch": torch.__version__}
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        info.update(device=props.name, capability=f"sm{props.major}{props.minor}", cuda=str(torch.version.cuda))
+    else:
+        info.update(
+            device=_cpu_model(), isa=" ".join([torch.backends.cpu.get_cpu_capability(), *_isa_flags()]),
+            threads=torch.get_num_threads(),
+        )
+    return info
+
+
+def machine_key(device: torch.device | str = "cpu") -> str:
+    return " | ".join(f"{k}={v}" for k, v in machine(device).items())
+
+
+def cache_path() -> Path:
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "unimoe_ray" / "kernels.json"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"version": CACHE_VERSION, "machines": {}}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"kernel cache {path} unreadable ({e}); measuring again and rewriting it")
+        return {"version": CACHE_VERSION, "machines": {}}
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("machines"), dict):
+        return {"version": CACHE_VERSION, "machines": {}}
+    return data
+
+
+def _write_cache(path: Path, mkey: str, entries: dict[str, dict]) -> None:
+    """Merge into the file (other processes may have written other shapes meanwhile), atomically."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_cache(path)
+        data["machines"].setdefault(mkey, {}).update(entries)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels.", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"could not write the kernel cache {path} ({e}); the choice holds for this process only")
+
+
+def _cached_plan(entry: dict) -> Plan | None:
+    try:
+        limits, names = tuple(int(n) for n in entry["limits"]), tuple(str(n) for n in entry["names"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if len(limits) != len(names) or not names or any(n not in CANDIDATES for n in names):
+        return None
+    return Plan(limits, names, "cache", {int(k): v for k, v in entry.get("ms", {}).items()})
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tolerance(dtype: str) -> tuple[float, float]:
+    # fp32 candidates differ by summation order only; bf16 / int8 activations round at 2⁻⁸.
+    return (1e-4, 1e-4) if dtype == "fp32" else (3e-2, 3e-2)
+
+
+def measure(
+    weights: list[ExpertWeights], *, ladder: Iterable[int] = LADDER, act_dtype: torch.dtype = torch.float32,
+    rounds: int = 5, max_experts: int = 8,
+) -> Plan:
+    """Time every applicable candidate on these experts (same key) at each token count of the
+    ladder and pick the fastest (the dtype's default unless another beats it by MARGIN).
+
+    Each sample runs the candidate over up to `max_experts` distinct experts in turn, so
+    weights come from memory as they do in a decode step, not from the cache. Rounds
+    interleave the candidates (rotating order); a candidate's time is its best round (load
+    from other processes only ever adds time). A candidate that fails or disagrees with the
+    default's output is left out, with a warning.
+    """
+    w0 = weights[0]
+    device = w0.gate_FD.device
+    default = DEFAULT[w0.dtype] if CANDIDATES[DEFAULT[w0.dtype]].applies(w0) else "upcast"
+    names = [c.name for c in CANDIDATES.values() if c.applies(w0)]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    limits, chosen, ms = [], [], {}
+    broken: set[str] = set()
+    with torch.inference_mode():
+        for n in ladder:
+            ws = weights[: max_experts if n <= 64 else 2]
+            x_nD = torch.randn(n, w0.dim, generator=gen).to(device=device, dtype=act_dtype)
+            ref = CANDIDATES[default].fn(x_nD, w0)
+            live = []
+            for name in names:
+                if name in broken:
+                    continue
+                try:
+                    y = CANDIDATES[name].fn(x_nD, w0)
+                    _sync(device)
+                    rtol, atol = _tolerance(w0.dtype)
+                    torch.testing.assert_close(y.float(), ref.float(), rtol=rtol, atol=atol * float(ref.abs().max()))
+                except Exception as e:  # noqa: BLE001 - a kernel missing on this device is data here
+                    warnings.warn(f"kernel candidate {name} left out for {w0.key} at {n} tokens: {e}")
+                    broken.add(name)
+                    continue
+                live.append(name)
+            best = {name: float("inf") for name in live}
+            for r in range(rounds if n <= 64 else max(2, rounds // 2)):
+                order = live[r % len(live):] + live[: r % len(live)]
+                for name in order:
+                    fn = CANDIDATES[name].fn
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    for w in ws:
+                        fn(x_nD, w)
+                    _sync(device)
+                    best[name] = min(best[name], (time.perf_counter() - t0) / len(ws))
+            fastest = min(best, key=best.get)
+            pick = default if best[default] <= best[fastest] * (1 + MARGIN) else fastest
+            limits.append(n)
+            chosen.append(pick)
+            ms[n] = {name: round(t * 1e3, 4) for name, t in best.items()}
+    return Plan(tuple(limits), tuple(chosen), "measured", ms)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What `select` did for one expert shape (printed by the benchmarks)."""
+
+    key: PlanKey
+    plan: Plan
+    experts: int
+
+    def summary(self) -> str:
+        runs, last = [], None
+        for n, name in zip(self.plan.limits, self.plan.names):
+            if name != last:
+                runs.append(f"{name}@{n}")
+                last = name
+        return f"{self.key} ({self.experts} experts, {self.plan.source}): " + ", ".join(runs)
+
+
+def expert_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module with expert weights in kernel form (SwiGLU and the quantised experts)."""
+    return [m for m in model.modules() if callable(getattr(m, "expert_weights", None))]
+
+
+def select(model: nn.Module, *, use_cache: bool = True, remeasure: bool = False, **measure_kw) -> list[Selection]:
+    """Pick the fastest kernel per expert shape of `model` on its device: from this machine's
+    cache, else by `measure` (then cached). Under UNIMOE_KERNELS=default: nothing (defaults)."""
+    if mode() == "default":
+        return []
+    groups: dict[PlanKey, list[ExpertWeights]] = {}
+    for m in expert_modules(model):
+        w = m.expert_weights()
+        groups.setdefault(w.key, []).append(w)
+    if not groups:
+        return []
+    out = []
+    by_device: dict[str, list[PlanKey]] = {}
+    for key in groups:
+        by_device.setdefault(key.device, []).append(key)
+    for dev_type, keys in by_device.items():
+        device = groups[keys[0]][0].gate_FD.device
+        mkey = machine_key(device)
+        path = cache_path()
+        cached = _read_cache(path)["machines"].get(mkey, {}) if use_cache else {}
+        new_entries = {}
+        for key in keys:
+            plan = None if remeasure else _cached_plan(cached.get(str(key), {}))
+            if plan is None:
+                plan = measure(groups[key], **measure_kw)
+                new_entries[str(key)] = {
+                    "limits": list(plan.limits), "names": list(plan.names),
+                    "ms": {str(k): v for k, v in plan.ms.items()},
+                    "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                }
+            out.append(Selection(key, register(key, plan), len(groups[key])))
+        if new_entries and use_cache:
+            _write_cache(path, mkey, new_entries)
+    return out
