@@ -117,7 +117,8 @@ def small_moe() -> DCMoE:
     return DCMoE(dim=DIM, cfg=cfg).eval()
 
 
-def test_select_measures_caches_and_reads_back(tmp_path):
+def test_select_measures_caches_and_reads_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "NOISY", float("inf"))  # a busy test machine must not skip the cache
     moe = small_moe()
     convert_experts(moe, None, select=False)
     first = kernels.select(moe, ladder=(1, 4, 32), rounds=2)
@@ -144,7 +145,17 @@ def test_select_measures_caches_and_reads_back(tmp_path):
     assert len(json.loads((tmp_path / "kernels.json").read_text())["machines"]) == 2
 
 
-def test_corrupt_cache_is_measured_again(tmp_path):
+def test_timings_disturbed_by_other_load_are_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "NOISY", 0.0)  # every median round counts as disturbed
+    with pytest.warns(UserWarning, match="machine busy"):
+        sel = kernels.select(small_moe(), ladder=(1, 2), rounds=3)
+    assert sel and all(s.plan.source == "noisy" for s in sel)
+    assert set(kernels.plans()) == {s.key for s in sel}  # used in this process
+    assert not (tmp_path / "kernels.json").exists()
+
+
+def test_corrupt_cache_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "NOISY", float("inf"))
     (tmp_path / "kernels.json").write_text("{not json")
     moe = small_moe()
     with pytest.warns(UserWarning, match="unreadable"):

@@ -56,8 +56,8 @@ LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 1024)
 # A candidate replaces the dtype's default only when faster by this fraction: timing noise on a
 # shared machine must not flip the choice (and with it the rounding) from run to run.
 MARGIN = 0.03
-
-WEIGHT_DTYPES = ("fp32", "bf16", "int8")
+# A point whose median round is this much slower than its best was disturbed by other load.
+NOISY = 1.5
 
 
 # ---------------------------------------------------------------- weights in kernel form
@@ -350,7 +350,7 @@ class Plan:
 
     limits: tuple[int, ...]
     names: tuple[str, ...]
-    source: str  # "measured" | "cache" | "default"
+    source: str  # "measured" | "noisy" (measured on a busy machine: not cached) | "cache"
     ms: dict = field(default_factory=dict, compare=False)  # {n: {candidate: ms per expert}}
     fns: tuple = field(default=(), compare=False, repr=False)
 
@@ -535,6 +535,7 @@ def measure(
     gen = torch.Generator(device="cpu").manual_seed(0)
     limits, chosen, ms = [], [], {}
     broken: set[str] = set()
+    noisy = 0
     with torch.inference_mode():
         for n in ladder:
             ws = weights[: max_experts if n <= 64 else 2]
@@ -555,6 +556,7 @@ def measure(
                     continue
                 live.append(name)
             best = {name: float("inf") for name in live}
+            spread = []
             for r in range(rounds if n <= 64 else max(2, rounds // 2)):
                 order = live[r % len(live):] + live[: r % len(live)]
                 for name in order:
@@ -564,13 +566,25 @@ def measure(
                     for w in ws:
                         fn(x_nD, w)
                     _sync(device)
-                    best[name] = min(best[name], (time.perf_counter() - t0) / len(ws))
+                    t = (time.perf_counter() - t0) / len(ws)
+                    best[name] = min(best[name], t)
+                    if name == default:
+                        spread.append(t)
             fastest = min(best, key=best.get)
             pick = default if best[default] <= best[fastest] * (1 + MARGIN) else fastest
             limits.append(n)
             chosen.append(pick)
             ms[n] = {name: round(t * 1e3, 4) for name, t in best.items()}
-    return Plan(tuple(limits), tuple(chosen), "measured", ms)
+            noisy += sorted(spread)[len(spread) // 2] > NOISY * best[default]
+    # Rounds of one candidate far apart: other processes took the cores meanwhile, and even the
+    # best rounds may be off. Such a choice serves this process but is not cached.
+    source = "noisy" if noisy * 3 > len(limits) else "measured"
+    if source == "noisy":
+        warnings.warn(
+            f"kernel timings for {w0.key} were disturbed at {noisy} of {len(limits)} token counts "
+            "(machine busy): using the choice in this process without caching it"
+        )
+    return Plan(tuple(limits), tuple(chosen), source, ms)
 
 
 @dataclass(frozen=True)
@@ -620,6 +634,7 @@ def select(model: nn.Module, *, use_cache: bool = True, remeasure: bool = False,
             plan = None if remeasure else _cached_plan(cached.get(str(key), {}))
             if plan is None:
                 plan = measure(groups[key], **measure_kw)
+            if plan.source == "measured":
                 new_entries[str(key)] = {
                     "limits": list(plan.limits), "names": list(plan.names),
                     "ms": {str(k): v for k, v in plan.ms.items()},
