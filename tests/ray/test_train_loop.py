@@ -151,3 +151,18 @@ def test_three_nan_steps_in_a_row_stop_the_run_with_the_cause(ray_local, env):
     metrics = [json.loads(line) for line in (spec.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["skipped_steps"] for m in metrics] == [1, 2]  # the third raises before reporting
     assert all(m["skipped"] == 1 and "codebooks [0]" in m["cause"] for m in metrics)
+
+
+def test_deepspeed_zero2_on_cpu_two_workers_loss_decreases(ray_local, env):
+    config = json.loads((Path(__file__).resolve().parents[2] / "configs" / "zero2.json").read_text())
+    spec = _spec(env, "zero2", max_steps=5, checkpoint_every=5, deepspeed_config=config, log_samples=False)
+    result = run_training(spec)
+    assert result.error is None and result.metrics["step"] == 5
+    losses = [json.loads(line)["loss"] for line in (spec.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 5 and losses[-1] < losses[0]
+    ckpt = Path(result.checkpoint.path)
+    assert (ckpt / "deepspeed" / "state").is_dir()  # DeepSpeed's optimizer shards, both ranks merged
+    assert len(list((ckpt / "deepspeed" / "state").glob("*optim_states.pt"))) == 2
+    model = load_pretrained(ckpt, dtype=torch.float32)
+    start = load_pretrained(env["init"], dtype=torch.float32)
+    assert not torch.equal(model.codec_head.weight, start.codec_head.weight)
