@@ -50,7 +50,7 @@ def call_controller(group: str, namespace: str, method: str, *args, timeout_s: f
         f"the controller of expert group {group!r} is restarting (its process died; Ray restarts "
         "it and it re-adopts the running experts, which keep serving): retry in a few seconds"
     )
-    if _actor_state(controller) == "RESTARTING":
+    if _actor_state(controller) not in ("ALIVE", "DEAD"):
         raise restarting
     try:
         return ray.get(getattr(controller, method).remote(*args), timeout=timeout_s)
@@ -62,7 +62,7 @@ def call_controller(group: str, namespace: str, method: str, *args, timeout_s: f
     except RayActorError:
         raise restarting from None
     except GetTimeoutError:
-        if _actor_state(controller) == "RESTARTING":
+        if _actor_state(controller) not in ("ALIVE", "DEAD"):
             raise restarting from None
         raise ControllerUnavailableError(
             f"the controller of expert group {group!r} did not answer {method} within {timeout_s:g}s "

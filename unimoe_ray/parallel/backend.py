@@ -29,7 +29,7 @@ import numpy as np
 import ray
 import torch
 from ray.actor import ActorHandle
-from ray.exceptions import RayChannelTimeoutError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayChannelTimeoutError
 from torch.utils.hooks import RemovableHandle
 
 from unimoe_ray.parallel.config import ExpertParallelConfig
@@ -40,6 +40,9 @@ from unimoe_ray.parallel.topology import Topology, slot_rows
 from unimoe_ray.parallel.wire import encode_call, pack, write_into
 
 log = logging.getLogger(__name__)
+
+# Pause between heal attempts while the controller restarts.
+CONTROLLER_RETRY_S = 0.2
 
 
 class RayExperts:
@@ -71,14 +74,19 @@ class RayExperts:
         self._closed = threading.Event()
 
         ctx = ray.get_runtime_context()
-        actor = ctx.current_actor if ctx.get_actor_id() is not None else None
-        topology = ray.get(controller.register_trunk.remote(self.trunk_id, cfg.exchange == "compiled", actor))
+        topology = ray.get(controller.register_trunk.remote(
+            self.trunk_id, cfg.exchange == "compiled", ctx.get_actor_id(), ctx.get_job_id(),
+        ))
         if cfg.exchange == "compiled" and topology.graph_owner != self.trunk_id:
             log.warning(
                 "expert group %r already has a compiled-graph trunk; %s uses plain actor calls "
                 "(give each trunk replica its own group for compiled graphs)", cfg.group, self.trunk_id,
             )
-        self._install(topology)
+        try:
+            self._install_healing(topology)
+        except BaseException:
+            self._leave()  # never stay registered (or the lease holder) after a failed attach
+            raise
         if cfg.exchange == "compiled":
             threading.Thread(target=self._park_when_idle, name="park-idle-graph", daemon=True).start()
 
@@ -166,6 +174,19 @@ class RayExperts:
             self._build_exchange()
         self.controller.ack.remote(self.trunk_id, topology.version)
 
+    def _install_healing(self, topology: Topology) -> None:
+        """`_install`, healing the group when building the exchange meets a dead replica
+        (compiling a graph touches every replica)."""
+        for attempt in range(self.cfg.exchange_retries + 1):
+            try:
+                self._install(topology)
+                return
+            except EXCHANGE_FAULTS as err:
+                if attempt == self.cfg.exchange_retries:
+                    raise
+                log.warning("building the expert exchange failed (%s): healing the group", err)
+                topology = self._heal(reset=False)
+
     def _build_exchange(self) -> None:
         self._exchange = make_exchange(self.exchange_kind, self.topology.slots)
         if self.exchange_kind == "compiled":
@@ -177,11 +198,31 @@ class RayExperts:
         the broken exchange stays installed, so the next call fails and heals again. `reset`: a
         compiled exchange timed out, so its graph loops may be wedged (see controller)."""
         self.recoveries += 1
-        self._install(ray.get(self.controller.heal.remote(self.trunk_id, reset)))
+        self._install(self._heal(reset))
+
+    def _heal(self, reset: bool) -> Topology:
+        """The controller's `heal`, waiting through a controller restart (its process died:
+        Ray brings it back within seconds) up to `restart_timeout_s`."""
+        deadline = time.monotonic() + self.cfg.restart_timeout_s
+        while True:
+            try:
+                return ray.get(self.controller.heal.remote(self.trunk_id, reset))
+            except (RayActorError, ActorUnavailableError) as err:
+                if time.monotonic() >= deadline:
+                    raise ExpertUnavailableError(
+                        f"the controller of expert group {self.cfg.group!r} did not come back within "
+                        f"{self.cfg.restart_timeout_s:g}s to heal the group: {err}"
+                    ) from None
+                time.sleep(CONTROLLER_RETRY_S)
 
     def refresh(self) -> None:
-        """Adopt the controller's current topology now if it changed (blocking)."""
-        topology = ray.get(self.controller.topology.remote())
+        """Adopt the controller's current topology now if it changed (blocking). A controller
+        that is restarting is skipped: the next step boundary asks again."""
+        try:
+            topology = ray.get(self.controller.topology.remote(), timeout=self.cfg.restart_timeout_s)
+        except (RayActorError, ActorUnavailableError, GetTimeoutError) as err:
+            log.warning("expert controller unavailable (%s); keeping topology v%d", err, self.topology.version)
+            return
         if topology.version != self.topology.version:
             self._install(topology)
 
@@ -193,7 +234,11 @@ class RayExperts:
         if self._poll is not None:
             ready, _ = ray.wait([self._poll], timeout=0)
             if ready:
-                version, self._poll = ray.get(self._poll), None
+                poll, self._poll = self._poll, None
+                try:
+                    version = ray.get(poll)
+                except (RayActorError, ActorUnavailableError):
+                    version = self.topology.version  # the controller is restarting: ask again later
                 if version != self.topology.version:
                     self.refresh()
         if self._poll is None and now - self._last_poll >= self.cfg.topology_poll_s:
@@ -219,4 +264,11 @@ class RayExperts:
             if self._exchange is not None:
                 self._exchange.close()
                 self._exchange = None
-        ray.get(self.controller.unregister_trunk.remote(self.trunk_id))
+        self._leave()
+
+    def _leave(self) -> None:
+        try:
+            ray.get(self.controller.unregister_trunk.remote(self.trunk_id), timeout=self.cfg.restart_timeout_s)
+        except (RayActorError, ActorUnavailableError, GetTimeoutError) as err:
+            # The lease of a trunk that is gone lapses by itself (see controller.py).
+            log.warning("could not leave expert group %r: %s", self.cfg.group, err)

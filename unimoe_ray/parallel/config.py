@@ -25,7 +25,11 @@ class ExpertParallelConfig:
     constructor); after that the replica is dropped and, if it was the last, replaced.
     exchange_retries: how often one token exchange is retried after a fault before raising.
     exchange_timeout_s: the longest one exchange may take (expert compute included).
-    restart_timeout_s: how long recovery waits for a restarting replica before dropping it.
+    restart_timeout_s: how long recovery waits for a restarting replica before dropping it (and
+    how long a trunk waits for a restarting controller to heal).
+    placement_timeout_s: how long a scale-up waits for the cluster to reserve its new replicas'
+    resources before failing with what is missing (repair never waits on this: a replica's
+    replacement reuses its reserved bundle).
     topology_poll_s: how often a trunk checks for a new topology (at step boundaries).
     stats_interval_s / stats_window_s: routing-statistics push interval / `status` window.
     graph_idle_s: a compiled graph unused this long is torn down (its channel readers
@@ -53,6 +57,7 @@ class ExpertParallelConfig:
     exchange_retries: int = 3
     exchange_timeout_s: float = 300.0
     restart_timeout_s: float = 120.0
+    placement_timeout_s: float = 10.0
     topology_poll_s: float = 0.5
     stats_interval_s: float = 1.0
     stats_window_s: float = 60.0
@@ -67,11 +72,11 @@ class ExpertParallelConfig:
             raise ValueError("initial_replicas must be >= 1: every expert needs a replica")
         if self.max_restarts < 0 or self.exchange_retries < 0 or self.inband_max_bytes < 0:
             raise ValueError("max_restarts, exchange_retries and inband_max_bytes must be >= 0")
-        if min(self.exchange_timeout_s, self.restart_timeout_s, self.stats_window_s, self.graph_idle_s,
-               self.trunk_timeout_s) <= 0:
+        if min(self.exchange_timeout_s, self.restart_timeout_s, self.placement_timeout_s, self.stats_window_s,
+               self.graph_idle_s, self.trunk_timeout_s) <= 0:
             raise ValueError(
-                "exchange_timeout_s, restart_timeout_s, stats_window_s, graph_idle_s, trunk_timeout_s "
-                "must be > 0"
+                "exchange_timeout_s, restart_timeout_s, placement_timeout_s, stats_window_s, graph_idle_s, "
+                "trunk_timeout_s must be > 0"
             )
 
     @property

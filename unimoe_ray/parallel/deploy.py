@@ -22,7 +22,8 @@ from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel.admin import get_controller
 from unimoe_ray.parallel.backend import RayExperts
 from unimoe_ray.parallel.config import ExpertParallelConfig
-from unimoe_ray.parallel.controller import ExpertController
+from unimoe_ray.parallel.controller import ExpertController, ExpertUnavailableError
+from unimoe_ray.parallel.store import WeightKeeper, delete_state, keeper_name
 from unimoe_ray.parallel.fingerprint import checkpoint_router_digest, model_fingerprint, router_digest
 from unimoe_ray.parallel.weights import dcmoe_layers, expert_state, strip_routed_experts
 
@@ -31,33 +32,47 @@ CONTROLLER_CONCURRENCY = 16
 
 
 def launch_experts(weights: UniMoEAudio | str | Path, cfg: ExpertParallelConfig) -> ActorHandle:
-    """Start the group's controller (named, detached) and `cfg.initial_replicas` replicas of
-    every routed expert; returns once all replicas answer.
+    """Start the group's controller (named, detached, restarted by Ray when its process dies)
+    and `cfg.initial_replicas` replicas of every routed expert; returns once all replicas answer.
 
-    weights: an in-memory model (its experts' weights go through the object store) or a
-    checkpoint folder readable on every expert node (each replica reads only its expert).
+    weights: an in-memory model (its experts' weights go through the object store, owned by the
+    group's WeightKeeper actor) or a checkpoint folder readable on every expert node (each
+    replica reads only its expert).
     """
-    if isinstance(weights, UniMoEAudio):
-        model_cfg = weights.cfg
-        source: str | list[ray.ObjectRef] = [
-            ray.put(expert_state(weights, e)) for e in range(model_cfg.moe.num_routed)
-        ]
-        routers = router_digest(weights)
-    else:
-        model_cfg = ModelConfig.from_json(weights)
-        source = str(weights)
-        routers = checkpoint_router_digest(weights)
     try:
-        controller = ray.remote(ExpertController).options(
-            name=cfg.controller_name, namespace=cfg.namespace, lifetime="detached", num_cpus=0,
-            max_concurrency=CONTROLLER_CONCURRENCY,
-        ).remote(cfg, num_routed=model_cfg.moe.num_routed, num_layers=model_cfg.num_layers, weights=source, routers=routers)
-    except ValueError as err:
+        get_controller(cfg.group, cfg.namespace)
+    except LookupError:
+        pass
+    else:
         raise ValueError(
             f"expert group {cfg.group!r} already runs in namespace {cfg.namespace!r}: scale it, or "
             "shut it down first (shutdown_experts)"
-        ) from err
-    ray.get(controller.version.remote())  # the constructor has started every replica
+        )
+    delete_state(cfg.group, cfg.namespace)  # left by a group whose controller was killed outright
+    if isinstance(weights, UniMoEAudio):
+        model_cfg = weights.cfg
+        refs = [ray.put(expert_state(weights, e)) for e in range(model_cfg.moe.num_routed)]
+        keeper = ray.remote(WeightKeeper).options(
+            name=keeper_name(cfg.group), namespace=cfg.namespace, lifetime="detached", num_cpus=0,
+        ).remote(refs)
+        ray.get(keeper.refs.remote())  # the keeper owns the weights now
+        source, routers = None, router_digest(weights)
+    else:
+        model_cfg = ModelConfig.from_json(weights)
+        source, routers = str(weights), checkpoint_router_digest(weights)
+    controller = ray.remote(ExpertController).options(
+        name=cfg.controller_name, namespace=cfg.namespace, lifetime="detached", num_cpus=0,
+        max_concurrency=CONTROLLER_CONCURRENCY, max_restarts=-1,
+    ).remote(cfg, num_routed=model_cfg.moe.num_routed, num_layers=model_cfg.num_layers, source=source, routers=routers)
+    try:
+        ray.get(controller.version.remote())  # the constructor has started every replica
+    except ray.exceptions.RayActorError as err:
+        for name in (cfg.controller_name, keeper_name(cfg.group)):
+            try:
+                ray.kill(ray.get_actor(name, namespace=cfg.namespace))
+            except ValueError:
+                pass
+        raise ExpertUnavailableError(f"expert group {cfg.group!r} did not start: {err}") from None
     return controller
 
 

@@ -7,14 +7,16 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class ExpertRow:
-    """expert: routed expert index. nodes / actor_ids: one entry per replica.
-    tokens: token-expert assignments routed to it (all layers) in the window."""
+    """expert: routed expert index. replicas / nodes / actor_ids: the replicas serving now (one
+    entry each); restarting: replicas Ray is restarting (not serving yet). tokens: token-expert
+    assignments routed to it (all layers) in the window."""
 
     expert: int
     replicas: int
     nodes: tuple[str, ...]
     actor_ids: tuple[str, ...]
     tokens: int
+    restarting: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ def format_status(s: ExpertStatus) -> str:
     ]
     for r in s.experts:
         share = f"{100 * r.tokens / total:5.1f}%" if total else "    -"
-        lines.append(f"{r.expert:>6}  {r.replicas:>8}  {r.tokens:>10}  {share:>6}  {', '.join(r.nodes)}")
+        restarting = f"  (+{r.restarting} restarting)" if r.restarting else ""
+        lines.append(f"{r.expert:>6}  {r.replicas:>8}  {r.tokens:>10}  {share:>6}  {', '.join(r.nodes)}{restarting}")
     for label, means in (("(routed + null)", s.experts_per_token_L), ("(routed only)  ", s.routed_per_token_L)):
         lines.append(f"mean experts per token {label} by layer: " + " ".join(f"{v:.2f}" for v in means))
     return "\n".join(lines)
