@@ -73,3 +73,44 @@ class RoutingTally:
             for e in range(self.num_routed):
                 out[f"moe/L{y}/tokens_e{e}"] = float(self.per_expert_YE[y, e])
         return out
+
+
+@torch.no_grad()
+def routing_by_task(model, batches_by_task: dict) -> dict[str, RoutingTally]:
+    """One RoutingTally per task from evaluation forwards (eval mode: no jitter).
+    `batches_by_task`: task → list of unimoe_ray.train.batches.Batch."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for task, batches in batches_by_task.items():
+        tally = RoutingTally.empty(model.cfg)
+        for b in batches:
+            kw = b.model_kwargs()
+            kw.pop("labels_BKL")
+            res = model(**kw, return_logits=False)
+            tally.add(res.moe_stats, b.attention_mask_BL.reshape(-1))
+        out[task] = tally
+    model.train(was_training)
+    return out
+
+
+def routing_report(tallies: dict[str, RoutingTally]) -> dict:
+    """The numbers behind the plots: per layer, the share of tokens using k routed experts
+    (all tasks, paper Fig. 3) and each routed expert's share of a task's tokens (Fig. 5)."""
+    tasks = sorted(tallies)
+    first = tallies[tasks[0]]
+    layers = []
+    for y in range(first.tokens_Y.numel()):
+        hist = sum(t.k_hist_YH[y] for t in tallies.values())
+        tokens = float(sum(t.tokens_Y[y] for t in tallies.values()))
+        layers.append({
+            "layer": y,
+            "tokens": tokens,
+            "k_share": (hist / max(tokens, 1.0)).tolist(),
+            "mean_routed_experts": float(sum(t.routed_sum_Y[y] for t in tallies.values())) / max(tokens, 1.0),
+            "null_share": float(sum(t.null_tokens_Y[y] for t in tallies.values())) / max(tokens, 1.0),
+            "expert_share_by_task": {
+                t: (tallies[t].per_expert_YE[y] / max(float(tallies[t].tokens_Y[y]), 1.0)).tolist() for t in tasks
+            },
+        })
+    return {"tasks": tasks, "num_routed": first.num_routed, "layers": layers}
