@@ -31,7 +31,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def group(model):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     launch_experts(model, CFG)
     yield
     shutdown_experts(CFG.group, CFG.namespace)

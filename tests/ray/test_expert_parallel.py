@@ -46,7 +46,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def controller(model):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     controller = launch_experts(model, CFG)
     yield controller
     shutdown_experts(GROUP, CFG.namespace)

@@ -58,7 +58,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def controller(model):
-    ray.init(num_cpus=4, resources={"slot": SLOTS}, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, resources={"slot": SLOTS}, include_dashboard=False, log_to_driver=False)
     launch_experts(model, CFG)
     yield
     shutdown_experts(GROUP, CFG.namespace)
@@ -143,6 +143,30 @@ def test_admin_calls_while_the_controller_restarts_get_a_retry_error(controller,
     assert len(err) == 1 and "is restarting" in err[0] and "retry" in err[0]
     wait_for(lambda: actor_state(handle._actor_id.hex()) == "ALIVE", "the controller's restart")
     assert [row.replicas for row in expert_status(GROUP).experts] == [1, 1, 2, 1]
+
+
+def test_topology_change_while_a_replica_restarts_does_not_fail_decoding(controller, model):
+    """Found by benchmarks/expert_chaos.py: a scale lands while a replica is restarting, so
+    rebuilding the compiled graph at the step boundary meets an unavailable actor; that is a
+    fault to heal, not a failed generation (nor a graph left built for the old topology)."""
+    pos, neg = prompts(4)
+    ref = generate(model, pos, neg, SAMPLING)
+    victim = replica_pid(0)
+    with attached(model) as (trunk, experts):
+
+        def chaos(module, args):
+            if experts.steps == 3:
+                os.kill(victim, signal.SIGKILL)
+                scale_expert(2, 1, GROUP)  # a new topology for the next step boundary
+
+        hook = trunk.register_forward_pre_hook(chaos)
+        codes = generate(trunk, pos, neg, SAMPLING)
+        hook.remove()
+        assert experts.topology.replica_counts == (1, 1, 1, 1)
+    for got, want in zip(codes, ref):
+        assert torch.equal(got, want)
+    wait_for(lambda: replica_pid(0) != victim, "expert 0's restart")
+    scale_expert(2, 2, GROUP)  # its slot came back when the retired replica was reaped
 
 
 # ---- placement: repair first, scale fails fast, status honest ----

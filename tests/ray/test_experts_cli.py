@@ -31,7 +31,7 @@ SCRIPT = Path(sys.executable).with_name("unimoe-ray")
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=4, resources={"cli_slot": 4}, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, resources={"cli_slot": 4}, include_dashboard=False, log_to_driver=False)
     model = UniMoEAudio(get_preset("tiny").replace(vision=None)).init_weights(seed=0)
     controller = launch_experts(model, CFG)
     launch_experts(model, FULL)

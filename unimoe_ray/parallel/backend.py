@@ -162,16 +162,19 @@ class RayExperts:
 
     # ---- topology ----
 
-    def _install(self, topology: Topology) -> None:
+    def _install(self, topology: Topology, build: bool = True) -> None:
         """Switch to `topology`: tear down the old exchange, build (compile) the new one, and
-        tell the controller that replicas outside it may go."""
+        tell the controller that replicas outside it may go. build=False leaves the build to
+        the next exchange, inside `run`'s fault handling (a replica may be restarting now)."""
         with self._lock:
             if self._exchange is not None:
                 self._exchange.close()
+                self._exchange = None
             owner = self.cfg.exchange == "compiled" and topology.graph_owner == self.trunk_id
             self.exchange_kind = "compiled" if owner else "plain"
             self.topology = topology
-            self._build_exchange()
+            if build:
+                self._build_exchange()
         self.controller.ack.remote(self.trunk_id, topology.version)
 
     def _install_healing(self, topology: Topology) -> None:
@@ -198,7 +201,7 @@ class RayExperts:
         the broken exchange stays installed, so the next call fails and heals again. `reset`: a
         compiled exchange timed out, so its graph loops may be wedged (see controller)."""
         self.recoveries += 1
-        self._install(self._heal(reset))
+        self._install(self._heal(reset), build=False)
 
     def _heal(self, reset: bool) -> Topology:
         """The controller's `heal`, waiting through a controller restart (its process died:
@@ -224,7 +227,7 @@ class RayExperts:
             log.warning("expert controller unavailable (%s); keeping topology v%d", err, self.topology.version)
             return
         if topology.version != self.topology.version:
-            self._install(topology)
+            self._install(topology, build=False)
 
     def sync(self) -> None:
         """Step boundary: adopt a new topology if the last poll reported one, start the next
