@@ -64,6 +64,16 @@ def _gather(obj, world: int) -> list:
     return out
 
 
+def _peak_rss_mb(world: int) -> float:
+    """The largest peak resident memory over the workers (MiB)."""
+    import resource
+
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak)
+
+
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -186,6 +196,7 @@ def train_loop(config: dict) -> None:
                 "skipped": 0, "epoch": position.epoch, "data_consumed": position.consumed,
             }
             metrics.update({f"ce/codebook{k}": v for k, v in enumerate(res.codec_ce_K)})
+            metrics["peak_rss_mb"] = _peak_rss_mb(world)
             if res.routing is not None:
                 metrics.update(res.routing.metrics())
         if tc.val_every > 0 and val_batches and not res.skipped and (step % tc.val_every == 0 or step == tc.max_steps):

@@ -146,7 +146,8 @@ class DeepSpeedBackend:
         return float(norm) if norm is not None else float("nan")
 
     def skip(self) -> None:
-        raise RuntimeError("DeepSpeed backend cannot skip a step")
+        """Nothing to undo (backward was not called for the bad micro-batch); the loop stops
+        the run because `skips_bad_steps` is False."""
 
     @property
     def lr(self) -> float:

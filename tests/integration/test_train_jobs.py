@@ -1,0 +1,140 @@
+"""The curriculum as a user runs it: `ray job submit` of stage 1 → 2 → 3 against a Ray head
+this test starts (`ray start --head --block` on free ports; stopped by killing the process
+group it started, never `ray stop`, which would stop other clusters on the machine). Each
+stage reads the previous stage's output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from unimoe_ray.checkpoint import load_pretrained
+from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.text.tokenizer import build_test_tokenizer
+from unimoe_ray.train.state import read_meta
+from unimoe_ray.train.synthetic import write_synthetic_shards
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.integration
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"  # `python` in the job = this interpreter
+    env["RAY_AUTH_MODE"] = "token"  # Ray 2.60: the head writes ~/.ray/auth_token, clients send it
+    env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    gcs, dash, client, agent_http, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(9)
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={rt_env}", f"--node-manager-port={node_mgr}",
+         f"--object-manager-port={obj_mgr}", "--disable-usage-stats"],
+        env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            ok = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=_env(),
+                                capture_output=True, text=True, timeout=60).returncode == 0
+            if ok:
+                break
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the Ray head did not come up: {Path(log.name).read_text()[-3000:]}")
+            time.sleep(2)
+        yield address
+    finally:
+        # Stop only the head this test started: its `ray start --block` process group.
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def _submit(address: str, *args: str) -> str:
+    done = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+         "--", "python", *args],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0 and "succeeded" in done.stdout, (done.stdout[-4000:], done.stderr[-3000:])
+    return done.stdout
+
+
+@pytest.mark.timeout(900)  # three job submissions, four TorchTrainer runs
+def test_curriculum_stage1_2_3_as_ray_jobs(head, tmp_path):
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, {"tts_en": 8, "v2m": 6})
+    tok = build_test_tokenizer(tmp_path / "tok")
+    common = ["--shards", str(shards), "--tokenizer", str(tok), "--storage-path", str(tmp_path / "store"),
+              "--max-steps", "3", "--checkpoint-every", "3", "--val-every", "3", "--max-tokens", "512",
+              "--warmup-steps", "1", "--num-workers", "1"]
+    spec = tmp_path / "specialists"
+    # Two specialists (tts_en, v2m) → tiny's 4 routed experts, 2 proto-experts each.
+    _submit(head, "jobs/train_stage1.py", "--task", "tts_en", "v2m", "--num-specialists", "2",
+            "--preset", "tiny", "--out", str(spec), *common)
+    s2, s3 = tmp_path / "stage2", tmp_path / "stage3"
+    _submit(head, "jobs/train_stage2.py", "--specialists", str(spec / "tts_en"), str(spec / "v2m"),
+            "--tasks", "tts_en", "v2m", "--out", str(s2), *common)
+    out = _submit(head, "jobs/train_stage3.py", "--init", str(s2), "--tasks", "tts_en", "v2m",
+                  "--out", str(s3), *common)
+    assert "final model" in out
+
+    specialists = {t: load_pretrained(spec / t, dtype=torch.float32) for t in ("tts_en", "v2m")}
+    assert all(m.cfg.moe.mode == "dense" and m.cfg.moe.dense_intermediate == 64 for m in specialists.values())
+    m2 = load_pretrained(s2, dtype=torch.float32)
+    m3 = load_pretrained(s3, dtype=torch.float32)
+    assert isinstance(m3, UniMoEAudio) and m3.cfg.moe.mode == "top_p" and m3.cfg.moe.num_routed == 4
+    # Stage 2 started from the specialists: expert 2 = rows 0..31 of the v2m specialist's FFN
+    # (frozen in stage 2, so still bit-identical in its output), the vision tower is v2m's.
+    p = "language_model.layers.0.mlp"
+    torch.testing.assert_close(
+        m2.state_dict()[f"{p}.routed_experts.2.gate_proj.weight"],
+        specialists["v2m"].state_dict()[f"{p}.gate_proj.weight"][:32], rtol=0, atol=0,
+    )
+    vis = next(n for n in m2.state_dict() if n.startswith("visual.") and n.endswith("weight"))
+    assert torch.equal(m2.state_dict()[vis], specialists["v2m"].state_dict()[vis])
+    # Stage 3 read stage 2's output and trained everything.
+    assert read_meta(s3)["init"] == str(s2.resolve()) and read_meta(s3)["step"] == 3
+    name = "language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(m3.state_dict()[name], m2.state_dict()[name])
+    metrics = [json.loads(x) for x in (tmp_path / "store" / "stage3" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["aux_weight"] for m in metrics] == pytest.approx([m3.cfg.moe.aux_weight(s) for s in range(3)])
+    assert all("val/tts_en" in m for m in metrics if m["step"] == 3)
