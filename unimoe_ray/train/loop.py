@@ -203,18 +203,20 @@ def train_loop(config: dict) -> None:
             val = evaluate(model, val_batches, autocast_dtype=autocast_dtype, device=device)
             metrics.update({f"val/{t}": v for t, v in val.items()})
 
+        is_checkpoint_step = not res.skipped and (step % tc.checkpoint_every == 0 or step == tc.max_steps)
         checkpoint_dir = None
-        if not res.skipped and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
+        if is_checkpoint_step:
             checkpoint_dir = _save_checkpoint(backend, model, tc, config, step, position, skipped_total, rank, world)
         if rank == 0:
             _append_jsonl(run_dir / "metrics.jsonl", {**metrics, "pid": os.getpid(), "time": time.time()})
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k != "step":
                     writer.add_scalar(k, v, step)
-        if checkpoint_dir is not None:
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir))
-        elif step % tc.log_every == 0 or res.skipped:
-            ray.train.report(metrics)
+        # Every worker reports at the same steps (report is a barrier); rank 0 (every rank with
+        # DeepSpeed) attaches its checkpoint folder.
+        if is_checkpoint_step or step % tc.log_every == 0 or res.skipped:
+            ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
+            ray.train.report(metrics, checkpoint=ckpt)
         if callback is not None:
             callback(step=step, rank=rank, run_dir=str(run_dir))
     if writer is not None:
