@@ -291,7 +291,7 @@ def main() -> None:
         for d, s in steppers.items():
             nbytes = step_bytes(models[d], s)
             touched = statistics.mean(sum(1 for c in st.counts if c) for st in s.last.moe_stats)
-            roof_r = [nbytes / (read_gb / rd) for rd in times["read"]]
+            roof_r = [nbytes / 1e9 / (read_gb / rd) for rd in times["read"]]
             rows.append(Row(
                 requests=requests, rows=2 * requests, dtype=d,
                 step_ms=statistics.median(times[d]) * 1e3,

@@ -36,6 +36,13 @@ that ``from_pretrained`` picks when torch has grouped_mm, as torch 2.13 CPU does
 is taken against the faster one. Its weights are random (its router would otherwise be zeros
 and send every token to the same k experts).
 
+Expert kernels (issue 12): our layers are set up as a loaded model is
+(``quantize.convert_experts``: gate and up in one buffer, then ``kernels.select`` times the
+candidate formulations once per expert shape, or reads this machine's cached choice); the
+choice and its timings are printed. ``--expert-dtypes`` adds bf16 and int8 copies of our
+layers (same router, same routing) timed in the same rounds, each against its own memory
+roofline: the touched weights' bytes in that dtype ÷ the same read bandwidth.
+
 Timing: one process, ``torch.set_num_threads(--threads)`` (2), fp32, after a warm-up. Each
 round times every contender once, interleaved (rotating order). A round counts as clean when
 no other process preempted our threads or took CPU time meanwhile (getrusage, /proc/stat);
@@ -51,6 +58,7 @@ Shape legend: T tokens, D model dim, F expert FFN dim, E router width.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -65,7 +73,9 @@ import torch
 from torch import nn
 
 from unimoe_ray.config import MoEConfig, get_preset
+from unimoe_ray.model import kernels
 from unimoe_ray.model.moe import DCMoE
+from unimoe_ray.model.quantize import convert_experts
 
 PREFILL = (1024, 4096, 16384)
 DECODE = (2, 16, 64)
@@ -299,12 +309,17 @@ class Row:
     frac_bound: float  # max(roof, gemm) / ours
     vs_hf: float  # best transformers time / ours (> 1: ours faster)
     counts: tuple[int, ...] = field(default_factory=tuple)
+    dtype_ms: dict = field(default_factory=dict)  # our layer with bf16 / int8 experts
+    dtype_roof_ms: dict = field(default_factory=dict)  # their touched bytes / read bandwidth
+    dtype_frac_roof: dict = field(default_factory=dict)  # roof / ours, that dtype
+    dtype_vs_fp32: dict = field(default_factory=dict)  # fp32 ours / this dtype
     rounds: int = 0  # interleaved rounds run
     clean_rounds: int = 0  # rounds in which no other process took CPU time (used if >= half)
 
 
 def bench_size(
     *, peak_flops: float, routing: str, phase: str, T: int, ours: list[DCMoE], hf: list[nn.Module], hf_cfg,
+    variants: dict[str, list[DCMoE]],
     cfg: MoEConfig, dim: int, rounds: int, patience: int, buf_N: torch.Tensor, seed: int,
 ) -> Row:
     x_TD = torch.randn(T, dim, generator=torch.Generator().manual_seed(seed + T))
@@ -327,6 +342,7 @@ def bench_size(
         return run
 
     run_ours = sweep(layers_ours, x_TD)
+    layers_var = {d: (v if phase == "decode" else v[:1]) for d, v in variants.items()}
     run_hf = sweep(layers_hf, x_1TD)
 
     def run_hf_impl(impl: str, top_k: int) -> Callable[[], None]:
@@ -339,6 +355,7 @@ def bench_size(
 
     contenders = {
         "ours": run_ours,
+        **{f"ours_{d}": sweep(v, x_TD) for d, v in layers_var.items()},
         **{f"hf_{impl}_{side}": run_hf_impl(impl_name, k)
            for impl, impl_name in (("eager", "eager"), ("grouped", "grouped_mm"))
            for side, k in (("lo", k_lo), ("hi", k_hi)) if side == "lo" or k_hi > k_lo},
@@ -385,6 +402,15 @@ def bench_size(
     def ours_s(r: dict[str, Sample]) -> float:
         return r["ours"].seconds / n_ours
 
+    def var_roof_s(r: dict[str, Sample], d: str) -> float:
+        nbytes = touched_bytes(variants[d][0], work.counts)
+        if phase == "prefill":
+            return float("nan")
+        return nbytes / 1e9 / (read_gb / r["read"].seconds)
+
+    def var_s(r: dict[str, Sample], d: str) -> float:
+        return r[f"ours_{d}"].seconds / len(layers_var[d])
+
     # Times: medians over the rounds used; fractions and ratios: medians of per-round ratios,
     # which cancel load that slows a whole round (e.g. memory traffic of other machines).
     return Row(
@@ -402,7 +428,18 @@ def bench_size(
         frac_bound=per_round(lambda r: max(roof_s(r), gemm_s(r)) / ours_s(r)),
         vs_hf=per_round(lambda r: hf_s(r) / ours_s(r)),
         counts=work.counts, rounds=len(rounds_run), clean_rounds=len(clean_rounds),
+        dtype_ms={d: per_round(lambda r, d=d: var_s(r, d)) * 1e3 for d in variants},
+        dtype_roof_ms={d: per_round(lambda r, d=d: var_roof_s(r, d)) * 1e3 for d in variants},
+        dtype_frac_roof={d: per_round(lambda r, d=d: var_roof_s(r, d) / var_s(r, d)) for d in variants},
+        dtype_vs_fp32={d: per_round(lambda r, d=d: ours_s(r) / var_s(r, d)) for d in variants},
     )
+
+
+def touched_bytes(layer: DCMoE, counts: tuple[int, ...]) -> int:
+    """Bytes of the weights a forward with these routed counts reads, in their stored dtype."""
+    total = layer.gate.weight.numel() * layer.gate.weight.element_size()
+    total += sum(e.expert_weights().nbytes for e, c in zip(layer.routed_experts, counts) if c)
+    return total + sum(e.expert_weights().nbytes for e in layer.shared_experts)
 
 
 def _clean(r: dict[str, Sample]) -> bool:
@@ -429,10 +466,41 @@ def print_table(rows: list[Row]) -> None:
         )
 
 
+def print_dtype_table(rows: list[Row]) -> None:
+    head = (f"{'routing':8s} {'phase':7s} {'T':>6s} {'experts':>7s} {'ms':>9s} {'roof ms':>9s} "
+            f"{'roof/ours':>9s} {'fp32/this':>9s} {'hf/this':>7s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        best_hf = min(r.hf_eager_ms, r.hf_grouped_ms)
+        print(f"{r.routing:8s} {r.phase:7s} {r.T:6d} {'fp32':>7s} {r.ours_ms:9.3f} {r.roof_ms:9.3f} "
+              f"{r.frac_roof:9.0%} {1.0:9.2f} {r.vs_hf:7.2f}")
+        for d, ms in r.dtype_ms.items():
+            print(f"{r.routing:8s} {r.phase:7s} {r.T:6d} {d:>7s} {ms:9.3f} {r.dtype_roof_ms[d]:9.3f} "
+                  f"{r.dtype_frac_roof[d]:9.0%} {r.dtype_vs_fp32[d]:9.2f} {best_hf / ms:7.2f}")
+
+
+def machine_line() -> str:
+    m = kernels.machine("cpu")
+    load = os.getloadavg()
+    return (f"# machine: {m['device']} | ISA {m['isa']} | torch {m['torch']} | {m['threads']} threads | "
+            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (uptime)")
+
+
+def print_kernels(selections: list[kernels.Selection]) -> None:
+    if not selections:
+        print(f"# expert kernels: dtype defaults {kernels.DEFAULT} ({kernels.ENV_MODE}={kernels.mode()})")
+    for sel in selections:
+        print(f"# expert kernels {sel.summary()}")
+        for n, ms in sel.plan.ms.items():
+            print(f"#     {n:5d} tokens: " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: kv[1])))
+
+
 def progress(r: Row) -> None:
     print(
         f"#   {r.phase} T={r.T}: ours {r.ours_ms:.3f} ms, roof {r.roof_ms:.3f} ms, "
-        f"transformers {min(r.hf_eager_ms, r.hf_grouped_ms):.3f} ms",
+        f"transformers {min(r.hf_eager_ms, r.hf_grouped_ms):.3f} ms"
+        + "".join(f", {d} {ms:.3f} ms" for d, ms in r.dtype_ms.items()),
         flush=True,
     )
 
@@ -449,9 +517,16 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=4,
                     help="run up to this many times the wanted rounds to collect clean ones")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--expert-dtypes", default="bf16,int8",
+                    help="comma list of extra expert dtypes (bf16, int8) timed beside fp32; '' for none")
     args = ap.parse_args()
+    extra_dtypes = [d for d in args.expert_dtypes.split(",") if d]
+    for d in extra_dtypes:
+        if d not in ("bf16", "int8"):
+            raise SystemExit(f"--expert-dtypes {d!r}: use bf16 and/or int8")
 
     torch.set_num_threads(args.threads)
+    print(machine_line(), flush=True)
     model_cfg = get_preset("small")
     cfg, dim = model_cfg.moe, model_cfg.hidden_size
 
@@ -463,6 +538,19 @@ def main() -> None:
     peak_flops = peak_gemm_flops()
 
     ours = build_ours(cfg, dim, args.layers, args.seed)
+    selections = []
+    for layer in ours:
+        convert_experts(layer, None, select=False)
+    variants = {}
+    for d in extra_dtypes:
+        variants[d] = [convert_experts(copy.deepcopy(layer), d, select=False) for layer in ours]
+        for v, layer in zip(variants[d], ours):
+            v.gate = layer.gate  # one router: the routing (and set_gate_scale) is shared
+    t0 = time.perf_counter()
+    for layers in [ours, *variants.values()]:
+        selections += kernels.select(nn.ModuleList(layers))
+    print(f"# kernel selection {time.perf_counter() - t0:.1f} s", flush=True)
+    print_kernels(selections)
     hf, hf_cfg = build_transformers(dim, cfg, args.layers, args.seed + 1)
     base_E_D = ours[0].gate.weight.detach().clone()
     routings = ["random", "skewed"] if args.routing == "both" else [args.routing]
@@ -487,12 +575,14 @@ def main() -> None:
         for T in decode:
             rows.append(bench_size(
                 peak_flops=peak_flops, routing=routing, phase="decode", T=T, ours=ours, hf=hf, hf_cfg=hf_cfg, cfg=cfg,
+                variants=variants,
                 dim=dim, rounds=rounds_decode, patience=args.patience, buf_N=buf_N, seed=args.seed,
             ))
             progress(rows[-1])
         for T in prefill:
             rows.append(bench_size(
                 peak_flops=peak_flops, routing=routing, phase="prefill", T=T, ours=ours, hf=hf, hf_cfg=hf_cfg, cfg=cfg,
+                variants=variants,
                 dim=dim, rounds=rounds_prefill[T], patience=args.patience, buf_N=buf_N,
                 seed=args.seed,
             ))
@@ -510,11 +600,19 @@ def main() -> None:
         "bandwidth. bnd = max(roof, gemm). hf/ours = best transformers block / ours (>1: ours faster)"
     )
     print_table(rows)
+    if variants:
+        print("# expert dtypes: our layer with fp32 / bf16 / int8 experts (same routing); roof = touched bytes "
+              "in that dtype / read bandwidth (decode); hf/this = best transformers fp32 block / this")
+        print_dtype_table(rows)
+    print_kernels(selections)
+    print(machine_line())
     if args.json:
         env = {
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "copy_gbs": copy_gbs, "peak_gflops": peak_flops / 1e9, "gate_scales": scales, "layers": args.layers,
-            "quick": args.quick,
+            "quick": args.quick, "machine": kernels.machine("cpu"), "loadavg_end": os.getloadavg(),
+            "kernels": {str(s.key): {"source": s.plan.source, "limits": s.plan.limits, "names": s.plan.names,
+                                     "ms": s.plan.ms} for s in selections},
         }
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=2)

@@ -52,7 +52,7 @@ BLOCK_TOKENS = 1024
 # Token counts at which `select` times the candidates; a count n uses the choice measured at
 # the smallest ladder point ≥ n (the last one beyond it). Decode sizes are dense, prefill blocks
 # sparse.
-LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 1024)
+LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 256, 1024)
 # A candidate replaces the dtype's default only when faster by this fraction: timing noise on a
 # shared machine must not flip the choice (and with it the rounding) from run to run.
 MARGIN = 0.03
@@ -517,7 +517,7 @@ def _tolerance(dtype: str) -> tuple[float, float]:
 
 def measure(
     weights: list[ExpertWeights], *, ladder: Iterable[int] = LADDER, act_dtype: torch.dtype = torch.float32,
-    rounds: int = 5, max_experts: int = 8,
+    rounds: int = 4, max_experts: int = 6,
 ) -> Plan:
     """Time every applicable candidate on these experts (same key) at each token count of the
     ladder and pick the fastest (the dtype's default unless another beats it by MARGIN).

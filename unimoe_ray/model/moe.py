@@ -100,7 +100,10 @@ class DCMoE(nn.Module):
         shared_TS = routing.shared_weights_TS.to(x_TD.dtype)
         out_TD = None
         for j, expert in enumerate(self.shared_experts):
-            if out_TD is None:
+            if out_TD is None and not torch.is_grad_enabled():
+                # The first shared expert writes straight into the output buffer.
+                out_TD = expert(x_TD, out_nD=torch.empty_like(x_TD)).mul_(shared_TS[:, j : j + 1])
+            elif out_TD is None:
                 out_TD = expert(x_TD) * shared_TS[:, j : j + 1]
             else:
                 out_TD = out_TD.addcmul_(shared_TS[:, j : j + 1], expert(x_TD))
