@@ -109,8 +109,12 @@ def test_killed_worker_resumes_from_last_checkpoint_with_the_same_batches(ray_lo
         all_rows |= rank_rows
     train_rows = {sid for sid, r in env["rows"].items()}
     assert all_rows <= train_rows and len(all_rows) >= len(train_rows) - 2  # minus validation rows (none here)
-    pids = {json.loads(line)["pid"] for line in (spec.run_dir / "metrics.jsonl").read_text().splitlines()}
-    assert len(pids) == 2  # rank 0 was restarted too (a new worker group)
+    metrics = [json.loads(line) for line in (spec.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len({m["pid"] for m in metrics}) == 2  # rank 0 was restarted too (a new worker group)
+    # The aux weight follows the global step across the restart (stage-3 decay restored).
+    assert all(m["aux_weight"] == pytest.approx(env["cfg"].moe.aux_weight(m["step"] - 1)) for m in metrics)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10]
+    assert list((spec.run_dir / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard from rank 0
 
 
 def test_ddp_two_workers_equal_one_worker_fed_the_union(ray_local, env):

@@ -104,3 +104,15 @@ def test_job_prints_one_clear_line_and_exits_2(env):
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error:") and "does not exist" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_device_flags_choose_resources_and_backend(env):
+    from unimoe_ray.train.run import process_group_backend
+
+    _, common, _, _ = env
+    kw = dict(init="/x", train=stage_config("stage3"), name="n", meta={})
+    assert process_group_backend(common.spec(**kw)) == "gloo"
+    npu = Common(**{**common.__dict__, "npu": True}).spec(**kw)
+    assert npu.resources_per_worker == {"CPU": 1.0, "NPU": 1} and process_group_backend(npu) == "hccl"
+    gpu = Common(**{**common.__dict__, "use_gpu": True}).spec(**kw)
+    assert gpu.use_gpu and process_group_backend(gpu) == "nccl"

@@ -137,6 +137,15 @@ def worker_shards(train_ds, num_workers: int) -> dict:
     return {f"train_{i}": p for i, p in enumerate(parts)}
 
 
+def process_group_backend(spec: RunSpec) -> str:
+    """gloo on CPU, nccl with GPUs, hccl with Ascend NPUs (a custom `NPU` resource per worker)."""
+    if spec.use_gpu:
+        return "nccl"
+    if "NPU" in spec.resources_per_worker:
+        return "hccl"
+    return "gloo"
+
+
 def run_training(spec: RunSpec):
     """Run (or resume) one stage; returns Ray Train's Result. Raises InputError early."""
     check_model_folder(spec.init, "initial weights")
@@ -149,11 +158,7 @@ def run_training(spec: RunSpec):
     train_ds, val_ds = build_datasets(paths, set(spec.train.tasks), val_ids)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     (spec.run_dir / "data.json").write_text(json.dumps({"rows": counts, "val_rows": n_val, "tasks": list(spec.train.tasks)}) + "\n")
-    backend = "gloo"
-    if spec.use_gpu:
-        backend = "nccl"
-    elif "NPU" in spec.resources_per_worker:
-        backend = "hccl"
+    backend = process_group_backend(spec)
     datasets = worker_shards(train_ds, spec.num_workers)
     if spec.train.val_every > 0:
         datasets["val"] = val_ds
