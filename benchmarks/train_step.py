@@ -60,7 +60,7 @@ def main() -> None:
     cfg = config_for_tokenizer(get_preset(args.preset), load_tokenizer(tok))
     save_pretrained(UniMoEAudio(cfg).init_weights(seed=0), root / "init")
     write_synthetic_shards(root / "shards", {"tts_en": 48, "t2m": 24}, frames=(100, 400))
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     before = machine()
     rows = []

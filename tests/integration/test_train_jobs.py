@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,14 +54,19 @@ def _env() -> dict:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     gcs, dash, client, agent_http, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(9)
-    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    root = tmp_path_factory.mktemp("head")
+    log = open(root / "head.log", "w")
+    temp_dir = Path(tempfile.mkdtemp(prefix="unimoe_head_"))  # short: Ray's socket paths
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
          f"--runtime-env-agent-port={rt_env}", f"--node-manager-port={node_mgr}",
-         f"--object-manager-port={obj_mgr}", "--disable-usage-stats"],
+         f"--object-manager-port={obj_mgr}", "--disable-usage-stats",
+         # Its own temp dir: `ray start` records the head in <temp-dir>/ray_current_cluster,
+         # where a plain ray.init() elsewhere on the machine would otherwise find (and join) it.
+         f"--temp-dir={temp_dir}"],
         env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
@@ -86,6 +93,7 @@ def head(tmp_path_factory):
         except ProcessLookupError:
             pass
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _submit(address: str, *args: str) -> str:

@@ -10,6 +10,7 @@ replaced and the run continues from the last checkpoint (`max_failures`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,10 @@ def run_training(spec: RunSpec):
     paths, counts, val_ids = plan_data(spec)
     n_val = len(val_ids)
     if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS (ray job submit sets it), else starts a local Ray
+        # RAY_ADDRESS (set by `ray job submit`) joins that cluster; without it, an embedded
+        # local Ray. "local", not None: None would join whatever cluster `ray start` last
+        # recorded in /tmp/ray/ray_current_cluster on this machine.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     train_ds, val_ds = build_datasets(paths, set(spec.train.tasks), val_ids)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     (spec.run_dir / "data.json").write_text(json.dumps({"rows": counts, "val_rows": n_val, "tasks": list(spec.train.tasks)}) + "\n")
