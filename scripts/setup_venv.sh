@@ -19,13 +19,14 @@ if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/
   exit 0
 fi
 
-if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v ffmpeg >/dev/null 2>&1; then
-  # espeak-ng speaks the generated speech corpus; ffmpeg is audiotools' fallback decoder.
+if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v ffmpeg >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  # espeak-ng speaks the generated speech corpus; ffmpeg is audiotools' fallback decoder;
+  # chromium runs the serving web page's test headless (Playwright drives it; no `playwright install`).
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng ffmpeg >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng ffmpeg chromium >/dev/null
   else
-    echo "warning: espeak-ng/ffmpeg not found and cannot apt-get install them; the mini-corpus" \
-      "tests will FAIL until you install both (e.g. sudo apt-get install -y espeak-ng ffmpeg)" >&2
+    echo "warning: espeak-ng/ffmpeg/chromium not found and cannot apt-get install them; the mini-corpus" \
+      "and web-page tests will FAIL until you install them (sudo apt-get install -y espeak-ng ffmpeg chromium)" >&2
   fi
 fi
 
