@@ -1,0 +1,551 @@
+"""The HTTP API: a FastAPI ingress deployment in front of two model deployments (speech,
+music), each a continuous-batching engine per replica (serve/model.py).
+
+Endpoints (OpenAI's audio contract where one exists; errors in OpenAI's shape
+{"error": {"message", "type", "param", "code"}}):
+  POST /v1/audio/speech        text → speech (voices, cloning inline, formats, speed, SSE)
+  POST /v1/audio/music         caption (+ optional video upload) → music
+  POST/GET /v1/audio/voices, GET/DELETE /v1/audio/voices/{name}   the voice registry
+  GET  /v1/models, GET /health, GET / (the web page)
+
+`build_app(args)` is the app builder the serve_configs/*.yaml name.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real types on the ingress methods.
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from unimoe_ray.serve import formats
+from unimoe_ray.serve.model import AudioModel
+from unimoe_ray.serve.runtime import AudioJob, SettingsError, _from_dict, sampling_overrides
+from unimoe_ray.serve.voices import VoiceStore, VoiceStoreError
+from dataclasses import dataclass
+
+MODEL_ID = "unimoe-audio"
+# OpenAI's TTS model names, accepted so that clients written for OpenAI run unchanged.
+MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngressSettings:
+    """The ingress's `user_config` (changes apply live)."""
+
+    max_input_chars: int = 4096
+    speech_max_seconds: float = 20.0  # the most a speech request may ask for (max_seconds)
+    speech_default_seconds: float = 10.0
+    music_max_seconds: float = 30.0
+    music_default_seconds: float = 10.0
+    max_upload_mb: float = 10.0  # voice samples, inline reference audio, videos
+    max_voice_seconds: float = 30.0
+    max_voices: int = 100
+    voices_dir: str = "outputs/serve_voices"
+    voice_library: str | None = None  # a prompt_audios.json-style file shipped with the deployment
+    voice_root: str | None = None
+    ship_default_voice: bool = True  # with no library: one generated voice named "default"
+    api_keys_env: str | None = "UNIMOE_API_KEYS"  # comma-separated keys in this env variable
+    api_keys_file: str | None = None  # one key per line
+    retry_after_s: int = 2
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "IngressSettings":
+        return _from_dict(cls, data, "ingress user_config")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
+                 code: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                             404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+                             429: "rate_limit_error", 503: "server_overloaded"}.get(status, "server_error")
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class Sampling(BaseModel):
+    """Sampling extensions shared by speech and music (None: the task's released default)."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int | None = None
+    guidance_scale: float | None = Field(None, ge=0, le=50)
+    temperature: float | None = Field(None, gt=0, le=5)
+    top_k: int | None = Field(None, ge=1, le=1024)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+
+class SpeechRequest(Sampling):
+    model: str = MODEL_ID
+    input: str
+    voice: str | None = None
+    response_format: Literal["wav", "flac", "pcm", "mp3", "opus"] = "mp3"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] = "audio"
+    max_seconds: float | None = Field(None, gt=0)
+    reference_audio: str | None = None  # base64 audio bytes (any format libsndfile reads)
+    reference_text: str | None = None
+
+
+class MusicRequest(Sampling):
+    model: str = MODEL_ID
+    prompt: str
+    duration: float | None = Field(None, gt=0)
+    response_format: Literal["wav", "flac", "pcm", "mp3", "opus"] = "wav"
+    stream: bool = False
+    stream_format: Literal["audio", "sse"] = "audio"
+
+
+def _cause(err: BaseException) -> BaseException:
+    """Ray wraps a replica's exception (RayTaskError); the original holds the clean message."""
+    return getattr(err, "cause", None) or err
+
+
+def _validation_error(err: ValidationError) -> APIError:
+    first = err.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        msg = f"unknown parameter {param!r}"
+    elif first.get("type") == "literal_error":
+        msg = f"{param}: {msg}"
+    else:
+        msg = f"{param}: {msg}"
+    return APIError(400, msg, param=param, code="invalid_value")
+
+
+# Helpers above the ingress class: @serve.ingress serialises the class when it is decorated.
+def _tensor(codes):
+    import torch
+
+    return torch.as_tensor(np.asarray(codes)).long()
+
+
+def _sse(obj: dict) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+def _usage(done: dict | None, job: AudioJob) -> dict:
+    prompt = int(done.get("prompt_tokens", 0)) if done else 0
+    frames = int(done.get("frames", 0)) if done else 0
+    return {"input_tokens": prompt, "output_tokens": frames, "total_tokens": prompt + frames,
+            "audio_seconds": done.get("seconds") if done else 0.0, "ttfa_s": done.get("ttfa_s") if done else None}
+
+
+def _usage_headers(done: dict | None, samples: int) -> dict:
+    if not done:
+        return {}
+    return {"x-audio-frames": str(done["frames"]), "x-audio-samples": str(samples),
+            "x-finish-reason": str(done["finish_reason"]), "x-wall-seconds": f"{done['wall_s']:.3f}"}
+
+
+app = FastAPI(title="UniMoE-Audio on Ray Serve", docs_url="/docs")
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, err: APIError):
+    return err.response()
+
+
+@app.exception_handler(Exception)
+async def _server_error(request: Request, err: Exception):
+    return APIError(500, f"internal error: {type(err).__name__}: {err}").response()
+
+
+@serve.deployment(name="APIIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress(app)
+class APIIngress:
+    def __init__(self, speech: DeploymentHandle, music: DeploymentHandle) -> None:
+        self.speech = speech
+        self.music = music
+        self.settings = IngressSettings()
+        self.store = VoiceStore(self.settings.voices_dir, max_voices=self.settings.max_voices)
+        self._library_ready = False
+        self._library_lock = asyncio.Lock()
+        self._keys: set[str] = set()
+
+    def reconfigure(self, user_config: dict) -> None:
+        s = IngressSettings.from_dict(user_config)
+        keys: set[str] = set()
+        if s.api_keys_env and os.environ.get(s.api_keys_env):
+            keys |= {k.strip() for k in os.environ[s.api_keys_env].split(",") if k.strip()}
+        if s.api_keys_file:
+            path = Path(s.api_keys_file)
+            if not path.is_file():
+                raise SettingsError(f"api_keys_file {path} does not exist")
+            keys |= {line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
+        if (s.voices_dir, s.voice_library, s.voice_root, s.ship_default_voice) != (
+                self.settings.voices_dir, self.settings.voice_library, self.settings.voice_root,
+                self.settings.ship_default_voice):
+            self._library_ready = False
+        self.store = VoiceStore(s.voices_dir, max_voices=s.max_voices)
+        self.settings, self._keys = s, keys
+
+    # ---- helpers ----
+
+    def _auth(self, request: Request) -> None:
+        if not self._keys:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if token not in self._keys:
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def _check_model(self, model: str) -> None:
+        if model not in (MODEL_ID, *MODEL_ALIASES):
+            raise APIError(404, f"the model {model!r} does not exist: use {MODEL_ID!r} (see GET /v1/models)",
+                           param="model", code="model_not_found")
+
+    async def _json(self, request: Request, cls):
+        try:
+            body = await request.json()
+        except Exception:
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        try:
+            return cls.model_validate(body)
+        except ValidationError as err:
+            raise _validation_error(err) from None
+
+    def _bytes_limit(self, data: bytes, what: str, param: str) -> bytes:
+        limit = self.settings.max_upload_mb * 1024 * 1024
+        if len(data) > limit:
+            raise APIError(413, f"{what} is {len(data) / 1e6:.1f} MB: at most {self.settings.max_upload_mb} MB",
+                           param=param, code="file_too_large")
+        if not data:
+            raise APIError(400, f"{what} is empty", param=param)
+        return data
+
+    def _format(self, fmt: str) -> None:
+        if fmt not in formats.available_formats():
+            raise APIError(400, f"response_format {fmt!r} needs an encoder this server lacks; available: "
+                           f"{list(formats.available_formats())}", param="response_format")
+
+    async def _ensure_library(self) -> None:
+        """Encode the deployment's shipped voices into the store, once (lazily: the speech
+        model must be up to DAC-encode them)."""
+        if self._library_ready:
+            return
+        async with self._library_lock:
+            if self._library_ready:
+                return
+            from unimoe_ray.audio.io import read_audio, write_wav
+            from unimoe_ray.inference.voices import VoiceLibrary
+
+            s = self.settings
+            path = s.voice_library
+            if path is None and s.ship_default_voice:
+                from unimoe_ray.demo import reference_voice
+
+                lib_dir = Path(s.voices_dir) / "_library"
+                lib_dir.mkdir(parents=True, exist_ok=True)
+                write_wav(lib_dir / "default.wav", reference_voice(seconds=2.0), 16000)
+                (lib_dir / "voices.json").write_text(json.dumps(
+                    {"voices": {"default": {"audio_path": "default.wav", "prompt": "This is my voice."}}}))
+                path = str(lib_dir / "voices.json")
+            if path is not None:
+                library = VoiceLibrary.load(path, root=s.voice_root)
+                for name in library.names():
+                    if self.store.find(name) is not None:
+                        continue
+                    voice = library.get(name)
+                    wav, sr = read_audio(voice.audio_path)
+                    data = formats.encode(wav, "wav", sr)
+                    codes = await self.speech.encode_voice.remote(data, 600.0)
+                    try:
+                        self.store.add(voice.name, voice.transcript, _tensor(codes), origin="library")
+                    except VoiceStoreError as err:
+                        if err.status != 409:  # another replica stored it first
+                            raise
+            self._library_ready = True
+
+    async def _events(self, handle: DeploymentHandle, job: AudioJob, stream: bool):
+        """Start a generation; return (first event, the generator). Errors before the first
+        event become HTTP errors here, before any response header is sent."""
+        gen = None
+        try:
+            gen = handle.options(stream=True).generate.remote(job, stream)
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            raise APIError(500, "the model returned no audio") from None
+        except Exception as err:
+            if gen is not None:
+                try:
+                    gen.cancel()
+                except Exception:  # a request Serve refused (backpressure) has nothing to cancel
+                    pass
+            raise self._model_error(err) from None
+        return first, gen
+
+    def _model_error(self, err: BaseException) -> APIError:
+        cause = _cause(err)
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        if isinstance(err, BackPressureError) or isinstance(cause, BackPressureError):
+            return APIError(503, "the server is at capacity (queue full): retry after the Retry-After delay",
+                            code="server_overloaded", headers=retry)
+        if type(cause).__name__ == "ModelBusyError":
+            return APIError(429, f"all decode slots are busy and the waiting queue is full ({cause}): retry later",
+                            code="rate_limit_exceeded", headers=retry)
+        if isinstance(cause, ValueError):
+            return APIError(400, str(cause))
+        return APIError(500, f"generation failed: {type(cause).__name__}: {cause}")
+
+    async def _respond(self, handle, job: AudioJob, *, fmt: str, speed: float, incremental: bool,
+                       sse: bool, prefix: str) -> Response:
+        first, gen = await self._events(handle, job, incremental)
+        if not incremental:
+            wav, done = [], None
+            event = first
+            try:
+                while True:
+                    if event["type"] == "audio":
+                        wav.append(event["wav"])
+                    else:
+                        done = event
+                    try:
+                        event = await gen.__anext__()
+                    except StopAsyncIteration:
+                        break
+            except Exception as err:
+                raise self._model_error(err) from None
+            audio = np.concatenate(wav) if wav else np.zeros(0, np.float32)
+            audio = await asyncio.to_thread(formats.change_speed, audio, speed)
+            body = await asyncio.to_thread(formats.encode, audio, fmt)
+            return Response(body, media_type=formats.CONTENT_TYPES[fmt], headers=_usage_headers(done, len(audio)))
+
+        async def stream():
+            event = first
+            header_sent = False
+            try:
+                while True:
+                    if event["type"] == "audio":
+                        data = formats.pcm16(event["wav"])
+                        if fmt == "wav" and not header_sent:
+                            data = formats.wav_stream_header() + data
+                            header_sent = True
+                        if sse:
+                            yield _sse({"type": f"{prefix}.audio.delta", "audio": base64.b64encode(data).decode()})
+                        else:
+                            yield data
+                    elif sse:
+                        yield _sse({"type": f"{prefix}.audio.done", "usage": _usage(event, job)})
+                    try:
+                        event = await gen.__anext__()
+                    except StopAsyncIteration:
+                        return
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                if sse:
+                    e = self._model_error(err)
+                    yield _sse({"type": "error", "error": {"message": e.message, "type": e.type}})
+                raise
+            finally:
+                gen.cancel()  # a client that went away cancels its engine row
+
+        media = "text/event-stream" if sse else formats.CONTENT_TYPES[fmt]
+        return StreamingResponse(stream(), media_type=media, headers={"Cache-Control": "no-cache"})
+
+    # ---- routes ----
+
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index(self):
+        return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        self._auth(request)
+        now = int(time.time())
+        data = [{"id": m, "object": "model", "created": now, "owned_by": "unimoe_ray"} for m in (MODEL_ID, *MODEL_ALIASES)]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/status")
+    async def status(self, request: Request):
+        self._auth(request)
+        speech, music = await asyncio.gather(self.speech.info.remote(), self.music.info.remote())
+        return {"speech": speech["status"], "music": music["status"], "speech_model": speech["model"],
+                "music_model": music["model"], "formats": list(formats.available_formats())}
+
+    @app.post("/v1/audio/speech")
+    async def speech_endpoint(self, request: Request):
+        self._auth(request)
+        r: SpeechRequest = await self._json(request, SpeechRequest)
+        self._check_model(r.model)
+        s = self.settings
+        if not r.input.strip():
+            raise APIError(400, "input is empty: give the text to speak", param="input")
+        if len(r.input) > s.max_input_chars:
+            raise APIError(400, f"input is {len(r.input)} characters: at most {s.max_input_chars}", param="input")
+        self._format(r.response_format)
+        max_seconds = r.max_seconds or s.speech_default_seconds
+        if max_seconds > s.speech_max_seconds:
+            raise APIError(400, f"max_seconds={max_seconds}: at most {s.speech_max_seconds}", param="max_seconds")
+        sse = r.stream_format == "sse"
+        incremental = sse or (r.response_format in formats.STREAMABLE and r.speed == 1.0)
+        if sse and (r.response_format not in formats.STREAMABLE or r.speed != 1.0):
+            raise APIError(400, f"stream_format 'sse' sends audio as it is generated: it needs response_format "
+                           f"wav or pcm and speed 1.0 (got {r.response_format!r}, speed {r.speed})",
+                           param="stream_format")
+        voice_codes = voice_text = voice_audio = None
+        if r.reference_audio is not None:
+            if r.voice:
+                raise APIError(400, "give voice or reference_audio, not both", param="reference_audio")
+            try:
+                voice_audio = base64.b64decode(r.reference_audio, validate=True)
+            except (binascii.Error, ValueError):
+                raise APIError(400, "reference_audio is not valid base64", param="reference_audio") from None
+            self._bytes_limit(voice_audio, "reference_audio", "reference_audio")
+            if not (r.reference_text or "").strip():
+                raise APIError(400, "reference_audio needs reference_text (its transcript)", param="reference_text")
+            voice_text = r.reference_text
+        elif r.voice:
+            await self._ensure_library()
+            try:
+                v, codes = self.store.get(r.voice)
+            except VoiceStoreError as err:
+                raise APIError(400, str(err), param="voice", code="voice_not_found") from None
+            voice_codes, voice_text = codes.numpy().astype(np.int16), v.ref_text
+        try:
+            sampling = sampling_overrides(**r.model_dump(include=set(Sampling.model_fields)))
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+        job = AudioJob(task="speech", text=r.input, sampling=sampling, max_seconds=max_seconds,
+                       voice_codes=voice_codes, voice_text=voice_text, voice_audio=voice_audio)
+        return await self._respond(self.speech, job, fmt=r.response_format, speed=r.speed,
+                                   incremental=incremental, sse=sse, prefix="speech")
+
+    @app.post("/v1/audio/music")
+    async def music_endpoint(self, request: Request):
+        self._auth(request)
+        video = None
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            fields: dict[str, Any] = {}
+            for key, value in form.multi_items():
+                if key == "video":
+                    if not hasattr(value, "read"):
+                        raise APIError(400, "video must be an uploaded file (multipart file field)", param="video")
+                    video = self._bytes_limit(await value.read(), "the video", "video")
+                elif hasattr(value, "read"):
+                    raise APIError(400, f"unexpected file field {key!r}: only 'video' is a file", param=key)
+                else:
+                    fields[key] = value
+            try:
+                r = MusicRequest.model_validate(fields)
+            except ValidationError as err:
+                raise _validation_error(err) from None
+        else:
+            r = await self._json(request, MusicRequest)
+        self._check_model(r.model)
+        s = self.settings
+        if not r.prompt.strip():
+            raise APIError(400, "prompt is empty: describe the music", param="prompt")
+        if len(r.prompt) > s.max_input_chars:
+            raise APIError(400, f"prompt is {len(r.prompt)} characters: at most {s.max_input_chars}", param="prompt")
+        duration = r.duration if r.duration is not None else s.music_default_seconds
+        if duration > s.music_max_seconds:
+            raise APIError(400, f"duration={duration}: at most {s.music_max_seconds} seconds", param="duration")
+        self._format(r.response_format)
+        sse = r.stream_format == "sse"
+        incremental = r.stream or sse
+        if incremental and r.response_format not in formats.STREAMABLE:
+            raise APIError(400, f"streaming needs response_format wav or pcm (got {r.response_format!r})",
+                           param="response_format")
+        try:
+            sampling = sampling_overrides(**r.model_dump(include=set(Sampling.model_fields)))
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+        job = AudioJob(task="music", text=r.prompt, sampling=sampling, max_seconds=duration,
+                       exact_seconds=r.duration is not None, video=video)
+        return await self._respond(self.music, job, fmt=r.response_format, speed=1.0,
+                                   incremental=incremental, sse=sse, prefix="music")
+
+    @app.post("/v1/audio/voices")
+    async def add_voice(self, request: Request):
+        self._auth(request)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise APIError(400, "upload a voice as multipart/form-data: audio_sample (file), name, ref_text")
+        form = await request.form()
+        sample, name, ref_text = form.get("audio_sample"), form.get("name"), form.get("ref_text")
+        if sample is None or not hasattr(sample, "read"):
+            raise APIError(400, "audio_sample (a file field) is required", param="audio_sample")
+        if not name or not isinstance(name, str):
+            raise APIError(400, "name is required", param="name")
+        if not ref_text or not isinstance(ref_text, str) or not ref_text.strip():
+            raise APIError(400, "ref_text (the transcript of the audio sample) is required", param="ref_text")
+        data = self._bytes_limit(await sample.read(), "audio_sample", "audio_sample")
+        await self._ensure_library()
+        if self.store.find(name) is not None:
+            raise APIError(409, f"a voice named {name!r} exists: delete it first or pick another name", param="name")
+        try:
+            codes = await self.speech.encode_voice.remote(data, self.settings.max_voice_seconds)
+        except Exception as err:
+            raise self._model_error(err) from None
+        try:
+            v = self.store.add(name, ref_text, _tensor(codes))
+        except VoiceStoreError as err:
+            raise APIError(err.status, str(err), param="name") from None
+        return {"success": True, "id": v.id, "name": v.name,
+                "voice": {**v.public(), "mime_type": sample.content_type, "file_size": len(data)}}
+
+    @app.get("/v1/audio/voices")
+    async def list_voices(self, request: Request):
+        self._auth(request)
+        await self._ensure_library()
+        voices = self.store.list()
+        return {"voices": [v.name for v in voices], "data": [v.public() for v in voices]}
+
+    @app.get("/v1/audio/voices/{name}")
+    async def get_voice(self, name: str, request: Request):
+        self._auth(request)
+        await self._ensure_library()
+        v = self.store.find(name)
+        if v is None:
+            raise APIError(404, f"voice {name!r} not found", param="name", code="voice_not_found")
+        return v.public()
+
+    @app.delete("/v1/audio/voices/{name}")
+    async def delete_voice(self, name: str, request: Request):
+        self._auth(request)
+        try:
+            v = self.store.delete(name)
+        except VoiceStoreError as err:
+            raise APIError(err.status, str(err), param="name") from None
+        return {"success": True, "message": f"Voice {v.name!r} deleted successfully", "id": v.id}
+
+
+def build_app(args: dict | None = None):
+    """The Serve application: ingress + speech and music model deployments. `args` (from a
+    serve config's `args:`) may give default user_configs: {"ingress": {...}, "speech": {...},
+    "music": {...}}; a config's `deployments:` entries override them (and reconfigure live)."""
+    args = dict(args or {})
+    unknown = sorted(set(args) - {"ingress", "speech", "music"})
+    if unknown:
+        raise SettingsError(f"app args: unknown keys {unknown}; use ingress, speech, music")
+    speech = AudioModel.options(name="SpeechModel", user_config=args.get("speech") or {}).bind("SpeechModel")
+    music = AudioModel.options(name="MusicModel", user_config=args.get("music") or {}).bind("MusicModel")
+    return APIIngress.options(user_config=args.get("ingress") or {}).bind(speech, music)

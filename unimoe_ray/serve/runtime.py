@@ -1,0 +1,258 @@
+"""What one model replica runs, as a plain Python object (no Ray): the checkpoint, tokenizer
+and DAC (inference/pipeline.AudioGenerator), one continuous-batching DecodeEngine on a
+background thread, and an async API that turns a request into audio events as frames complete.
+The Serve deployment (serve/model.py) is a thin adapter over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import numpy as np
+import torch
+
+from unimoe_ray.inference.engine import DecodeEngine, EngineLoop, EngineOutput, EngineRequest
+from unimoe_ray.inference.pipeline import AudioGenerator
+from unimoe_ray.inference.sampling import SamplingConfig, task_sampling
+from unimoe_ray.inference.streaming import StreamingDecoder, decode_whole
+from unimoe_ray.inference.video import load_video
+from unimoe_ray.serve.formats import SAMPLE_RATE, decode_upload
+
+FRAME_RATE = 50
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _from_dict(cls, data: dict | None, what: str):
+    data = dict(data or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingsError(f"{what}: unknown keys {unknown}; known keys are {sorted(known)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """A model replica's `user_config`. Paths are local (no downloads); with checkpoint,
+    tokenizer or dac_path unset, random-weight artifacts of `preset` are generated once under
+    `artifacts_dir` (the same save/load code as real weights) — the fresh-clone default."""
+
+    checkpoint: str | None = None
+    tokenizer: str | None = None
+    dac_path: str | None = None
+    preset: str = "tiny"
+    artifacts_dir: str = "outputs/serve_artifacts"
+    device: str = "cpu"
+    dtype: str | None = None
+    max_rows: int = 16  # KV slots: a guided request uses 2 (cond + uncond)
+    max_len: int = 1400  # KV columns per row: prompt + frames + 19
+    max_waiting: int = 32  # requests waiting for a slot before 429
+    first_chunk_frames: int = 5
+    chunk_frames: int = 25
+    torch_threads: int | None = None
+    experts_group: str | None = None  # attach to this expert-actor group (None: in-process experts)
+    experts_namespace: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "max_len", "max_waiting", "first_chunk_frames", "chunk_frames"):
+            if int(getattr(self, name)) < 1:
+                raise SettingsError(f"{name}={getattr(self, name)}: must be >= 1")
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "ModelSettings":
+        return _from_dict(cls, data, "model user_config")
+
+    def model_key(self) -> tuple:
+        """The fields whose change needs a reload (the rest apply live)."""
+        return (self.checkpoint, self.tokenizer, self.dac_path, self.preset, self.artifacts_dir,
+                self.device, self.dtype, self.max_rows, self.max_len, self.experts_group, self.experts_namespace)
+
+
+def resolve_artifacts(s: ModelSettings) -> tuple[str, str, str]:
+    """Checkpoint, tokenizer and DAC paths; missing ones generated once (a file lock lets
+    several replicas start together; later starts reuse what the first wrote)."""
+    if s.checkpoint and s.tokenizer and s.dac_path:
+        return s.checkpoint, s.tokenizer, s.dac_path
+    from unimoe_ray.demo import DemoConfig, prepare_artifacts
+
+    out = Path(s.artifacts_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / f"artifacts_{s.preset}.json"
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file():
+            paths = json.loads(marker.read_text())
+        else:
+            ckpt, tok, dac = prepare_artifacts(DemoConfig(
+                out_dir=str(out), preset=s.preset, checkpoint=s.checkpoint, tokenizer=s.tokenizer, dac_path=s.dac_path))
+            paths = {"checkpoint": str(ckpt), "tokenizer": str(tok), "dac_path": str(dac)}
+            if not (s.checkpoint or s.tokenizer or s.dac_path):
+                marker.write_text(json.dumps(paths))
+    return (s.checkpoint or paths["checkpoint"], s.tokenizer or paths["tokenizer"], s.dac_path or paths["dac_path"])
+
+
+@dataclass(frozen=True)
+class AudioJob:
+    """A request as the ingress hands it to a model replica (plain, picklable)."""
+
+    task: str  # "speech" | "music"
+    text: str  # speech: words to say; music: the caption
+    sampling: dict  # SamplingConfig overrides (seed, guidance_scale, temperature, top_k, top_p, ...)
+    max_seconds: float
+    exact_seconds: bool = False  # music `duration`: EOS forbidden before, forced at the length
+    voice_codes: np.ndarray | None = None  # (K, T) DAC codes of the voice prompt
+    voice_text: str | None = None
+    voice_audio: bytes | None = None  # an inline reference recording (any format/rate)
+    video: bytes | None = None  # an uploaded video (video-to-music)
+
+
+class ModelRuntime:
+    def __init__(self, settings: ModelSettings, *, before_start=None) -> None:
+        """before_start(model): called with the loaded model before the engine starts
+        (the Serve deployment attaches expert actors there)."""
+        self.settings = settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        ckpt, tok, dac = resolve_artifacts(settings)
+        self.paths = {"checkpoint": ckpt, "tokenizer": tok, "dac_path": dac}
+        self.gen = AudioGenerator(ckpt, tok, dac, device=settings.device, dtype=settings.dtype)
+        self.model = self.gen.model.eval()
+        if before_start is not None:
+            before_start(self.model)
+        self.engine = DecodeEngine(self.model, max_rows=settings.max_rows, max_len=settings.max_len,
+                                   max_waiting=settings.max_waiting)
+        self.loop = EngineLoop(self.engine)
+        self.model_name = Path(ckpt).name
+
+    def update_live(self, settings: ModelSettings) -> None:
+        """Apply settings that need no reload."""
+        self.settings = settings
+        self.engine.max_waiting = settings.max_waiting
+
+    def stop(self) -> None:
+        self.loop.stop()
+
+    # ---- requests ----
+
+    def encode_voice(self, audio: bytes, max_seconds: float) -> np.ndarray:
+        wav, sr = decode_upload(audio)
+        if len(wav) / sr > max_seconds:
+            raise ValueError(f"the audio sample is {len(wav) / sr:.1f} s long: at most {max_seconds} s")
+        return self.gen.encode_voice(wav, sr).numpy().astype(np.int16)
+
+    def engine_request(self, job: AudioJob) -> EngineRequest:
+        prompts = self.gen.prompts
+        frames = max(1, int(round(job.max_seconds * FRAME_RATE)))
+        overrides = {k: v for k, v in job.sampling.items() if v is not None}
+        if job.task == "speech":
+            codes = None
+            if job.voice_audio is not None:
+                codes = torch.as_tensor(self.encode_voice(job.voice_audio, 60.0)).long()
+            elif job.voice_codes is not None:
+                codes = torch.as_tensor(np.asarray(job.voice_codes)).long()
+            if codes is not None and not (job.voice_text or "").strip():
+                raise ValueError("a reference voice needs its transcript (reference_text / ref_text)")
+            kw = dict(prompt_text=job.voice_text, prompt_codes_KT=codes)
+            prompt, negative = prompts.tts(job.text, **kw), prompts.tts_negative(**kw)
+            sampling = task_sampling("speech", max_frames=frames, **overrides)
+        elif job.task == "music":
+            video = None
+            if job.video is not None:
+                video = self._video(job.video)
+            prompt, negative = prompts.music(job.text, video=video), prompts.music_negative(video=video)
+            task = "v2m" if video is not None else "music"
+            extra = {"min_frames": frames} if job.exact_seconds else {}
+            sampling = task_sampling(task, max_frames=frames, **{**extra, **overrides})
+        else:
+            raise ValueError(f"unknown task {job.task!r}")
+        if sampling.min_frames > sampling.max_frames:
+            sampling = sampling.replace(min_frames=sampling.max_frames)
+        return EngineRequest(prompt, negative if sampling.guidance_scale > 0 else None, sampling)
+
+    def _video(self, data: bytes):
+        if self.model.cfg.vision is None:
+            raise ValueError("this model has no vision tower: it cannot take a video")
+        # The server writes the client's bytes to its own temporary file (decord reads paths).
+        with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+            f.write(data)
+            f.flush()
+            try:
+                return load_video(f.name, self.model.cfg.vision)
+            except Exception as err:
+                raise ValueError(f"could not decode the uploaded video: {err}") from None
+
+    async def run(self, job: AudioJob, *, stream: bool) -> AsyncIterator[dict[str, Any]]:
+        """Audio events for one job: {"type": "audio", "wav": float32 24 kHz chunk} ... then
+        {"type": "done", ...usage and timings}. With stream=False one audio event (the whole
+        clip, decoded at once). Closing the iterator early cancels the engine row."""
+        t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
+        req = await asyncio.to_thread(self.engine_request, job)  # tokenise / DAC-encode / video off the loop
+        queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        rid = self.loop.submit(req, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        codec = self.gen.codec
+        dec = StreamingDecoder(codec, out_rate=SAMPLE_RATE, first_chunk=self.settings.first_chunk_frames,
+                               chunk=self.settings.chunk_frames) if stream else None
+        frames: list[torch.Tensor] = []
+        ttfa = None
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if out.frames_KT.shape[1]:
+                    frames.append(out.frames_KT)
+                    if dec is not None:
+                        for chunk in await asyncio.to_thread(dec.push, out.frames_KT):
+                            ttfa = ttfa if ttfa is not None else time.monotonic() - t0
+                            yield {"type": "audio", "wav": chunk}
+                if out.done:
+                    finished = True
+                    if out.finish_reason == "error":
+                        raise ValueError(out.error)
+                    if out.finish_reason == "cancelled":
+                        return
+                    break
+            codes_KT = torch.cat(frames, dim=1) if frames else torch.zeros(codec.n_codebooks, 0, dtype=torch.long)
+            if dec is not None:
+                tail = await asyncio.to_thread(dec.finish)
+            else:
+                tail = await asyncio.to_thread(decode_whole, codec, codes_KT, SAMPLE_RATE)
+            if len(tail):
+                ttfa = ttfa if ttfa is not None else time.monotonic() - t0
+                yield {"type": "audio", "wav": tail}
+            wall = time.monotonic() - t0
+            seconds = codes_KT.shape[1] / FRAME_RATE
+            yield {
+                "type": "done", "frames": int(codes_KT.shape[1]), "seconds": seconds,
+                "finish_reason": out.finish_reason, "ttfa_s": ttfa, "wall_s": wall,
+                "rtf": wall / seconds if seconds else None,
+                "experts_per_token": self.engine.stats.experts_per_token,
+                "prompt_tokens": int(req.prompt.input_ids_L.numel()),
+            }
+        finally:
+            if not finished:
+                self.loop.cancel(rid)  # the client went away: free the row now
+
+    def status(self) -> dict:
+        e = self.engine
+        return {"running_requests": e.num_running, "running_rows": e.running_rows, "waiting": e.num_waiting,
+                "max_rows": e.cache.rows, "steps": e.stats.steps, "finished": e.stats.finished,
+                "cancelled": e.stats.cancelled, "experts_per_token": e.stats.experts_per_token}
+
+
+def sampling_overrides(**knobs) -> dict:
+    """The API's sampling extensions, checked by SamplingConfig (ValueError names the knob)."""
+    clean = {k: v for k, v in knobs.items() if v is not None}
+    SamplingConfig(**clean)  # validate early, at the ingress
+    return clean
