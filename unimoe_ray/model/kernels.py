@@ -556,8 +556,9 @@ def measure(
                     continue
                 live.append(name)
             best = {name: float("inf") for name in live}
-            spread = []
+            per_round: list[dict[str, float]] = []
             for r in range(rounds if n <= 64 else max(2, rounds // 2)):
+                per_round.append({})
                 order = live[r % len(live):] + live[: r % len(live)]
                 for name in order:
                     fn = CANDIDATES[name].fn
@@ -568,14 +569,17 @@ def measure(
                     _sync(device)
                     t = (time.perf_counter() - t0) / len(ws)
                     best[name] = min(best[name], t)
-                    if name == default:
-                        spread.append(t)
+                    per_round[-1][name] = t
             fastest = min(best, key=best.get)
-            pick = default if best[default] <= best[fastest] * (1 + MARGIN) else fastest
+            # Another candidate replaces the default only when its best round beats the
+            # default's by MARGIN *and* it was faster in most rounds (paired, same load).
+            wins = sum(r[fastest] < r[default] for r in per_round)
+            clear = best[fastest] * (1 + MARGIN) < best[default] and 2 * wins > len(per_round)
             limits.append(n)
-            chosen.append(pick)
+            chosen.append(fastest if clear else default)
             ms[n] = {name: round(t * 1e3, 4) for name, t in best.items()}
-            noisy += sorted(spread)[len(spread) // 2] > NOISY * best[default]
+            spread = sorted(r[default] for r in per_round)
+            noisy += spread[len(spread) // 2] > NOISY * best[default]
     # Rounds of one candidate far apart: other processes took the cores meanwhile, and even the
     # best rounds may be off. Such a choice serves this process but is not cached.
     source = "noisy" if noisy * 3 > len(limits) else "measured"
