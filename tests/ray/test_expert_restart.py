@@ -151,18 +151,20 @@ def test_topology_change_while_a_replica_restarts_does_not_fail_decoding(control
     fault to heal, not a failed generation (nor a graph left built for the old topology)."""
     pos, neg = prompts(4)
     ref = generate(model, pos, neg, SAMPLING)
-    victim = replica_pid(0)
+    victim, victim_id = replica_pid(0), expert_status(GROUP).experts[0].actor_ids[0]
     with attached(model) as (trunk, experts):
 
         def chaos(module, args):
             if experts.steps == 3:
+                scale_expert(2, 1, GROUP)  # a new topology ...
                 os.kill(victim, signal.SIGKILL)
-                scale_expert(2, 1, GROUP)  # a new topology for the next step boundary
+                wait_for(lambda: actor_state(victim_id) != "ALIVE", "the GCS to see expert 0 die", 30)
+                experts.refresh()  # ... adopted at a step boundary while expert 0 restarts
 
         hook = trunk.register_forward_pre_hook(chaos)
         codes = generate(trunk, pos, neg, SAMPLING)
         hook.remove()
-        assert experts.topology.replica_counts == (1, 1, 1, 1)
+        assert experts.topology.replica_counts == (1, 1, 1, 1) and experts.recoveries >= 1
     for got, want in zip(codes, ref):
         assert torch.equal(got, want)
     wait_for(lambda: replica_pid(0) != victim, "expert 0's restart")

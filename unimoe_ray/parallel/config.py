@@ -29,7 +29,8 @@ class ExpertParallelConfig:
     how long a trunk waits for a restarting controller to heal).
     placement_timeout_s: how long a scale-up waits for the cluster to reserve its new replicas'
     resources before failing with what is missing (repair never waits on this: a replica's
-    replacement reuses its reserved bundle).
+    replacement reuses its reserved bundle; launch waits `restart_timeout_s`). Raise it on an
+    autoscaling cluster, where new nodes take minutes.
     topology_poll_s: how often a trunk checks for a new topology (at step boundaries).
     stats_interval_s / stats_window_s: routing-statistics push interval / `status` window.
     graph_idle_s: a compiled graph unused this long is torn down (its channel readers

@@ -158,14 +158,14 @@ class ExpertController:
         bundle = {"CPU": opts["num_cpus"], "GPU": opts["num_gpus"], **opts.get("resources", {})}
         return {k: float(v) for k, v in bundle.items() if v}
 
-    def _reserve(self, expert: int, n: int) -> list[str | None]:
-        """`n` new one-bundle placement groups for replicas of `expert` (ids), or raises at once
-        (within `placement_timeout_s`) naming what the cluster lacks."""
+    def _reserve(self, expert: int, n: int, timeout_s: float) -> list[str | None]:
+        """`n` new one-bundle placement groups for replicas of `expert` (ids), or raises within
+        `timeout_s` naming what the cluster lacks."""
         bundle = self._bundle()
         if not bundle:
             return [None] * n  # nothing to reserve
         pgs = [placement_group([bundle], lifetime="detached") for _ in range(n)]
-        ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=n, timeout=self.cfg.placement_timeout_s)
+        ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=n, timeout=timeout_s)
         if len(ready) == n:
             return [pg.id.hex() for pg in pgs]
         for pg in pgs:
@@ -173,21 +173,25 @@ class ExpertController:
         free = ray.available_resources()
         short = {k: v for k, v in bundle.items() if free.get(k, 0.0) < v}
         raise ExpertUnavailableError(
-            f"expert {expert}: cannot place {n} more replica(s) within {self.cfg.placement_timeout_s:g}s: each "
+            f"expert {expert}: cannot place {n} more replica(s) within {timeout_s:g}s: each "
             f"needs {bundle}, the cluster has {({k: free.get(k, 0.0) for k in bundle})} free"
             f"{f' (short of {sorted(short)})' if short else ''}; add nodes offering them or scale another expert down"
         )
 
-    def _start(self, experts: list[int], pgs: list[str | None] | None = None) -> list[ReplicaRecord]:
+    def _start(
+        self, experts: list[int], pgs: list[str | None] | None = None, placement_timeout_s: float | None = None,
+    ) -> list[ReplicaRecord]:
         """One new replica per entry of `experts`, in the given placement groups (None: a new
-        one each, reserved first); returns once they answer, or raises (killing them and
-        releasing the groups it reserved) if they do not within `restart_timeout_s`."""
+        one each, reserved first within `placement_timeout_s`, by default `restart_timeout_s`:
+        only a scale-up is meant to give up early); returns once they answer, or raises
+        (killing them and releasing the groups it reserved) if they do not within
+        `restart_timeout_s`."""
         cfg = self.cfg
         if pgs is None:
             reserved: dict[int, list[str | None]] = {}
             try:
                 for e in sorted(set(experts)):
-                    reserved[e] = self._reserve(e, experts.count(e))
+                    reserved[e] = self._reserve(e, experts.count(e), placement_timeout_s or cfg.restart_timeout_s)
             except ExpertUnavailableError:
                 self._release([pg for pgs_e in reserved.values() for pg in pgs_e])
                 raise
@@ -402,7 +406,10 @@ class ExpertController:
             raise ValueError(f"replicas={replicas}: every expert needs at least 1 replica")
         with self._scale_lock:
             have = len(self._state.replicas[expert])
-            started = self._start([expert] * (replicas - have)) if replicas > have else []
+            started = (
+                self._start([expert] * (replicas - have), placement_timeout_s=self.cfg.placement_timeout_s)
+                if replicas > have else []
+            )
             with self._lock:
                 s = self._state
                 group = s.replicas[expert] + tuple(started)  # heal may have changed it meanwhile
