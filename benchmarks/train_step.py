@@ -49,6 +49,7 @@ def machine() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count (memory)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--max-tokens", type=int, default=2048, help="per micro-batch and worker")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -58,6 +59,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     tok = build_test_tokenizer(root / "tok")
     cfg = config_for_tokenizer(get_preset(args.preset), load_tokenizer(tok))
+    if args.layers:
+        cfg = cfg.replace(num_layers=args.layers)
     save_pretrained(UniMoEAudio(cfg).init_weights(seed=0), root / "init")
     write_synthetic_shards(root / "shards", {"tts_en": 48, "t2m": 24}, frames=(100, 400))
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
@@ -86,7 +89,7 @@ def main() -> None:
     for r in rows:
         r["scaling_vs_first"] = r["tokens_per_s_median"] / base
     result = {
-        "preset": args.preset, "steps": args.steps, "max_tokens": args.max_tokens,
+        "preset": args.preset, "layers": cfg.num_layers, "steps": args.steps, "max_tokens": args.max_tokens,
         "machine_before": before, "machine_after": machine(), "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
