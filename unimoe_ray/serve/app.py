@@ -136,7 +136,7 @@ def _validation_error(err: ValidationError) -> APIError:
 def _tensor(codes):
     import torch
 
-    return torch.as_tensor(np.asarray(codes)).long()
+    return torch.as_tensor(np.array(codes)).long()  # a copy: Ray hands read-only arrays
 
 
 def _sse(obj: dict) -> bytes:
