@@ -39,7 +39,7 @@ def expert(dtype: str, seed: int = 0) -> tuple[torch.nn.Module, tuple[torch.Tens
     if dtype == "int8":
         q = Int8SwiGLU.from_float(mlp)
         return q, q.dequantized()
-    mlp.fuse_gate_up(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    mlp.fuse_gate_up({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     mlp.down_proj.to(mlp.gate_proj.weight.dtype)
     return mlp, (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
 
@@ -54,7 +54,7 @@ def test_every_candidate_computes_swiglu(dtype, name):
     assert w.dtype == dtype and kernels.CANDIDATES[name].applies(w)
     # fp32: summation order only; bf16 weights with bf16 activations or int8 with bf16
     # activations: activations round at 2^-8.
-    low_precision = dtype == "bf16" and name != "upcast" or name == "int8_mm_bf16"
+    low_precision = dtype in ("bf16", "fp16") and name != "upcast" or name == "int8_mm_bf16"
     tol = 2e-2 if low_precision else 1e-5
     with torch.inference_mode():
         for n in COUNTS:

@@ -102,6 +102,16 @@ def test_bf16_experts_keep_fp32_activations_and_fused_storage():
     assert out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("expert_dtype", [None, "int8"])
+def test_bf16_model_runs_its_experts_in_bf16_activations(expert_dtype):
+    """The released model loads in bf16: experts (bf16 or int8) take and return bf16."""
+    ids = torch.randint(0, 400, (1, 7), generator=torch.Generator().manual_seed(2))
+    want = logits(tiny_model(), ids)
+    model = convert_experts(tiny_model().to(torch.bfloat16), expert_dtype)
+    got = logits(model, ids)
+    assert (got - want).abs().max() / want.abs().max() < 5e-2
+
+
 def test_int8_experts_refuse_gradients_and_reconversion():
     model = convert_experts(tiny_model(), "int8")
     moe = model.language_model.layers[0].mlp

@@ -67,7 +67,7 @@ NOISY = 1.5
 class ExpertWeights:
     """One SwiGLU expert's weights as the kernels take them.
 
-    dtype: the stored weight dtype, "fp32" | "bf16" | "int8" (activations in and out stay in
+    dtype: the stored weight dtype, "fp32" | "bf16" | "fp16" | "int8" (activations in and out stay in
     the caller's dtype). gate_FD, up_FD, down_DF: the matrices (int8: the quantised values).
     gate_up_2FD: gate rows then up rows as one matrix when they are adjacent in memory (one
     GEMM computes both), else None. int8 only: per-output-channel scales (w ≈ q · scale),
@@ -106,10 +106,10 @@ class ExpertWeights:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}
     if dtype not in names:
         raise ValueError(
-            f"expert weights in {dtype} have no kernels: use float32, bfloat16 or int8 "
+            f"expert weights in {dtype} have no kernels: use float32, bfloat16, float16 or int8 "
             "(unimoe_ray.model.quantize.convert_experts)"
         )
     return names[dtype]
@@ -310,14 +310,15 @@ class Candidate:
         )
 
 
+FLOAT = ("fp32", "bf16", "fp16")  # weights the float GEMM chains take as they are
 CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
-    Candidate("xwt", xwt, ("fp32", "bf16"), doc="x·Wᵀ, gate and up as two GEMMs (nn.Linear's form)"),
-    Candidate("xwt_fused", xwt_fused, ("fp32", "bf16"), True, "x·Wᵀ, one GEMM for gate and up"),
-    Candidate("wxt", wxt, ("fp32", "bf16"), doc="W·xᵀ, token columns unpadded"),
-    Candidate("wxt_pad2", wxt_pad2, ("fp32", "bf16"), doc="W·xᵀ, token columns padded to even"),
-    Candidate("wxt_pad8", wxt_pad8, ("fp32", "bf16"), doc="W·xᵀ, token columns padded to a multiple of 8"),
-    Candidate("wxt_fused", wxt_fused, ("fp32", "bf16"), True, "W·xᵀ, one GEMM for gate and up, even columns"),
-    Candidate("upcast", upcast, ("bf16", "int8"), doc="dequantise into a reused fp32 buffer, fp32 x·Wᵀ"),
+    Candidate("xwt", xwt, FLOAT, doc="x·Wᵀ, gate and up as two GEMMs (nn.Linear's form)"),
+    Candidate("xwt_fused", xwt_fused, FLOAT, True, "x·Wᵀ, one GEMM for gate and up"),
+    Candidate("wxt", wxt, FLOAT, doc="W·xᵀ, token columns unpadded"),
+    Candidate("wxt_pad2", wxt_pad2, FLOAT, doc="W·xᵀ, token columns padded to even"),
+    Candidate("wxt_pad8", wxt_pad8, FLOAT, doc="W·xᵀ, token columns padded to a multiple of 8"),
+    Candidate("wxt_fused", wxt_fused, FLOAT, True, "W·xᵀ, one GEMM for gate and up, even columns"),
+    Candidate("upcast", upcast, ("bf16", "fp16", "int8"), doc="dequantise into a reused fp32 buffer, fp32 x·Wᵀ"),
     Candidate("int8_mm", int8_mm, ("int8",), True, "torch._weight_int8pack_mm, fp32 activations"),
     # torch 2.13's CPU kernel for bf16 activations crashes or returns wrong values unless the
     # inner dim is a multiple of 16 (probed on AVX-512: K = 8, 24, 40, 56, 72 fail; 16, 32,
@@ -330,7 +331,7 @@ CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
 # any shape on any device and is the int8 weights' exact value in fp32 arithmetic (torch's own
 # int8 matmul with fp32 activations measured 4-40x slower than it on an AVX-512 Xeon, the
 # bf16-activation one rounds activations; `select` picks either where it is faster).
-DEFAULT = {"fp32": "xwt", "bf16": "xwt", "int8": "upcast"}
+DEFAULT = {"fp32": "xwt", "bf16": "xwt", "fp16": "xwt", "int8": "upcast"}
 
 
 # ---------------------------------------------------------------- plans
@@ -619,9 +620,14 @@ def select(model: nn.Module, *, use_cache: bool = True, remeasure: bool = False,
     if mode() == "default":
         return []
     groups: dict[PlanKey, list[ExpertWeights]] = {}
-    for m in expert_modules(model):
+    experts = expert_modules(model)
+    for m in experts:
         w = m.expert_weights()
         groups.setdefault(w.key, []).append(w)
+    # Time with the activations the model will feed its experts (its non-expert dtype).
+    expert_params = {id(p) for m in experts for p in m.parameters()}
+    act = [p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in expert_params]
+    measure_kw.setdefault("act_dtype", act[0] if act else torch.float32)
     if not groups:
         return []
     out = []
