@@ -10,18 +10,20 @@ import json
 import socket
 import struct
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import ray
 import soundfile as sf
+import yaml
 from openai import OpenAI
 from ray import serve
+from ray.serve.schema import ServeDeploySchema
 
 from unimoe_ray.data.mini_corpus import write_mp4
-from unimoe_ray.serve.app import APIIngress, build_app
-from unimoe_ray.serve.model import AudioModel
+from unimoe_ray.serve.app import build_app
 
 pytestmark = pytest.mark.ray
 
@@ -285,18 +287,32 @@ def test_web_page_plays_tts_in_headless_chromium(server):
 
 # ---- phase 2: a redeploy with other settings ----
 
-def test_restart_keeps_voices_api_keys_and_over_capacity(server):
+def _deploy_config(tmp, keys, *, max_waiting: int, max_input_chars: int = 4096) -> None:
+    """serve_configs/local_cpu.yaml as `serve run`/`serve deploy` submit it (the declarative
+    path, where a changed user_config reconfigures replicas in place), with test paths and a
+    small capacity: the engine runs one guided request (2 slots) and queues `max_waiting`; the
+    replica takes 3 requests at a time, Serve queues 4 more; beyond: 429 (engine) / 503 (Serve)."""
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "serve_configs" / "local_cpu.yaml").read_text())
+    cfg.pop("http_options")  # Serve is already up on the test's port
+    deps = {d["name"]: d for d in cfg["applications"][0]["deployments"]}
+    args = _args(tmp, api_keys_file=str(keys), max_input_chars=max_input_chars)
+    deps["APIIngress"]["user_config"] = args["ingress"]
+    for name in ("SpeechModel", "MusicModel"):
+        d = deps[name]
+        d["user_config"] = dict(args["speech"], max_rows=2, max_waiting=max_waiting)
+        d.pop("autoscaling_config")
+        d.update(num_replicas=1, max_ongoing_requests=3, max_queued_requests=4)
+    from ray.serve.context import _get_global_client  # what `serve run config.yaml` calls
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=True)
+
+
+def test_restart_keeps_voices_api_keys_over_capacity_and_live_reconfigure(server):
     tmp = server["tmp"]
     keys = tmp / "keys.txt"
     keys.write_text("# one key per line\nsecret-1\n")
-    args = _args(tmp, api_keys_file=str(keys))
-    # Small capacity: the engine runs one guided request (2 slots) and queues one; the replica
-    # takes 3 requests at a time and the handle queues 4 more. Beyond: 429 (engine) / 503 (Serve).
-    speech = AudioModel.options(name="SpeechModel", user_config=dict(args["speech"], max_rows=2, max_waiting=1),
-                                max_ongoing_requests=3, max_queued_requests=4).bind("SpeechModel")
-    music = AudioModel.options(name="MusicModel", user_config=args["music"]).bind("MusicModel")
     serve.delete("unimoe")
-    serve.run(APIIngress.options(user_config=args["ingress"]).bind(speech, music), name="unimoe", route_prefix="/")
+    _deploy_config(tmp, keys, max_waiting=1)
     auth = {"Authorization": "Bearer secret-1"}
     with httpx.Client(base_url=server["url"], timeout=120) as http:
         assert http.get("/health").status_code == 200  # open without a key
@@ -307,7 +323,7 @@ def test_restart_keeps_voices_api_keys_and_over_capacity(server):
 
     async def flood(n: int):
         async with httpx.AsyncClient(base_url=server["url"], timeout=120, headers=auth) as h:
-            body = {"input": "Busy.", "response_format": "pcm", "speed": 1.5, "max_seconds": 20}  # whole-file answers
+            body = {"input": "Busy.", "response_format": "pcm", "speed": 1.5, "max_seconds": 8}  # whole-file answers
             return await asyncio.gather(*(h.post("/v1/audio/speech", json=body) for _ in range(n)))
 
     answers = asyncio.run(flood(12))
@@ -320,3 +336,10 @@ def test_restart_keeps_voices_api_keys_and_over_capacity(server):
             assert err["type"] == {429: "rate_limit_error", 503: "server_overloaded"}[r.status_code]
     with httpx.Client(base_url=server["url"], timeout=120, headers=auth) as http:
         _good(http)  # and it keeps serving
+        before = _speech_status(http)
+        # A changed user_config reconfigures the running replicas: no restart, counters survive.
+        _deploy_config(tmp, keys, max_waiting=5, max_input_chars=10)
+        _error(http.post("/v1/audio/speech", json={"input": "eleven char", "max_seconds": 0.2}), 400, "input")
+        _good(http)
+        after = _speech_status(http)
+        assert after["steps"] > before["steps"] and after["finished"] == before["finished"] + 1
