@@ -116,3 +116,14 @@ def test_device_flags_choose_resources_and_backend(env):
     assert npu.resources_per_worker == {"CPU": 1.0, "NPU": 1} and process_group_backend(npu) == "hccl"
     gpu = Common(**{**common.__dict__, "use_gpu": True}).spec(**kw)
     assert gpu.use_gpu and process_group_backend(gpu) == "nccl"
+
+
+def test_zero3_with_video_is_refused_before_ray_starts(env):
+    import json
+
+    root, common, _, cfg = env
+    init = save_pretrained(UniMoEAudio(cfg), root / "moe3")
+    zero3 = json.loads((REPO / "configs" / "zero3.json").read_text())
+    with pytest.raises(InputError, match="ZeRO-3 cannot train the v2m task"):
+        stage3(common, init=str(init), train=stage_config("stage3", deepspeed_config=zero3), out="/x", name="z3",
+               tasks=("tts_en", "v2m"))

@@ -96,6 +96,19 @@ class TorchBackend:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+def check_zero3(cfg: TrainConfig) -> None:
+    """ZeRO-3 gathers each module's parameters collectively when the module runs, so every
+    rank must run the same modules in the same order. The vision tower runs only for video
+    rows, which some ranks have and others not in the same step."""
+    if "v2m" in cfg.tasks:
+        raise ValueError(
+            "DeepSpeed ZeRO-3 cannot train the v2m task here: the vision tower runs only on "
+            "workers whose batch holds video, and ZeRO-3's per-module parameter gathers would "
+            "then differ between workers (a collective mismatch). Use ZeRO-2 "
+            "(configs/zero2.json) or train without v2m (--tasks)"
+        )
+
+
 class DeepSpeedBackend:
     """DeepSpeed ZeRO engine (initialised inside the train function, after the process group).
 
@@ -123,6 +136,16 @@ class DeepSpeedBackend:
                     f"DeepSpeed config has {key!r}: remove it; the trainer passes its own AdamW + "
                     "cosine schedule (flags --lr/--warmup-steps) and trains in fp32/bf16"
                 )
+        stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+        if stage == 3:
+            check_zero3(cfg)
+            from deepspeed.utils import set_z3_leaf_modules
+
+            from unimoe_ray.model.moe import DCMoE
+
+            # A DCMoE block runs only the experts its tokens picked; as a ZeRO-3 "leaf" it
+            # gathers all its parameters on entry, so every rank fetches the same ones.
+            set_z3_leaf_modules(model, [DCMoE])
         opt, sched = build_optimizer(model, cfg)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=ds,
@@ -131,7 +154,7 @@ class DeepSpeedBackend:
         self.model = self.engine
         self.module = self.engine.module
         self.cfg = cfg
-        self.zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+        self.zero_stage = stage
 
     def context(self, last: bool):
         return contextlib.nullcontext()

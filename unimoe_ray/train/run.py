@@ -22,6 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from unimoe_ray.train.config import TrainConfig
 from unimoe_ray.train.loop import train_loop
+from unimoe_ray.train.optim import check_zero3
 from unimoe_ray.train.state import check_model_folder
 
 
@@ -150,6 +151,12 @@ def process_group_backend(spec: RunSpec) -> str:
 def run_training(spec: RunSpec):
     """Run (or resume) one stage; returns Ray Train's Result. Raises InputError early."""
     check_model_folder(spec.init, "initial weights")
+    ds = spec.train.deepspeed_config
+    if ds and int(ds.get("zero_optimization", {}).get("stage", 0)) == 3:
+        try:
+            check_zero3(spec.train)
+        except ValueError as err:
+            raise InputError(str(err)) from None
     if not Path(spec.tokenizer).is_dir():
         raise InputError(f"tokenizer folder {spec.tokenizer} does not exist: pass the one used by jobs/preprocess.py")
     paths, counts, val_ids = plan_data(spec)
