@@ -43,6 +43,8 @@ def attach_expert_actors(model, settings: ModelSettings) -> None:
     kw = {"group": settings.experts_group}
     if settings.experts_namespace:
         kw["namespace"] = settings.experts_namespace
+    if settings.experts_exchange:
+        kw["exchange"] = settings.experts_exchange
     attach_experts(model, ExpertParallelConfig(**kw))
 
 

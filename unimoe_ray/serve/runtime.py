@@ -63,6 +63,7 @@ class ModelSettings:
     torch_threads: int | None = None
     experts_group: str | None = None  # attach to this expert-actor group (None: in-process experts)
     experts_namespace: str | None = None
+    experts_exchange: str | None = None  # "compiled" | "plain" (None: ExpertParallelConfig's default)
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "max_len", "max_waiting", "first_chunk_frames", "chunk_frames"):
@@ -76,7 +77,7 @@ class ModelSettings:
     def model_key(self) -> tuple:
         """The fields whose change needs a reload (the rest apply live)."""
         return (self.checkpoint, self.tokenizer, self.dac_path, self.preset, self.artifacts_dir,
-                self.device, self.dtype, self.max_rows, self.max_len, self.experts_group, self.experts_namespace)
+                self.device, self.dtype, self.max_rows, self.max_len, self.experts_group, self.experts_namespace, self.experts_exchange)
 
 
 def resolve_artifacts(s: ModelSettings) -> tuple[str, str, str]:
