@@ -87,6 +87,21 @@ def test_unfused_weights_leave_fused_candidates_out():
     assert mlp.up_proj.weight.data_ptr() == w.gate_up_2FD[HIDDEN:].data_ptr()
 
 
+@pytest.mark.parametrize("name", ["xwt_fused", "wxt_fused"])
+def test_fused_plan_still_runs_a_copied_module_whose_gate_and_up_split(name):
+    import copy
+
+    mlp, weights = expert("fp32")
+    kernels.register(mlp.expert_weights().key, kernels.Plan((1,), (name,), "measured"))
+    clone = copy.deepcopy(mlp)  # storage sharing between gate and up is not kept
+    assert clone.expert_weights().gate_up_2FD is None
+    x = torch.randn(5, DIM)
+    with torch.inference_mode():
+        got = clone(x)
+    want = reference(x, *weights)
+    assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
+
+
 def test_plan_routes_token_counts_to_the_measured_choice():
     plan = kernels.Plan((1, 4, 16), ("wxt_pad2", "xwt_fused", "xwt"), "measured")
     assert [plan.name_for(n) for n in (1, 2, 4, 5, 16, 17, 5000)] == [

@@ -224,7 +224,10 @@ def xwt(x_nD, w: ExpertWeights, out_nD=None):
 
 
 def xwt_fused(x_nD, w: ExpertWeights, out_nD=None):
-    return _xwt_chain(x_nD, w.gate_FD, w.up_FD, w.gate_up_2FD, w.down_DF, out_nD, fused=True)
+    # Weights whose gate and up are no longer adjacent (a copied or reloaded module under a
+    # plan measured on fused ones) take the two-GEMM form.
+    fused = w.gate_up_2FD is not None
+    return _xwt_chain(x_nD, w.gate_FD, w.up_FD, w.gate_up_2FD, w.down_DF, out_nD, fused=fused)
 
 
 def wxt(x_nD, w: ExpertWeights, out_nD=None):
@@ -242,7 +245,8 @@ def wxt_pad8(x_nD, w: ExpertWeights, out_nD=None):
 
 
 def wxt_fused(x_nD, w: ExpertWeights, out_nD=None):
-    return _wxt_chain(x_nD, w.gate_FD, w.up_FD, w.gate_up_2FD, w.down_DF, out_nD, pad=2, fused=True)
+    fused = w.gate_up_2FD is not None
+    return _wxt_chain(x_nD, w.gate_FD, w.up_FD, w.gate_up_2FD, w.down_DF, out_nD, pad=2, fused=fused)
 
 
 def _dequantised(w: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor]:
