@@ -132,3 +132,26 @@ def test_int8_expert_pickles_without_its_kernel_cache():
         q2 = pickle.loads(pickle.dumps(q))
         assert q2._packed is None
         torch.testing.assert_close(q2(x), want, rtol=0, atol=0)
+
+
+def test_load_pretrained_expert_dtype(tmp_path, monkeypatch):
+    """`load_pretrained(..., expert_dtype=...)`: the same loading code as real weights, experts
+    converted and kernels picked (measured on this machine, cached in a temp file)."""
+    from unimoe_ray import checkpoint as ckpt
+
+    monkeypatch.setenv(kernels.ENV_MODE, "auto")
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path / "kernels.json"))
+    monkeypatch.setattr(kernels, "LADDER", (1, 8))
+    ref = tiny_model()
+    ckpt.save_pretrained(ref, tmp_path / "m")
+    ids = torch.randint(0, 400, (1, 6), generator=torch.Generator().manual_seed(3))
+    want = logits(ref, ids)
+    plain = ckpt.load_pretrained(tmp_path / "m", dtype=torch.float32)
+    assert expert_dtype(plain) == "fp32" and kernels.plans() == {}  # None: as loaded, defaults
+    model = ckpt.load_pretrained(tmp_path / "m", dtype=torch.float32, expert_dtype="int8")
+    assert expert_dtype(model) == "int8"
+    assert {k.dtype for k in kernels.plans()} == {"int8"}
+    got = logits(model, ids)
+    assert (got - want).abs().max() / want.abs().max() < 3e-2
+    with pytest.raises(ValueError, match="expert_dtype='int4'"):
+        ckpt.load_pretrained(tmp_path / "m", expert_dtype="int4")

@@ -521,7 +521,7 @@ def _tolerance(dtype: str) -> tuple[float, float]:
 
 
 def measure(
-    weights: list[ExpertWeights], *, ladder: Iterable[int] = LADDER, act_dtype: torch.dtype = torch.float32,
+    weights: list[ExpertWeights], *, ladder: Iterable[int] | None = None, act_dtype: torch.dtype = torch.float32,
     rounds: int = 3, max_experts: int = 4,
 ) -> Plan:
     """Time every applicable candidate on these experts (same key) at each token count of the
@@ -542,7 +542,7 @@ def measure(
     broken: set[str] = set()
     noisy = 0
     with torch.inference_mode():
-        for n in ladder:
+        for n in LADDER if ladder is None else ladder:
             ws = weights[: max_experts if n <= 64 else 1]
             x_nD = torch.randn(n, w0.dim, generator=gen).to(device=device, dtype=act_dtype)
             ref = CANDIDATES[default].fn(x_nD, w0)
