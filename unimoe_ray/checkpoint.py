@@ -165,8 +165,13 @@ def load_pretrained(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     router_precision: str | None = None,
+    expert_dtype: str | None = None,
 ) -> UniMoEAudio:
     """Build the model from the folder's config.json and load its weights.
+
+    expert_dtype: "fp32" | "bf16" | "int8" stores the DCMoE experts in that dtype and picks
+    this machine's fastest expert kernels (measured once, cached; unimoe_ray.model.quantize.
+    convert_experts); None leaves the experts as loaded, on the default kernels.
 
     dtype: default the checkpoint's `torch_dtype` (bf16 for the released model), as the
     released loader does; pass torch.float32 to compute in fp32 (e.g. training on CPU).
@@ -181,7 +186,12 @@ def load_pretrained(
     if router_precision is None:
         router_precision = "model" if dtype in (torch.bfloat16, torch.float16) else "fp32"
     set_router_precision(model, router_precision)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if expert_dtype is not None:
+        from unimoe_ray.model.quantize import convert_experts
+
+        convert_experts(model, expert_dtype)
+    return model
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
