@@ -117,6 +117,45 @@ async def load(handle, clients: int, seconds: float, lo: float, hi: float, seed:
     }
 
 
+def autoscale(settings: dict, args) -> list[dict]:
+    """Replicas of an autoscaled continuous deployment under `max(clients)` clients for
+    `seconds`, then idle for as long: (t, phase, running replicas, target) every 2 s."""
+    cfg = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
+           "upscale_delay_s": 2, "downscale_delay_s": 10, "metrics_interval_s": 1, "look_back_period_s": 4}
+    app = AudioModel.options(name="bench", user_config=settings, max_ongoing_requests=64,
+                             autoscaling_config=cfg, ray_actor_options={"num_cpus": 0.5}).bind("bench")
+    handle = serve.run(app, name="bench_autoscale", route_prefix=None)
+    timeline: list[dict] = []
+    t0 = time.monotonic()
+
+    phase = ["load"]
+
+    async def watch() -> None:
+        while True:
+            st = serve.status().applications["bench_autoscale"].deployments["bench"]
+            row = {"t": round(time.monotonic() - t0, 1), "phase": phase[0],
+                   "running": st.replica_states.get("RUNNING", 0),
+                   "starting": st.replica_states.get("STARTING", 0), "status": str(st.status)}
+            timeline.append(row)
+            print(row, flush=True)
+            await asyncio.sleep(2)
+
+    async def run() -> None:
+        watcher = asyncio.create_task(watch())
+        # Clients stop sending at the deadline; "drain" lasts until their last requests return.
+        stats = asyncio.create_task(load(handle, max(args.clients), args.seconds, args.min_audio, args.max_audio, seed=7))
+        await asyncio.sleep(args.seconds)
+        phase[0] = "drain"
+        print(await stats, flush=True)
+        phase[0] = "idle"
+        await asyncio.sleep(max(args.seconds, 30))
+        watcher.cancel()
+
+    asyncio.run(run())
+    serve.delete("bench_autoscale")
+    return timeline
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
@@ -131,6 +170,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--artifacts", default="outputs/serve_artifacts")
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
+    p.add_argument("--autoscale", action="store_true",
+                   help="instead: continuous deployment with autoscaling (1-3 replicas), load then idle, "
+                        "replica counts from serve.status() over time")
     args = p.parse_args()
 
     settings = {"preset": args.preset, "artifacts_dir": args.artifacts, "torch_threads": args.threads,
@@ -142,6 +184,9 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     results = {"machine_before": machine(), "args": vars(args), "runs": []}
     print(json.dumps(results["machine_before"]))
+    if args.autoscale:
+        results["autoscale"] = autoscale(settings, args)
+        args.modes = []
     for mode in args.modes:
         if mode == "continuous":
             app = AudioModel.options(name="bench", user_config=settings, max_ongoing_requests=256).bind("bench")
