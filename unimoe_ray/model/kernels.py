@@ -168,6 +168,14 @@ def _xwt_chain(
     n, hidden, dim = x_nD.shape[0], gate_FD.shape[0], down_DF.shape[0]
     out_nD = _out(x_nD, out_nD, dim)
     wdt = gate_FD.dtype
+    if n <= BLOCK_TOKENS and x_nD.dtype == wdt == out_nD.dtype:
+        # One block (every decode step): no buffers to reuse, no views to cut.
+        if fused:
+            h_n2F = torch.mm(x_nD, gate_up_2FD.t())
+            a_nF = F.silu(h_n2F[:, :hidden], inplace=True).mul_(h_n2F[:, hidden:])
+        else:
+            a_nF = F.silu(torch.mm(x_nD, gate_FD.t()), inplace=True).mul_(torch.mm(x_nD, up_FD.t()))
+        return torch.mm(a_nF, down_DF.t(), out=out_nD)
     num_blocks = max(1, -(-n // BLOCK_TOKENS))
     rows = max(1, -(-n // num_blocks))
     # fused: one (rows, 2F) buffer, gate and up its column halves; else two (rows, F) buffers
