@@ -43,7 +43,7 @@ import torch
 from unimoe_ray.config import get_preset
 from unimoe_ray.inference.generate import Prompt, SamplingConfig, generate
 from unimoe_ray.model import kernels
-from unimoe_ray.model.quantize import convert_experts, expert_lists
+from unimoe_ray.model.quantize import convert_experts
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 
 FRAMES_PER_S = 50
