@@ -92,6 +92,7 @@ def run_seed(seed, cfg, train_ex, val_batches, args) -> dict:
         m = train(UniMoEAudio(spec_cfg).init_weights(seed=seed * 100 + i), by_task[t], B // 4, stage="stage1", lr=lr, **kw)
         results["specialists"][t] = evaluate(m, val_batches)[t]
     walls["specialists"] = time.perf_counter() - t0
+    print(f"seed {seed}: specialists done in {walls['specialists']:.0f} s", flush=True)
 
     t0 = time.perf_counter()
     moe = cfg.moe
@@ -100,6 +101,7 @@ def run_seed(seed, cfg, train_ex, val_batches, args) -> dict:
     m = train(UniMoEAudio(dense_cfg).init_weights(seed=seed), train_ex, B, stage="stage1", lr=lr, **kw)
     results["naive_dense"] = evaluate(m, val_batches)
     walls["naive_dense"] = time.perf_counter() - t0
+    print(f"seed {seed}: naive_dense done in {walls['naive_dense']:.0f} s", flush=True)
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -107,6 +109,7 @@ def run_seed(seed, cfg, train_ex, val_batches, args) -> dict:
               stage="stage3", lr=lr, **kw)
     results["top2_moe"] = evaluate(m, val_batches)
     walls["top2_moe"] = time.perf_counter() - t0
+    print(f"seed {seed}: top2_moe done in {walls['top2_moe']:.0f} s", flush=True)
 
     t0 = time.perf_counter()
     states = {}
@@ -121,6 +124,7 @@ def run_seed(seed, cfg, train_ex, val_batches, args) -> dict:
     m = train(m, train_ex, B - B // 2 - B // 8, stage="stage3", lr=lr * 0.1 * args.stage3_lr_scale, balanced=True, **kw)
     results["curriculum"] = evaluate(m, val_batches)
     walls["curriculum"] = time.perf_counter() - t0
+    print(f"seed {seed}: curriculum done in {walls['curriculum']:.0f} s", flush=True)
     return {"val": results, "wall_s": walls}
 
 
