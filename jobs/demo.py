@@ -1,7 +1,14 @@
-"""The main job on its embedded default: local Ray, `small` preset, generated weights.
+"""The main job on its embedded default (`make demo`): the whole product on a local Ray.
 
-    python jobs/demo.py                       # writes outputs/demo/{tts,music}.wav + codes
-    ray job submit -- python jobs/demo.py --checkpoint /ckpt --tokenizer /tok --dac-path /dac.pth
+    python jobs/demo.py                  # corpus → preprocess → 3 curriculum stages → Serve → HTTP
+    python jobs/demo.py --quick          # only: random weights → a Ray actor generates 2 clips
+    ray job submit --working-dir . -- python jobs/demo.py --quick --checkpoint /ckpt --tokenizer /tok --dac-path /dac.pth
+
+The full run (unimoe_ray/product.py) generates a mini corpus, preprocesses it with Ray Data,
+trains the four stage-1 specialists, integrates them (stage 2) and trains everything (stage 3)
+with Ray Train at the `small` preset for a few steps each, serves the result with Ray Serve and
+sends one voice-cloned TTS, one text-to-music and one video-to-music request over HTTP: WAVs
+and summary.json land in outputs/demo/, and a summary table is printed.
 """
 
 import argparse
@@ -15,18 +22,30 @@ from unimoe_ray.demo import DemoConfig, run_demo
 def main() -> None:
     d = DemoConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="generation only (no corpus, training or Serve)")
     p.add_argument("--out-dir", default=d.out_dir)
     p.add_argument("--preset", default=d.preset, help="tiny | small | preview (preview needs real weights)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint folder (config.json + safetensors)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (tokenizer.json ...)")
-    p.add_argument("--dac-path", default=None, help="DAC 16 kHz .pth (or set UNIMOE_DAC_PATH)")
-    p.add_argument("--max-frames", type=int, default=d.max_frames, help="frames per clip (50 = 1 s)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps", type=int, nargs=3, default=None, metavar=("S1", "S2", "S3"),
+                   help="optimizer steps of stage 1 (each specialist), 2 and 3 (full run)")
+    q = p.add_argument_group("--quick only")
+    q.add_argument("--checkpoint", default=None, help="checkpoint folder (config.json + safetensors)")
+    q.add_argument("--tokenizer", default=None, help="tokenizer folder (tokenizer.json ...)")
+    q.add_argument("--dac-path", default=None, help="DAC 16 kHz .pth (or set UNIMOE_DAC_PATH)")
+    q.add_argument("--max-frames", type=int, default=d.max_frames, help="frames per clip (50 = 1 s)")
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    summary = run_demo(DemoConfig(out_dir=a.out_dir, preset=a.preset, checkpoint=a.checkpoint,
-                                  tokenizer=a.tokenizer, dac_path=a.dac_path, max_frames=a.max_frames, seed=a.seed))
-    print(json.dumps(summary, indent=2))
+    if a.quick:
+        summary = run_demo(DemoConfig(out_dir=a.out_dir, preset=a.preset, checkpoint=a.checkpoint,
+                                      tokenizer=a.tokenizer, dac_path=a.dac_path, max_frames=a.max_frames, seed=a.seed))
+        print(json.dumps(summary, indent=2))
+        return
+    from unimoe_ray.product import ProductConfig, format_summary, run_product
+
+    cfg = ProductConfig(out_dir=a.out_dir, preset=a.preset, seed=a.seed)
+    if a.steps:
+        cfg = ProductConfig(out_dir=a.out_dir, preset=a.preset, seed=a.seed, steps=tuple(a.steps))
+    print(format_summary(run_product(cfg)))
 
 
 if __name__ == "__main__":
