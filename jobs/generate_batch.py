@@ -32,6 +32,7 @@ def main() -> int:
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: the checkpoint's torch_dtype")
+    p.add_argument("--expert-dtype", default=None, choices=["fp32", "bf16", "int8"])
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-seconds", type=float, default=None, help="cap every item's audio length")
     a = p.parse_args()
@@ -40,7 +41,7 @@ def main() -> int:
     rows = run_batch(a.tasks, a.manifest, BatchConfig(
         checkpoint=a.checkpoint, tokenizer=a.tokenizer, dac_path=a.dac_path, voice_library=a.voice_library,
         voice_root=a.voice_root, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
-        gpus_per_actor=a.gpus_per_actor, device=a.device, dtype=a.dtype, seed=a.seed, max_seconds=a.max_seconds,
+        gpus_per_actor=a.gpus_per_actor, device=a.device, dtype=a.dtype, expert_dtype=a.expert_dtype, seed=a.seed, max_seconds=a.max_seconds,
     ))
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

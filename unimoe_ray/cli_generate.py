@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> None:
         torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     gen = AudioGenerator(args.checkpoint, args.tokenizer or args.checkpoint, args.dac_path,
-                         device=args.device, dtype=args.dtype)
+                         device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype)
     t_load = time.perf_counter() - t0
     video_sampling = VideoSampling(fps=args.video_fps, max_frames=args.video_max_frames) if args.task == "v2m" else VideoSampling()
     row = run_task(gen, req, voices, video_sampling)
@@ -62,6 +62,8 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     common.add_argument("--seed", type=int, default=None)
     common.add_argument("--device", default="cpu", help="cpu | cuda | cuda:1 | npu")
     common.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: the checkpoint's torch_dtype)")
+    common.add_argument("--expert-dtype", default=None, choices=["fp32", "bf16", "int8"],
+                        help="store the routed/shared experts in this dtype (int8: weight-only, per-channel scales)")
     s = common.add_argument_group("sampling (default: the released values for the task)")
     s.add_argument("--guidance-scale", type=float, default=None)
     s.add_argument("--temperature", type=float, default=None)

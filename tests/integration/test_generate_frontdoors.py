@@ -68,7 +68,7 @@ def test_cli_music_and_video_to_music(assets, capsys):
     _wav(out, 5)
     out = d / "out" / "v2m.wav"
     assert cli.main(["generate", "v2m", *common, "--caption", "epic strings", "--video", str(d / "clip.mp4"),
-                     "--max-seconds", "0.06", "-o", str(out)]) == 0
+                     "--max-seconds", "0.06", "--expert-dtype", "int8", "-o", str(out)]) == 0
     _wav(out, 3)
     assert "v2m.wav: 0.06 s of audio (3 frames)" in capsys.readouterr().out
 

@@ -39,6 +39,7 @@ class BatchConfig:
     gpus_per_actor: float = 0.0
     device: str = "cpu"
     dtype: str | None = None
+    expert_dtype: str | None = None
     seed: int | None = None
     max_seconds: float | None = None
 
@@ -55,7 +56,7 @@ class GenerateTasks:
         torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.cfg = cfg
         self.gen = AudioGenerator(cfg.checkpoint, cfg.tokenizer or cfg.checkpoint, cfg.dac_path,
-                                  device=cfg.device, dtype=cfg.dtype)
+                                  device=cfg.device, dtype=cfg.dtype, expert_dtype=cfg.expert_dtype)
         self.voices = VoiceLibrary.load(cfg.voice_library, root=cfg.voice_root) if cfg.voice_library else None
 
     def __call__(self, batch: dict) -> dict:

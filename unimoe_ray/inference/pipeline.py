@@ -39,9 +39,16 @@ class AudioGenerator:
     def __init__(
         self, checkpoint: str | Path, tokenizer: str | Path, dac_path: str | Path | None = None,
         *, device: str = "cpu", dtype: torch.dtype | str | None = None, router_precision: str | None = None,
+        expert_dtype: str | None = None,
     ) -> None:
-        """dtype: default the checkpoint's torch_dtype (bf16 for the released model)."""
+        """dtype: default the checkpoint's torch_dtype (bf16 for the released model).
+        expert_dtype: "fp32" | "bf16" | "int8" expert weights (None: as loaded). Either way the
+        fastest expert kernels of this machine are picked here, measured once per machine and
+        cached (UNIMOE_KERNELS=default turns that off for reproducible runs)."""
+        from unimoe_ray.model.quantize import convert_experts
+
         self.model = load_pretrained(checkpoint, dtype=dtype, device=device, router_precision=router_precision)
+        convert_experts(self.model, expert_dtype)
         self.tokenizer = load_tokenizer(tokenizer)
         self.prompts = PromptBuilder(self.tokenizer, self.model.cfg)
         self.codec = DACCodec.load(dac_path, device=device)
