@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from machine import machine_line  # benchmarks/machine.py
 from unimoe_ray.config import get_preset
 from unimoe_ray.inference.generate import Prompt, SamplingConfig, generate
 from unimoe_ray.model import kernels
@@ -48,15 +49,6 @@ from unimoe_ray.model.unimoe_audio import UniMoEAudio
 
 FRAMES_PER_S = 50
 DTYPES = ("fp32", "bf16", "int8")
-
-
-def machine_line() -> str:
-    m = kernels.machine("cpu")
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return (
-        f"# machine: {m['device']} | ISA {m['isa']} | torch {m['torch']} | {m['threads']} threads | "
-        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (uptime)"
-    )
 
 
 class Stepper:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from machine import machine_line  # benchmarks/machine.py
 from unimoe_ray.demo import DemoConfig, prepare_artifacts
 from unimoe_ray.inference.generate import generate
 from unimoe_ray.inference.sampling import task_sampling
@@ -35,20 +35,6 @@ from unimoe_ray.text.prompts import PromptBuilder
 from unimoe_ray.text.tokenizer import load_tokenizer
 
 FRAME_RATE = 50
-
-
-def machine() -> str:
-    model, flags = platform.processor() or "?", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "?"
-    return f"{model}, {isa}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def read_bandwidth(mb: int = 512, repeats: int = 5) -> float:
@@ -102,7 +88,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"machine: {machine()}; load {os.getloadavg()}")
+    print(machine_line())
     with tempfile.TemporaryDirectory() as d:
         ckpt, tok_path, _ = prepare_artifacts(DemoConfig(out_dir=d, preset="small"))
         model = load_pretrained(ckpt)
@@ -140,7 +126,7 @@ def main() -> None:
                   f"step/roof {r['step_over_roof']:.2f}", flush=True)
     print(f"load after: {os.getloadavg()}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"machine": machine(), "bandwidth_GBps": bw / 1e9, "rows": rows}, indent=2) + "\n")
+        Path(a.json).write_text(json.dumps({"machine": machine_line(), "bandwidth_GBps": bw / 1e9, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from machine import machine_line  # benchmarks/machine.py
 from unimoe_ray.config import MoEConfig, get_preset
 from unimoe_ray.model import kernels
 from unimoe_ray.model.moe import DCMoE
@@ -478,13 +479,6 @@ def print_dtype_table(rows: list[Row]) -> None:
         for d, ms in r.dtype_ms.items():
             print(f"{r.routing:8s} {r.phase:7s} {r.T:6d} {d:>7s} {ms:9.3f} {r.dtype_roof_ms[d]:9.3f} "
                   f"{r.dtype_frac_roof[d]:9.0%} {r.dtype_vs_fp32[d]:9.2f} {best_hf / ms:7.2f}")
-
-
-def machine_line() -> str:
-    m = kernels.machine("cpu")
-    load = os.getloadavg()
-    return (f"# machine: {m['device']} | ISA {m['isa']} | torch {m['torch']} | {m['threads']} threads | "
-            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (uptime)")
 
 
 def print_kernels(selections: list[kernels.Selection]) -> None:
