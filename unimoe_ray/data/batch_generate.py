@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,24 +74,25 @@ class GenerateTasks:
             except (ValueError, OSError) as err:  # TaskError, VoiceError, VideoError, AudioError
                 rows.append(_failed(item["task_id"], item["task"], str(err)))
             except Exception as err:  # noqa: BLE001 — one item must not sink the batch
-                rows.append(_failed(item["task_id"], item["task"], f"{type(err).__name__}: {err}",
-                                    detail=traceback.format_exc(limit=3)))
+                rows.append(_failed(item["task_id"], item["task"], f"{type(err).__name__}: {err}"))
         return {k: np.array([r.get(k) for r in rows], dtype=object) for k in MANIFEST_COLUMNS}
 
 
-def _failed(task_id: str, task: str | None, reason: str, detail: str = "") -> dict:
+def _failed(task_id: str, task: str | None, reason: str) -> dict:
     return {"task_id": task_id, "task": task, "status": "failed", "output": None, "frames": None,
             "seconds_audio": None, "seconds_wall": None, "error": reason}
 
 
-def parse_tasks(path: str | Path, voices=None) -> tuple[list[TaskRequest], list[dict]]:
-    """Task objects → (runnable requests, failed manifest rows). Paths in the file are taken
-    relative to the task file's folder."""
+def parse_tasks(path: str | Path, voices=None) -> tuple[list[TaskRequest], list[dict], list[str]]:
+    """Task objects → (runnable requests, failed manifest rows, every task id in file order).
+    Paths in the file are taken relative to the task file's folder."""
     path = Path(path)
     good, bad = [], []
     seen: set[str] = set()
+    ids: list[str] = []
     for i, item in enumerate(read_task_file(path)):
         tid = str(item.get("task_id", f"task_{i:04d}")) if isinstance(item, dict) else f"task_{i:04d}"
+        ids.append(tid)
         try:
             if isinstance(item, dict) and "_error" in item:
                 raise TaskError(item["_error"])
@@ -104,7 +104,7 @@ def parse_tasks(path: str | Path, voices=None) -> tuple[list[TaskRequest], list[
             good.append(req)
         except ValueError as err:
             bad.append(_failed(tid, item.get("task_type") if isinstance(item, dict) else None, str(err)))
-    return good, bad
+    return good, bad, ids
 
 
 def run_batch(tasks_file: str | Path, out_manifest: str | Path, cfg: BatchConfig) -> list[dict]:
@@ -112,7 +112,7 @@ def run_batch(tasks_file: str | Path, out_manifest: str | Path, cfg: BatchConfig
     from unimoe_ray.inference.voices import VoiceLibrary
 
     voices = VoiceLibrary.load(cfg.voice_library, root=cfg.voice_root) if cfg.voice_library else None
-    good, rows = parse_tasks(tasks_file, voices)
+    good, rows, ids = parse_tasks(tasks_file, voices)
     t0 = time.perf_counter()
     if good:
         items = [{"task_json": json.dumps(r.__dict__)} for r in good]
@@ -122,7 +122,7 @@ def run_batch(tasks_file: str | Path, out_manifest: str | Path, cfg: BatchConfig
             num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
         )
         rows += [{k: _plain(v) for k, v in r.items()} for r in ds.take_all()]
-    order = {tid: i for i, tid in enumerate(_file_ids(tasks_file))}
+    order = {tid: i for i, tid in enumerate(ids)}
     rows.sort(key=lambda r: order.get(r["task_id"], len(order)))  # the task file's order
     out = Path(out_manifest)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,11 +133,6 @@ def run_batch(tasks_file: str | Path, out_manifest: str | Path, cfg: BatchConfig
         if r["status"] != "ok":
             print(f"  failed {r['task_id']}: {r['error']}")
     return rows
-
-
-def _file_ids(path) -> list[str]:
-    return [str(it.get("task_id", f"task_{i:04d}")) if isinstance(it, dict) else f"task_{i:04d}"
-            for i, it in enumerate(read_task_file(path))]
 
 
 def _plain(v):
