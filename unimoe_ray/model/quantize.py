@@ -17,6 +17,7 @@ from torch import nn
 
 from unimoe_ray.model import kernels
 from unimoe_ray.model.experts import SwiGLU
+from unimoe_ray.model.hugepages import move_to_hugepages
 
 EXPERT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
@@ -101,12 +102,15 @@ def expert_lists(model: nn.Module) -> list[nn.ModuleList]:
     return lists
 
 
-def convert_experts(model: nn.Module, dtype: str | torch.dtype | None, *, select: bool = True) -> nn.Module:
+def convert_experts(
+    model: nn.Module, dtype: str | torch.dtype | None, *, select: bool = True, hugepages: bool = True
+) -> nn.Module:
     """Store every DCMoE expert of `model` in `dtype` ("fp32" | "bf16" | "int8"; None keeps the
-    loaded dtype), gate and up in one buffer, then pick this machine's fastest expert kernels
-    (`kernels.select`: measured once per shape on the model's device and cached; skipped under
-    UNIMOE_KERNELS=default). In place; returns the model. For inference: int8 experts take no
-    gradient, and a converted model's state dict holds the converted tensors.
+    loaded dtype), gate and up in one buffer, move the model's CPU weights into huge pages
+    (`hugepages.move_to_hugepages`; UNIMOE_HUGEPAGES=0 turns it off), then pick this machine's
+    fastest expert kernels (`kernels.select`: measured once per shape on the model's device and
+    cached; skipped under UNIMOE_KERNELS=default). In place; returns the model. For inference:
+    int8 experts take no gradient, and a converted model's state dict holds the converted tensors.
     """
     if isinstance(dtype, torch.dtype):
         names = {v: k for k, v in EXPERT_DTYPES.items()}
@@ -130,6 +134,8 @@ def convert_experts(model: nn.Module, dtype: str | torch.dtype | None, *, select
                 expert.fuse_gate_up(EXPERT_DTYPES[dtype] if dtype else None)
                 if dtype:
                     expert.down_proj.to(EXPERT_DTYPES[dtype])
+    if hugepages:
+        move_to_hugepages(model)
     if select:
         kernels.select(model)
     return model
