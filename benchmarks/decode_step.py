@@ -11,6 +11,9 @@ every step attends over the same `--prompt` positions.
   measured in the same round (`sum` over a 512 MB buffer).
 - RTF (real-time factor): step time × 50 frames/s — seconds of compute per second of audio
   for every request in the batch (< 1: faster than real time).
+- weights: every model's CPU weights sit in huge pages (`convert_experts` moves them,
+  unimoe_ray.model.hugepages); `--small-pages` adds each expert dtype again with its weights
+  left in ordinary 4 KiB pages (rows `fp32/4k`, ...), timed in the same rounds.
 - `--breakdown`: where one step's time goes (forward hooks; adds some overhead).
 - `--quality`: bf16/int8 against fp32 on the same weights: max / mean |logit error| of a
   prefill + decode forward, and greedy generation (`generate`, greedy) of `--frames` frames:
@@ -43,7 +46,7 @@ import torch
 from machine import machine_line  # benchmarks/machine.py
 from unimoe_ray.config import get_preset
 from unimoe_ray.inference.generate import Prompt, SamplingConfig, generate
-from unimoe_ray.model import kernels
+from unimoe_ray.model import hugepages, kernels
 from unimoe_ray.model.quantize import convert_experts
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 
@@ -244,6 +247,8 @@ def main() -> None:
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--frames", type=int, default=200, help="greedy frames for --quality")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--small-pages", action="store_true",
+                    help="also time each expert dtype with its weights left in ordinary 4 KiB pages (rows 'dtype/4k')")
     ap.add_argument("--json")
     args = ap.parse_args()
     dtypes = [d for d in args.expert_dtype.split(",") if d]
@@ -260,7 +265,13 @@ def main() -> None:
     for d in dtypes:
         t0 = time.perf_counter()
         models[d] = convert_experts(copy.deepcopy(base), d)
-        print(f"# {d}: experts converted and kernels selected in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"# {d}: experts converted, weights in huge pages, kernels selected in {time.perf_counter() - t0:.1f} s",
+              flush=True)
+    if args.small_pages:
+        for d in dtypes:
+            models[f"{d}/4k"] = convert_experts(copy.deepcopy(base), d, hugepages=False)
+    print(f"# huge pages: THP {hugepages.mode() or 'unknown'}, AnonHugePages {hugepages.huge_bytes() / 2**20:.0f} MiB",
+          flush=True)
     del base
     sel = kernels.plans()
     for key, plan in sorted(sel.items(), key=lambda kv: str(kv[0])):
@@ -313,7 +324,7 @@ def main() -> None:
     for label, parts in extra["breakdown"].items():
         print(f"# breakdown {label} (ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     if args.quality:
-        extra["quality"] = quality(models, args.frames, args.seed)
+        extra["quality"] = quality({d: m for d, m in models.items() if "/" not in d}, args.frames, args.seed)
         for d, q in extra["quality"].items():
             print(f"# quality {d}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in q.items()))

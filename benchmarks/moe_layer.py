@@ -41,8 +41,10 @@ of its own, transformers' top-5 touched 6.9 of 8 experts on average for 2 tokens
 touched all 8 for the benchmark's 2-token input (14% more bytes for the same k).
 
 Expert kernels (issue 12): our layers are set up as a loaded model is
-(``quantize.convert_experts``: gate and up in one buffer, then ``kernels.select`` times the
-candidate formulations once per expert shape, or reads this machine's cached choice); the
+(``quantize.convert_experts``: gate and up in one buffer, weights moved into huge pages, then
+``kernels.select`` times the candidate formulations once per expert shape, or reads this
+machine's cached choice); transformers' blocks get huge pages too, so that both sides read
+the same kind of memory. The
 choice and its timings are printed. ``--expert-dtypes`` adds bf16 and int8 copies of our
 layers (same router, same routing) timed in the same rounds, each against its own memory
 roofline: the touched weights' bytes in that dtype ÷ the same read bandwidth.
@@ -80,6 +82,7 @@ from machine import machine_line  # benchmarks/machine.py
 from unimoe_ray.config import MoEConfig, get_preset
 from unimoe_ray.model import kernels
 from unimoe_ray.model.moe import DCMoE
+from unimoe_ray.model.hugepages import move_to_hugepages
 from unimoe_ray.model.quantize import convert_experts
 
 PREFILL = (1024, 4096, 16384)
@@ -559,6 +562,8 @@ def main() -> None:
     print_kernels(selections)
     hf, hf_cfg = build_transformers(dim, cfg, args.layers, args.seed + 1)
     share_router(hf, ours[0], cfg.num_routed)
+    for block in hf:
+        move_to_hugepages(block)  # as ours (convert_experts): the same memory placement on both sides
     base_E_D = ours[0].gate.weight.detach().clone()
     routings = ["random", "skewed"] if args.routing == "both" else [args.routing]
     prefill = PREFILL[:2] if args.quick else PREFILL
