@@ -23,7 +23,7 @@ from unimoe_ray.model.experts import ExpertBackend, LocalExperts, SwiGLU
 class MoEStats:
     """Routing statistics of one layer for one forward.
 
-    aux_loss: load-balancing loss (scalar). k_T: experts chosen per token (routed + null).
+    aux_loss: load-balancing loss (scalar; 0 under torch.inference_mode, where nothing trains). k_T: experts chosen per token (routed + null).
     mask_TR: which dynamic experts each token chose. counts: tokens per routed expert.
     """
 

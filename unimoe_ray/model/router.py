@@ -184,7 +184,8 @@ def route(
     valid_T: torch.Tensor | None = None,
 ) -> Routing:
     """Select experts and combine weights from router logits. The softmax, the Top-P cumsum
-    and the weights are computed in the logits' dtype (bf16 at inference, as released)."""
+    and the weights are computed in the logits' dtype (bf16 at inference, as released).
+    Under torch.inference_mode the aux loss is not computed (Routing.aux_loss is 0)."""
     logits_TR = logits_TE[:, :num_dynamic]
     probs_TR = logits_TR.softmax(dim=-1)
     if mode == "top_p":
@@ -193,7 +194,9 @@ def route(
         mask_TR = top_k_mask(probs_TR, top_k, order_TR=logits_TR)
     else:
         raise ValueError(f"route(): mode {mode!r} has no router; use 'top_p' or 'top_k'")
-    aux = load_balancing_loss(probs_TR, mask_TR, valid_T)
+    # Under torch.inference_mode nothing trains: the aux loss (14 small ops) is a zero there.
+    aux = (logits_TE.new_zeros(()) if torch.is_inference_mode_enabled()
+           else load_balancing_loss(probs_TR, mask_TR, valid_T))
     if token_capacity is not None:
         mask_TR = drop_over_capacity(mask_TR, paper_weights(probs_TR, mask_TR), token_capacity)
     if weighting == "paper":

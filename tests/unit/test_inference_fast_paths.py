@@ -1,0 +1,38 @@
+"""Inference-only shortcuts give the same values as the general forms: the fused fp32 RMSNorm,
+and the router's aux loss skipped under torch.inference_mode (and only there)."""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+from unimoe_ray.config import get_preset
+from unimoe_ray.model.attention import RMSNorm
+from unimoe_ray.model.moe import DCMoE
+
+
+def test_rmsnorm_fp32_fused_equals_qwen2_and_the_bf16_form_is_kept():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 64, generator=gen) * 3
+    ours, ref = RMSNorm(64, 1e-6), Qwen2RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(64, generator=gen))
+        ref.weight.copy_(ours.weight)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+    # bf16 keeps Qwen2's order (normalise in fp32, cast, then scale): bit-equal to transformers.
+    ours_b, ref_b = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
+    xb = x.bfloat16()
+    assert torch.equal(ours_b(xb), ref_b(xb))
+
+
+def test_aux_loss_is_skipped_only_under_inference_mode():
+    cfg = get_preset("tiny")
+    layer = DCMoE(dim=cfg.hidden_size, cfg=cfg.moe).eval()
+    x = torch.randn(16, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out_ng, st_ng = layer(x)
+    with torch.inference_mode():
+        out_im, st_im = layer(x)
+    assert float(st_ng.aux_loss) > 0  # evaluation (validation, routing analysis) still gets it
+    assert float(st_im.aux_loss) == 0.0
+    assert torch.equal(out_ng, out_im) and torch.equal(st_ng.mask_TR, st_im.mask_TR)
