@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from unimoe_ray.model.experts import SwiGLU
+from unimoe_ray.model.hugepages import move_to_hugepages
 from unimoe_ray.parallel.fingerprint import ExpertShape, state_digest
 from unimoe_ray.parallel.resources import Device, load_device_backend
 from unimoe_ray.parallel.weights import load_expert_state
@@ -59,6 +60,7 @@ class ExpertWorker:
             mlp.load_state_dict(w)
             self.layers[str(layer)] = mlp
         self.layers.to(self.device).eval()
+        move_to_hugepages(self.layers)  # CPU weights in 2 MiB pages (fewer TLB misses per call)
 
     def call(self, msg: bytes | ExpertCall | None) -> bytes | np.ndarray | None:
         """One exchange (a message from `wire.encode_call`): the expert's output rows for its
