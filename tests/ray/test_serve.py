@@ -49,11 +49,13 @@ def _args(tmp, **ingress):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    metrics_port = _free_port()  # Ray's Prometheus export (the node's metrics agent)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(_args(tmp)), name="unimoe", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "tmp": tmp}
+    yield {"url": f"http://127.0.0.1:{port}", "tmp": tmp, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     serve.shutdown()
     ray.shutdown()
 
@@ -283,6 +285,34 @@ def test_web_page_plays_tts_in_headless_chromium(server):
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.stat().st_size > 10_000
+
+
+def _samples(text: str, name: str) -> list[float]:
+    """Values of the Prometheus samples `name{...}` in an exposition text."""
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")]
+
+
+def test_prometheus_metrics_are_exported(server, http):
+    """Ray's metrics export carries the replica's metrics: TTFA and RTF histograms, audio
+    seconds, queue depth, running rows and requests, experts per token (Ray prefixes ray_)."""
+    _good(http)
+    want = {
+        "ray_unimoe_time_to_first_audio_seconds_count": lambda v: max(v) >= 1,
+        "ray_unimoe_real_time_factor_count": lambda v: max(v) >= 1,
+        "ray_unimoe_audio_seconds_total": lambda v: max(v) > 0,
+        "ray_unimoe_engine_queue_depth": lambda v: min(v) >= 0,
+        "ray_unimoe_engine_active_rows": lambda v: min(v) >= 0,
+        "ray_unimoe_engine_active_requests": lambda v: min(v) >= 0,
+        "ray_unimoe_experts_per_token": lambda v: max(v) > 0,  # the tiny preset is a DCMoE
+    }
+    deadline, missing = time.monotonic() + 90, set(want)
+    while missing and time.monotonic() < deadline:  # the agent exports every few seconds
+        text = httpx.get(server["metrics"], timeout=10).text
+        missing = {n for n, ok in want.items() if not (_samples(text, n) and ok(_samples(text, n)))}
+        if missing:
+            time.sleep(2)
+    assert not missing, f"not exported (or wrong) after 90 s: {sorted(missing)}"
 
 
 # ---- phase 2: a redeploy with other settings ----
