@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import datetime
+import functools
 import json
 import os
 import platform
@@ -92,8 +93,10 @@ class ExpertWeights:
     def dim(self) -> int:
         return self.gate_FD.shape[1]
 
-    @property
+    @functools.cached_property
     def key(self) -> "PlanKey":
+        # Cached: swiglu looks the plan up on every expert call (a frozen dataclass still has
+        # the instance __dict__ that cached_property writes to).
         return PlanKey(self.gate_FD.device.type, self.dtype, self.dim, self.hidden)
 
     @property
