@@ -8,7 +8,7 @@ every step attends over the same `--prompt` positions.
 
 - roof: bytes the step must read once (attention, norms, router, the codec head, the experts
   the step's routing touched in their stored dtype, the KV cache) ÷ the read bandwidth
-  measured in the same round (`sum` over a 512 MB buffer).
+  measured in the same round (`sum` over a 1 GiB buffer in huge pages).
 - RTF (real-time factor): step time × 50 frames/s — seconds of compute per second of audio
   for every request in the batch (< 1: faster than real time).
 - weights: every model's CPU weights sit in huge pages (`convert_experts` moves them,
@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from machine import machine_line  # benchmarks/machine.py
+from machine import machine_line, read_probe  # benchmarks/machine.py
 from unimoe_ray.config import get_preset
 from unimoe_ray.inference.generate import Prompt, SamplingConfig, generate
 from unimoe_ray.model import hugepages, kernels
@@ -284,7 +284,7 @@ def main() -> None:
     if not sel:
         print(f"#   kernels: defaults ({kernels.ENV_MODE}={kernels.mode()})")
 
-    buf_N = torch.ones(512 * 2**20 // 4)
+    buf_N = read_probe()
     read_gb = buf_N.numel() * 4 / 1e9
     rows: list[Row] = []
     extra: dict = {"breakdown": {}, "quality": None}

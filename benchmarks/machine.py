@@ -15,3 +15,18 @@ def machine_line() -> str:
         f"# machine: {m['device']} | ISA {m['isa']} | torch {m['torch']} | {m['threads']} threads | "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (uptime)"
     )
+
+
+def read_probe(nbytes: int = 1 << 30) -> "torch.Tensor":
+    """A float32 buffer of `nbytes` (1 GiB: larger than any last-level cache we met; this VM's
+    L3 is 480 MiB) for the read-bandwidth probe (`buf.sum()`), in huge pages like the model's
+    weights (unimoe_ray.model.hugepages) so that the roofline is the bandwidth they can get."""
+    import torch
+
+    from unimoe_ray.model import hugepages
+
+    if hugepages.available():
+        buf = hugepages.empty(nbytes).view(torch.float32)
+        buf.fill_(1.0)
+        return buf
+    return torch.ones(nbytes // 4)

@@ -14,8 +14,8 @@ Roofline (a):
   each shared expert on all T tokens, and the router (T × D)·(D × E); each shape timed in both
   operand orders (C = A·B and Cᵀ = Bᵀ·Aᵀ) and the faster set taken (`gemm`);
 - decode: bytes of the weights actually touched (routed experts with count > 0, shared experts,
-  router; fp32) ÷ the read bandwidth measured in the same round (``sum`` over a 512 MB
-  buffer; a copy bandwidth is printed beside it). Decode rows also show `gemm`: where it
+  router; fp32) ÷ the read bandwidth measured in the same round (``sum`` over a 1 GiB
+  buffer in huge pages, as the weights; a copy bandwidth is printed beside it). Decode rows also show `gemm`: where it
   exceeds the memory time (16 and 64 tokens: the activated FLOPs outlast the weight reads on 2
   cores) no implementation can reach the memory roofline, and `bnd` = max(roof, gemm) is the
   floor that is. `peak` is a floor no GEMM library can beat: the activated FLOPs at the best
@@ -78,7 +78,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from machine import machine_line  # benchmarks/machine.py
+from machine import machine_line, read_probe  # benchmarks/machine.py
 from unimoe_ray.config import MoEConfig, get_preset
 from unimoe_ray.model import kernels
 from unimoe_ray.model.moe import DCMoE
@@ -539,7 +539,7 @@ def main() -> None:
     model_cfg = get_preset("small")
     cfg, dim = model_cfg.moe, model_cfg.hidden_size
 
-    buf_N = torch.ones(512 * 2**20 // BYTES_FP32)  # 512 MB, ≫ LLC
+    buf_N = read_probe()  # 1 GiB in huge pages (benchmarks/machine.py)
     dst_N = torch.empty_like(buf_N)
     buf_N.sum()
     copy_gbs = max(copy_bandwidth(buf_N, dst_N) for _ in range(5))

@@ -168,6 +168,8 @@ def main() -> None:
     p.add_argument("--max-rows", type=int, default=32, help="continuous: KV slots (2 per request)")
     p.add_argument("--static-batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--expert-dtype", choices=["fp32", "bf16", "int8"], default=None,
+                   help="the replica's expert weights (user_config expert_dtype; default: as loaded)")
     p.add_argument("--artifacts", default="outputs/serve_artifacts")
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
     p.add_argument("--autoscale", action="store_true",
@@ -176,7 +178,7 @@ def main() -> None:
     args = p.parse_args()
 
     settings = {"preset": args.preset, "artifacts_dir": args.artifacts, "torch_threads": args.threads,
-                "max_rows": args.max_rows, "max_len": 400, "max_waiting": 256}
+                "max_rows": args.max_rows, "max_len": 400, "max_waiting": 256, "expert_dtype": args.expert_dtype}
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     with socket.socket() as sock:  # Serve's proxy starts anyway: keep it off the default port
         sock.bind(("127.0.0.1", 0))

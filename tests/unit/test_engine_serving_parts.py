@@ -51,6 +51,9 @@ def test_settings_name_unknown_keys_and_bad_values():
     with pytest.raises(SettingsError, match="max_rows=0"):
         ModelSettings.from_dict({"max_rows": 0})
     assert ModelSettings.from_dict({"max_waiting": 3}).model_key() == ModelSettings().model_key()
+    with pytest.raises(SettingsError, match="expert_dtype='int4'"):
+        ModelSettings.from_dict({"expert_dtype": "int4"})
+    assert ModelSettings.from_dict({"expert_dtype": "bf16"}).model_key() != ModelSettings().model_key()  # a reload
 
 
 def test_wav_stream_header_and_whole_formats():
@@ -103,3 +106,25 @@ def test_voice_store_persists_caps_and_protects_library(tmp_path):
     with pytest.raises(VoiceStoreError) as err:
         again.get("Narrator One")
     assert err.value.status == 404
+
+
+def test_runtime_expert_dtype_setting_loads_int8_experts(tmp_path):
+    """`expert_dtype` in a replica's user_config reaches the loaded model (and it still speaks)."""
+    import asyncio
+
+    from unimoe_ray.model.quantize import expert_dtype
+    from unimoe_ray.serve.runtime import AudioJob, ModelRuntime
+
+    rt = ModelRuntime(ModelSettings(preset="tiny", artifacts_dir=str(tmp_path / "art"), max_rows=2, max_len=300,
+                                    torch_threads=1, expert_dtype="int8"))
+    try:
+        assert expert_dtype(rt.model) == "int8"
+
+        async def run():
+            return [ev async for ev in rt.run(AudioJob(task="speech", text="Hi.", sampling={"seed": 1},
+                                                       max_seconds=0.3), stream=False)]
+
+        events = asyncio.run(run())
+        assert events[-1]["type"] == "done" and len(events[0]["wav"]) == int(0.3 * 24000)
+    finally:
+        rt.stop()

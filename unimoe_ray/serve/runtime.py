@@ -55,6 +55,7 @@ class ModelSettings:
     artifacts_dir: str = "outputs/serve_artifacts"
     device: str = "cpu"
     dtype: str | None = None
+    expert_dtype: str | None = None  # "fp32" | "bf16" | "int8" expert weights (None: as loaded)
     max_rows: int = 16  # KV slots: a guided request uses 2 (cond + uncond)
     max_len: int = 1400  # KV columns per row: prompt + frames + 19
     max_waiting: int = 32  # requests waiting for a slot before 429
@@ -66,6 +67,8 @@ class ModelSettings:
     experts_exchange: str | None = None  # "compiled" | "plain" (None: ExpertParallelConfig's default)
 
     def __post_init__(self) -> None:
+        if self.expert_dtype not in (None, "fp32", "bf16", "int8"):
+            raise SettingsError(f"expert_dtype={self.expert_dtype!r}: use fp32, bf16 or int8 (or leave it unset)")
         for name in ("max_rows", "max_len", "max_waiting", "first_chunk_frames", "chunk_frames"):
             if int(getattr(self, name)) < 1:
                 raise SettingsError(f"{name}={getattr(self, name)}: must be >= 1")
@@ -77,7 +80,7 @@ class ModelSettings:
     def model_key(self) -> tuple:
         """The fields whose change needs a reload (the rest apply live)."""
         return (self.checkpoint, self.tokenizer, self.dac_path, self.preset, self.artifacts_dir,
-                self.device, self.dtype, self.max_rows, self.max_len, self.experts_group, self.experts_namespace, self.experts_exchange)
+                self.device, self.dtype, self.expert_dtype, self.max_rows, self.max_len, self.experts_group, self.experts_namespace, self.experts_exchange)
 
 
 def resolve_artifacts(s: ModelSettings) -> tuple[str, str, str]:
@@ -127,7 +130,8 @@ class ModelRuntime:
             torch.set_num_threads(settings.torch_threads)
         ckpt, tok, dac = resolve_artifacts(settings)
         self.paths = {"checkpoint": ckpt, "tokenizer": tok, "dac_path": dac}
-        self.gen = AudioGenerator(ckpt, tok, dac, device=settings.device, dtype=settings.dtype)
+        self.gen = AudioGenerator(ckpt, tok, dac, device=settings.device, dtype=settings.dtype,
+                                  expert_dtype=settings.expert_dtype)
         self.model = self.gen.model.eval()
         if before_start is not None:
             before_start(self.model)
