@@ -231,7 +231,7 @@ class _Running:
     guided: bool
     step: int = 0
     eos_step: int = -1
-    steps: list[torch.Tensor] = field(default_factory=list)  # (K,) delayed frame per step
+    steps_KS: torch.Tensor | None = None  # the delayed frame of each step so far (columns [0, step))
     emitted: int = 0  # frames sent so far
     slots: list[int] = field(default_factory=list)  # cond slot first, then uncond
     joined_at: float = 0.0
@@ -272,6 +272,7 @@ class DecodeEngine:
         self.max_waiting = max_waiting
         self._logits_RKV = torch.zeros(max_rows, cfg.codec_channels, cfg.codec_vocab_size, dtype=torch.float32, device=p.device)
         self._delays_K = torch.tensor(cfg.codec_delay_pattern, device=p.device)
+        self._delays_cpu_K1 = torch.tensor(cfg.codec_delay_pattern)[:, None]
         self._waiting: deque[tuple[int, EngineRequest]] = deque()
         self._cancel: set[int] = set()
         self._running: list[_Running] = []
@@ -355,7 +356,9 @@ class DecodeEngine:
         finished: list[_Running] = []
         frame_CK_cpu, eos_list = frame_CK.cpu(), eos_step_C.tolist()
         for c, r in enumerate(run):
-            r.steps.append(frame_CK_cpu[c])
+            if r.step >= r.steps_KS.shape[1]:  # not expected (see _prefill): grow rather than fail
+                r.steps_KS = torch.cat([r.steps_KS, torch.empty_like(r.steps_KS)], dim=1)
+            r.steps_KS[:, r.step] = frame_CK_cpu[c]
             r.eos_step = int(eos_list[c])
             done = r.eos_step >= 0 and r.step - r.eos_step >= self.pattern.max_delay
             outputs.append(self._emit(r, done))
@@ -391,14 +394,16 @@ class DecodeEngine:
             upto = min(upto, r.eos_step)
         K = self.cfg.codec_channels
         if upto > r.emitted:
-            steps_KS = torch.stack(r.steps, dim=1)
-            frames_KT = torch.stack([steps_KS[c, d + r.emitted : d + upto] for c, d in enumerate(self.pattern.delays)])
+            # Frame t of codebook k was sampled at step t + delay_k: one gather, not a stack
+            # of the whole history (which grew with every step).
+            idx_KT = self._delays_cpu_K1 + torch.arange(r.emitted, upto)
+            frames_KT = r.steps_KS.gather(1, idx_KT)
             r.emitted = upto
         else:
             frames_KT = torch.zeros(K, 0, dtype=torch.long)
         if not done:
             return EngineOutput(r.rid, frames_KT)
-        codes_KT = self.pattern.revert(torch.stack(r.steps, dim=1)[:, : r.eos_step + self.pattern.max_delay + 1])
+        codes_KT = self.pattern.revert(r.steps_KS[:, : r.eos_step + self.pattern.max_delay + 1].clone())
         reason = "length" if r.eos_step >= r.limit else "eos"
         return EngineOutput(r.rid, frames_KT, done=True, finish_reason=reason, codes_KT=codes_KT)
 
@@ -452,9 +457,12 @@ class DecodeEngine:
         slots = self.cache.join(prefill)
         self._logits_RKV[slots] = out.codec_logits_BLKV[:, -1].float()
         gen = row_generators([s.seed], self.device)[0]
+        limit = s.frame_limit(self.pattern.max_delay)
+        # A row ends at most max_delay steps after its EOS, which comes at the latest at `limit`.
+        steps_KS = torch.empty(self.cfg.codec_channels, limit + self.pattern.max_delay + 2, dtype=torch.long)
         self._running.append(_Running(
-            rid=rid, req=req, generator=gen, limit=s.frame_limit(self.pattern.max_delay), guided=guided,
-            slots=slots, joined_at=time.monotonic(),
+            rid=rid, req=req, generator=gen, limit=limit, guided=guided,
+            slots=slots, joined_at=time.monotonic(), steps_KS=steps_KS,
         ))
         self.stats.prefills += 1
 
