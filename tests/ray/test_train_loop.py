@@ -1,6 +1,10 @@
 """The Ray Train loop on one local Ray: a worker killed mid-run (the run resumes from the last
 checkpoint and replays exactly the lost batches), DDP over 2 workers = 1 worker fed the union
-of their batches, three NaN steps in a row stop the run with the cause."""
+of their batches, three NaN steps in a row stop the run with the cause.
+
+The kill and the DDP tests read one 2-worker run (module fixture `killed_run`): its steps 1-4
+happen before the kill, in the first worker group, and are what the DDP test compares; a
+TorchTrainer run costs tens of seconds of worker start-up on 2 cores, its steps little."""
 
 from __future__ import annotations
 
@@ -67,8 +71,11 @@ def _records(run_dir: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in (run_dir / f"samples_rank{rank}.jsonl").read_text().splitlines()]
 
 
-def test_killed_worker_resumes_from_last_checkpoint_with_the_same_batches(ray_local, env):
-    def kill_rank1_once(*, step, rank, run_dir):
+@pytest.fixture(scope="module")
+def killed_run(ray_local, env):
+    """2 workers, 10 steps, a checkpoint every 4; rank 1 is SIGKILLed once after step 6.
+    Read-only for the tests that use it."""
+    def kill_rank1_once(*, step, rank, run_dir):  # nested: pickled by value for the workers
         marker = Path(run_dir) / "killed"
         if rank == 1 and step == 6 and not marker.exists():
             marker.write_text(str(os.getpid()))
@@ -76,7 +83,11 @@ def test_killed_worker_resumes_from_last_checkpoint_with_the_same_batches(ray_lo
 
     spec = _spec(env, "kill", max_steps=10, checkpoint_every=4)
     spec.step_callback = kill_rank1_once
-    result = run_training(spec)
+    return spec, run_training(spec)
+
+
+def test_killed_worker_resumes_from_last_checkpoint_with_the_same_batches(killed_run, env):
+    spec, result = killed_run
     assert result.error is None and result.metrics["step"] == 10
     assert (spec.run_dir / "killed").exists()
     ckpt = Path(result.checkpoint.path)
@@ -117,13 +128,16 @@ def test_killed_worker_resumes_from_last_checkpoint_with_the_same_batches(ray_lo
     assert list((spec.run_dir / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard from rank 0
 
 
-def test_ddp_two_workers_equal_one_worker_fed_the_union(ray_local, env):
-    spec = _spec(env, "ddp", max_steps=4, checkpoint_every=4, use_aux_loss=False)
-    result = run_training(spec)
+def test_ddp_two_workers_equal_one_worker_fed_the_union(killed_run, env):
+    """Steps 1-4 of the 2-worker run (before the kill, a checkpoint at step 4), replayed in
+    one process on the union of the two workers' batches (grad_accum=2)."""
+    spec, result = killed_run
     assert result.error is None
-    metrics = [json.loads(line) for line in (spec.run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (spec.run_dir / "metrics.jsonl").read_text().splitlines()][:4]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     ddp_losses = [m["loss"] for m in metrics]
-    r0, r1 = _records(spec.run_dir, 0), _records(spec.run_dir, 1)
+    r0, r1 = _records(spec.run_dir, 0)[:4], _records(spec.run_dir, 1)[:4]
+    assert [r["step"] for r in r0] == [r["step"] for r in r1] == [1, 2, 3, 4]
 
     cfg = env["cfg"]
     build = ExampleBuilder(PromptBuilder(load_tokenizer(env["tok"]), cfg), cfg)
@@ -132,9 +146,9 @@ def test_ddp_two_workers_equal_one_worker_fed_the_union(ray_local, env):
     backend = TorchBackend(LossModule(model), spec.train.replace(grad_accum=2))
     torch.manual_seed(0)
     single = []
-    for a, b in zip(r0, r1):
+    for a, b, m in zip(r0, r1, metrics):
         micro = [collate([build(env["rows"][s]) for s in rec["sample_ids"][0]], cfg) for rec in (a, b)]
-        single.append(train_step(backend, micro, aux_weight=0.0).loss)
+        single.append(train_step(backend, micro, aux_weight=m["aux_weight"]).loss)
     assert len(single) == 4
     assert single == pytest.approx(ddp_losses, rel=2e-5)
     assert ddp_losses[-1] < ddp_losses[0]
