@@ -6,7 +6,8 @@ memory roofline of one decode step: bytes of the weights that step reads (everyt
 vision tower and the text lm_head, with only the routed experts that step touched) ÷ the read
 bandwidth measured in the same run.
 
-Model: random weights through the real save/load path (what `make demo` builds), released
+Model: random weights through the real save/load path (what `make demo` builds), set up as
+AudioGenerator does (weights in huge pages, the machine's measured expert kernels), released
 sampling rules with each task's released defaults except guidance (the column) and length.
 Step time = (T(n frames) − T(1 frame)) / (n − 1), so prefill and the DAC are not in it; the
 DAC is not timed at all (the real 16 kHz decoder is not available here).
@@ -26,20 +27,22 @@ from pathlib import Path
 
 import torch
 
-from machine import machine_line  # benchmarks/machine.py
+from machine import machine_line, read_probe  # benchmarks/machine.py
 from unimoe_ray.demo import DemoConfig, prepare_artifacts
 from unimoe_ray.inference.generate import generate
 from unimoe_ray.inference.sampling import task_sampling
 from unimoe_ray.checkpoint import load_pretrained
+from unimoe_ray.model.quantize import convert_experts
 from unimoe_ray.text.prompts import PromptBuilder
 from unimoe_ray.text.tokenizer import load_tokenizer
 
 FRAME_RATE = 50
 
 
-def read_bandwidth(mb: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of a sum over a buffer much larger than the caches (best of `repeats`)."""
-    x = torch.ones(mb * 1024 * 1024 // 4)
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes/s of a sum over a buffer much larger than the caches, in huge pages like the
+    weights (best of `repeats`)."""
+    x = read_probe()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -92,6 +95,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         ckpt, tok_path, _ = prepare_artifacts(DemoConfig(out_dir=d, preset="small"))
         model = load_pretrained(ckpt)
+        # As AudioGenerator (CLI, batch, serving) sets a model up: weights in huge pages, this
+        # machine's measured expert kernels (UNIMOE_KERNELS / UNIMOE_HUGEPAGES switch them off).
+        convert_experts(model, None)
         pb = PromptBuilder(load_tokenizer(tok_path), model.cfg)
     bw = read_bandwidth()
     voice = torch.randint(0, 1024, (model.cfg.codec_channels, 150))  # a 3 s voice prompt
