@@ -24,7 +24,7 @@ CFG = ExpertParallelConfig(group=GROUP, expert_resources=ActorResources(num_cpus
 # A group that fills the cluster: each replica takes one of the 4 `cli_slot`s there are.
 FULL = ExpertParallelConfig(
     group="test-cli-full", expert_resources=ActorResources(num_cpus=0, node_resource="cli_slot"),
-    restart_timeout_s=30.0,
+    restart_timeout_s=30.0, placement_timeout_s=3.0,  # the scale that cannot be placed fails after this
 )
 SCRIPT = Path(sys.executable).with_name("unimoe-ray")
 
