@@ -3,6 +3,8 @@ tests/integration (a few real steps end to end)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,13 @@ from unimoe_ray.model.unimoe_audio import UniMoEAudio
 # Tiny models gain nothing from intra-op threads, and several test processes may share
 # the 2 cores; one thread avoids OpenMP oversubscription stalls.
 torch.set_num_threads(1)
+
+# Ray Train's controller takes each worker's `ray.train.report` at its next health-check poll,
+# every 2 s by default: a tiny-model step takes a fraction of that, so most of a TorchTrainer
+# run's steps and its end would be spent waiting for polls (measured: ~1.2 s per step, ~3.5 s
+# per run). Every Ray the tests start inherits this (local ray.init, `ray start` heads and
+# their jobs copy os.environ). A slow poll is not a failure (only one hanging for 10 min is).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 @pytest.fixture(autouse=True)
