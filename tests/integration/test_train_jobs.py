@@ -85,7 +85,7 @@ def head(tmp_path_factory):
         # Stop only the head this test started: its `ray start --block` process group.
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
+            proc.wait(timeout=3)  # its graceful stop outlasted 10 s too (measured): SIGKILL below
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         try:
