@@ -35,7 +35,8 @@ OUTPUT_FILES = ("quarantine.parquet", "filtered.parquet", "stats.json")
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": its own Ray, never a `ray start` cluster found on the machine (as the other modules)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
