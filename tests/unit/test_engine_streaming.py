@@ -28,7 +28,9 @@ def test_streamed_chunks_equal_the_whole_decode(codec, out_rate):
     dec = StreamingDecoder(codec, out_rate=out_rate, first_chunk=3, chunk=10)
     chunks, first_at = [], None
     for t in range(codes_KT.shape[1]):
+        due = dec.renders_after(1)  # the serving loop decodes on a thread only when a chunk is due
         new = dec.push(codes_KT[:, t : t + 1])
+        assert due == bool(new), t
         if new and first_at is None:
             first_at = t + 1
         chunks += new

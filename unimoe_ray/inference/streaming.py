@@ -64,6 +64,12 @@ class StreamingDecoder:
         self._n = 0  # frames received
         self._done = 0  # frames already turned into audio
 
+    def renders_after(self, new_frames: int) -> bool:
+        """Whether pushing `new_frames` more frames completes a chunk (then `push` decodes; else
+        it only stores the frames: cheap enough to call on an event loop)."""
+        size = self.first_chunk if self._done == 0 else self.chunk
+        return self._done + size + self.ctx + 1 <= self._n + new_frames
+
     def push(self, frames_KT: torch.Tensor) -> list[np.ndarray]:
         if frames_KT.shape[1]:
             self._frames.append(frames_KT.cpu())

@@ -218,7 +218,10 @@ class ModelRuntime:
                 if out.frames_KT.shape[1]:
                     frames.append(out.frames_KT)
                     if dec is not None:
-                        for chunk in await asyncio.to_thread(dec.push, out.frames_KT):
+                        # A thread only when a chunk is due (DAC decode); most steps just store a frame.
+                        pushed = (await asyncio.to_thread(dec.push, out.frames_KT)
+                                  if dec.renders_after(out.frames_KT.shape[1]) else dec.push(out.frames_KT))
+                        for chunk in pushed:
                             ttfa = ttfa if ttfa is not None else time.monotonic() - t0
                             yield {"type": "audio", "wav": chunk}
                 if out.done:
