@@ -159,23 +159,29 @@ def test_topology_change_while_a_replica_restarts_does_not_fail_decoding(control
     pos, neg = prompts(4)
     ref = generate(model, pos, neg, SAMPLING)
     victim, victim_id = replica_pid(0), expert_status(GROUP).experts[0].actor_ids[0]
-    with attached(model) as (trunk, experts):
+    try:
+        with attached(model) as (trunk, experts):
 
-        def chaos(module, args):
-            if experts.steps == 3:
-                scale_expert(2, 1, GROUP)  # a new topology ...
-                os.kill(victim, signal.SIGKILL)
-                wait_for(lambda: actor_state(victim_id) != "ALIVE", "the GCS to see expert 0 die", 30)
-                experts.refresh()  # ... adopted at a step boundary while expert 0 restarts
+            def chaos(module, args):
+                if experts.steps == 3:
+                    scale_expert(2, 1, GROUP)  # a new topology ...
+                    os.kill(victim, signal.SIGKILL)
+                    wait_for(lambda: actor_state(victim_id) != "ALIVE", "the GCS to see expert 0 die", 30)
+                    experts.refresh()  # ... adopted at a step boundary while expert 0 restarts
 
-        hook = trunk.register_forward_pre_hook(chaos)
-        codes = generate(trunk, pos, neg, SAMPLING)
-        hook.remove()
-        assert experts.topology.replica_counts == (1, 1, 1, 1) and experts.recoveries >= 1
-    for got, want in zip(codes, ref):
-        assert torch.equal(got, want)
-    wait_for(lambda: replica_pid(0) != victim, "expert 0's restart")
-    scale_expert(2, 2, GROUP)  # its slot came back when the retired replica was reaped
+            hook = trunk.register_forward_pre_hook(chaos)
+            codes = generate(trunk, pos, neg, SAMPLING)
+            hook.remove()
+            # Building the new graph either met expert 0 still restarting (a fault, healed:
+            # recoveries >= 1) or, on a quick restart, waited for it (Ray queues calls to a
+            # restarting actor). Either way: the new topology, a graph built again for it (not
+            # the old one kept), and the exact codes.
+            assert experts.topology.replica_counts == (1, 1, 1, 1) and experts.compiles >= 2
+        for got, want in zip(codes, ref):
+            assert torch.equal(got, want)
+        wait_for(lambda: replica_pid(0) != victim, "expert 0's restart")
+    finally:
+        scale_expert(2, 2, GROUP)  # its slot came back when the retired replica was reaped
 
 
 # ---- placement: repair first, scale fails fast, status honest ----
