@@ -75,11 +75,10 @@ class StreamingDecoder:
             self._frames.append(frames_KT.cpu())
             self._n += frames_KT.shape[1]
         chunks = []
-        while True:
+        while self.renders_after(0):
             size = self.first_chunk if self._done == 0 else self.chunk
-            if self._done + size + self.ctx + 1 > self._n:
-                return chunks
             chunks.append(self._render(self._done, self._done + size, final=False))
+        return chunks
 
     def finish(self) -> np.ndarray:
         """The rest of the audio (possibly empty)."""
