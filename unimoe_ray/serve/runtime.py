@@ -24,6 +24,7 @@ from unimoe_ray.inference.pipeline import AudioGenerator
 from unimoe_ray.inference.sampling import SamplingConfig, task_sampling
 from unimoe_ray.inference.streaming import StreamingDecoder, decode_whole
 from unimoe_ray.inference.video import load_video
+from unimoe_ray.model.quantize import EXPERT_DTYPES
 from unimoe_ray.serve.formats import SAMPLE_RATE, decode_upload
 
 FRAME_RATE = 50
@@ -67,8 +68,9 @@ class ModelSettings:
     experts_exchange: str | None = None  # "compiled" | "plain" (None: ExpertParallelConfig's default)
 
     def __post_init__(self) -> None:
-        if self.expert_dtype not in (None, "fp32", "bf16", "int8"):
-            raise SettingsError(f"expert_dtype={self.expert_dtype!r}: use fp32, bf16 or int8 (or leave it unset)")
+        if self.expert_dtype is not None and self.expert_dtype not in EXPERT_DTYPES:
+            raise SettingsError(
+                f"expert_dtype={self.expert_dtype!r}: use {', '.join(EXPERT_DTYPES)} (or leave it unset)")
         for name in ("max_rows", "max_len", "max_waiting", "first_chunk_frames", "chunk_frames"):
             if int(getattr(self, name)) < 1:
                 raise SettingsError(f"{name}={getattr(self, name)}: must be >= 1")
