@@ -356,8 +356,6 @@ class DecodeEngine:
         finished: list[_Running] = []
         frame_CK_cpu, eos_list = frame_CK.cpu(), eos_step_C.tolist()
         for c, r in enumerate(run):
-            if r.step >= r.steps_KS.shape[1]:  # not expected (see _prefill): grow rather than fail
-                r.steps_KS = torch.cat([r.steps_KS, torch.empty_like(r.steps_KS)], dim=1)
             r.steps_KS[:, r.step] = frame_CK_cpu[c]
             r.eos_step = int(eos_list[c])
             done = r.eos_step >= 0 and r.step - r.eos_step >= self.pattern.max_delay
@@ -458,8 +456,9 @@ class DecodeEngine:
         self._logits_RKV[slots] = out.codec_logits_BLKV[:, -1].float()
         gen = row_generators([s.seed], self.device)[0]
         limit = s.frame_limit(self.pattern.max_delay)
-        # A row ends at most max_delay steps after its EOS, which comes at the latest at `limit`.
-        steps_KS = torch.empty(self.cfg.codec_channels, limit + self.pattern.max_delay + 2, dtype=torch.long)
+        # EOS comes at step `limit` at the latest (apply_pattern_rules forces it) and the row
+        # leaves max_delay steps after it: steps 0 .. limit + max_delay.
+        steps_KS = torch.empty(self.cfg.codec_channels, limit + self.pattern.max_delay + 1, dtype=torch.long)
         self._running.append(_Running(
             rid=rid, req=req, generator=gen, limit=limit, guided=guided,
             slots=slots, joined_at=time.monotonic(), steps_KS=steps_KS,
