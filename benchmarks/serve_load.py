@@ -35,6 +35,7 @@ from ray import serve
 
 from unimoe_ray.inference.generate import generate
 from unimoe_ray.inference.streaming import decode_whole
+from unimoe_ray.model import kernels
 from unimoe_ray.serve.formats import SAMPLE_RATE
 from unimoe_ray.serve.model import AudioModel
 from unimoe_ray.serve.runtime import AudioJob, ModelRuntime, ModelSettings
@@ -66,18 +67,9 @@ class StaticBatchModel:
 
 
 def machine() -> dict:
-    cpu = ""
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not cpu:
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_tile", "fma"})
-    return {"cpu": cpu, "isa": isa, "threads": os.cpu_count(), "python": platform.python_version(),
+    """kernels.machine (CPU model, ISA, torch, threads: what the kernel choice is keyed by)
+    plus the Python version and the load now."""
+    return {**kernels.machine("cpu"), "python": platform.python_version(),
             "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
 
 
