@@ -10,6 +10,7 @@ Router columns are ordered [routed..., null..., shared...].
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -47,23 +48,53 @@ def top_p_mask(probs_TR: torch.Tensor, p: float, *, order_TR: torch.Tensor | Non
     probabilities, and an unstable sort of those picked other experts than the released code.
     Returns mask_TR (bool).
     """
-    sorted_TR = probs_TR.sort(dim=-1, descending=True).values
-    k_T1 = (sorted_TR.cumsum(dim=-1) < p).sum(dim=-1, keepdim=True) + 1
-    return _first_k(probs_TR if order_TR is None else order_TR, k_T1)
+    scores_TR = probs_TR if order_TR is None else order_TR
+    order_TR = _ranked(scores_TR).indices
+    return _unsort(_top_p_keep(probs_TR.gather(-1, order_TR), p), order_TR)
 
 
 def top_k_mask(probs_TR: torch.Tensor, k: int, *, order_TR: torch.Tensor | None = None) -> torch.Tensor:
     """Fixed-k selection (the paper's Unify-MoE ablation), ranked as in `top_p_mask`."""
-    k_T1 = torch.full_like(probs_TR[:, :1], k, dtype=torch.long)
-    return _first_k(probs_TR if order_TR is None else order_TR, k_T1)
+    scores_TR = probs_TR if order_TR is None else order_TR
+    return _unsort(_top_k_keep(scores_TR, k), _ranked(scores_TR).indices)
 
 
-def _first_k(scores_TR: torch.Tensor, k_T1: torch.Tensor) -> torch.Tensor:
-    """mask of each token's k_T1 highest scores, lower index first among equals."""
-    order_TR = scores_TR.sort(dim=-1, descending=True, stable=True).indices
-    rank_R = torch.arange(scores_TR.shape[-1], device=scores_TR.device)
-    keep_sorted_TR = rank_R < k_T1
-    return torch.zeros_like(keep_sorted_TR).scatter(-1, order_TR, keep_sorted_TR)
+# The selection and the released weights are computed in *ranked* order: each token's dynamic
+# experts sorted by logit, highest first, lower index first among equals (one stable sort).
+# There the chosen experts are a prefix, "picked before" is a fixed triangle, and the sorted
+# probabilities are a gather: about half the small ops of working in expert order, which at
+# decode sizes (a few tokens per layer) is most of the router's time. `_unsort` scatters a
+# ranked result back to expert order.
+
+
+def _ranked(scores_TR: torch.Tensor) -> torch.return_types.sort:
+    return scores_TR.sort(dim=-1, descending=True, stable=True)
+
+
+def _unsort(ranked_TR: torch.Tensor, order_TR: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(ranked_TR).scatter(-1, order_TR, ranked_TR)
+
+
+@functools.lru_cache(maxsize=None)
+def _consts(num: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank_R, earlier_RR): ranks 0..R-1, and earlier[i, j] = rank j comes before rank i.
+    Made outside inference mode so that autograd code may read them too."""
+    with torch.inference_mode(False):
+        rank_R = torch.arange(num, device=device)
+        return rank_R, rank_R[None, :] < rank_R[:, None]
+
+
+def _top_p_keep(ranked_probs_TR: torch.Tensor, p: float) -> torch.Tensor:
+    """Ranked keep mask: rank r is kept when the cumsum before it is < p (rank 0 always),
+    i.e. ranks ≤ #(cumsum < p) — k = that count + 1, as the released code."""
+    below_T1 = (ranked_probs_TR.cumsum(dim=-1) < p).sum(dim=-1, keepdim=True)
+    rank_R, _ = _consts(ranked_probs_TR.shape[-1], ranked_probs_TR.device)
+    return rank_R <= below_T1
+
+
+def _top_k_keep(scores_TR: torch.Tensor, k: int) -> torch.Tensor:
+    rank_R, _ = _consts(scores_TR.shape[-1], scores_TR.device)
+    return (rank_R < k).expand(scores_TR.shape)
 
 
 def paper_weights(probs_TR: torch.Tensor, mask_TR: torch.Tensor) -> torch.Tensor:
@@ -72,35 +103,54 @@ def paper_weights(probs_TR: torch.Tensor, mask_TR: torch.Tensor) -> torch.Tensor
     return w_TR / w_TR.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w_TR.dtype).tiny)
 
 
+def _ranked_multipliers(ranked_TR: torch.Tensor, keep_TR: torch.Tensor, eps: float) -> torch.Tensor:
+    """SparseMixer multipliers of the kept ranks (0 elsewhere), from ranked logits.
+
+    Pick i's pool: every logit j not picked before it (kept and of a lower rank) whose relative
+    distance (l_i - l_j) / max(|l_j|, l_i) is at most 2·eps; its multiplier is its softmax
+    share in that pool, 1 / Σ_pool exp(l_j - l_i). All picks at once over (pick i, candidate j)
+    pairs — T × R × R, tiny for the R ≤ 9 dynamic experts here — instead of R sequential rounds.
+    """
+    l_Ti1 = ranked_TR[:, :, None]
+    l_T1j = ranked_TR[:, None, :]
+    diff_Tij = l_T1j - l_Ti1
+    _, earlier_ij = _consts(ranked_TR.shape[-1], ranked_TR.device)
+    # far: (l_i - l_j) / max(|l_j|, l_i) > 2·eps, multiplied out (the max is ≥ 0; a 0/0 there,
+    # at zero logits, is "near" in both forms).
+    far_Tij = diff_Tij < torch.maximum(l_T1j.abs(), l_Ti1).mul_(-2 * eps)
+    out_Tij = far_Tij | (keep_TR[:, None, :] & earlier_ij)
+    # i is in its own pool (term 1), so the sum is ≥ 1; a far higher logit overflows to inf
+    # and the share to 0.
+    share_TR = diff_Tij.exp().masked_fill(out_Tij, 0.0).sum(dim=-1).reciprocal()
+    return share_TR.masked_fill(~keep_TR, 0.0)
+
+
 def sparsemixer_multipliers(
     logits_TR: torch.Tensor, mask_TR: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """The released checkpoint's per-pick multipliers (SparseMixer-style).
+    """The released checkpoint's per-pick multipliers (SparseMixer-style), in expert order.
 
     Chosen experts are taken one at a time by highest remaining logit (ties: lower index
     first). Each pick's multiplier is its softmax share among the not-yet-picked logits whose
     relative distance to it, (l_pick - l) / max(|l|, l_pick), is at most 2·eps (SparseMixer's
-    rule, verbatim) — about 1 unless there are near-ties.
-
-    Computed for all picks at once over (pick i, candidate j) pairs — T × R × R, tiny for the
-    R ≤ 9 dynamic experts here — instead of R sequential rounds: at decode sizes the rounds
-    were most of the router's time.
+    rule, verbatim) — about 1 unless there are near-ties. `mask_TR` may leave holes in the
+    logit order (a capacity drop): a higher, unchosen logit stays in every pick's pool.
     """
-    l_Ti1 = logits_TR[:, :, None]
-    l_T1j = logits_TR[:, None, :]
-    diff_Tij = l_T1j - l_Ti1
-    idx_R = torch.arange(logits_TR.shape[-1], device=logits_TR.device)
-    # Chosen j is picked before i when its logit is higher, or equal with a lower index.
-    lower_ij = idx_R[None, :] < idx_R[:, None]
-    before_Tij = (diff_Tij > 0) | ((diff_Tij == 0) & lower_ij)
-    # far: (l_i - l_j) / max(|l_j|, l_i) > 2·eps, multiplied out (the max is ≥ 0; a 0/0 there,
-    # at zero logits, is "near" in both forms).
-    far_Tij = diff_Tij < torch.maximum(l_T1j.abs(), l_Ti1).mul_(-2 * eps)
-    out_Tij = (mask_TR[:, None, :] & before_Tij) | far_Tij
-    # share_i = exp(l_i) / Σ_pool exp(l_j) = 1 / Σ_pool exp(l_j - l_i): i is in its own pool
-    # (term 1), so the sum is ≥ 1; a far higher logit overflows to inf and the share to 0.
-    share_TR = diff_Tij.exp().masked_fill(out_Tij, 0.0).sum(dim=-1).reciprocal()
-    return torch.where(mask_TR, share_TR, 0.0)
+    ranked = _ranked(logits_TR)
+    keep_TR = mask_TR.gather(-1, ranked.indices)
+    return _unsort(_ranked_multipliers(ranked.values, keep_TR, eps), ranked.indices)
+
+
+def _ranked_released(
+    ranked_TR: torch.Tensor, keep_TR: torch.Tensor, shared_TS: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`released_weights` on ranked dynamic logits: (ranked weights_TR, shared_weights_TS)."""
+    mult_TR = _ranked_multipliers(ranked_TR, keep_TR, eps)
+    mult_TR = mult_TR / mult_TR.sum(dim=-1, keepdim=True)
+    visible_TE = torch.cat([ranked_TR.masked_fill(~keep_TR, NEG_INF), shared_TS], dim=-1).softmax(dim=-1)
+    num_dynamic = ranked_TR.shape[-1]
+    dynamic_share_T1 = visible_TE[:, :num_dynamic].sum(dim=-1, keepdim=True)
+    return mult_TR * dynamic_share_T1, visible_TE[:, num_dynamic:]
 
 
 def released_weights(
@@ -114,14 +164,11 @@ def released_weights(
     Returns (weights_TR, shared_weights_TS).
     """
     num_dynamic = mask_TR.shape[-1]
-    logits_TR = logits_TE[:, :num_dynamic]
-    mult_TR = sparsemixer_multipliers(logits_TR, mask_TR, eps)
-    mult_TR = mult_TR / mult_TR.sum(dim=-1, keepdim=True)
-    shared_visible_TS = torch.ones_like(logits_TE[:, num_dynamic:], dtype=torch.bool)
-    visible_TE = torch.cat([mask_TR, shared_visible_TS], dim=-1)
-    full_TE = logits_TE.masked_fill(~visible_TE, NEG_INF).softmax(dim=-1)
-    dynamic_share_T1 = full_TE[:, :num_dynamic].sum(dim=-1, keepdim=True)
-    return mult_TR * dynamic_share_T1, full_TE[:, num_dynamic:]
+    ranked = _ranked(logits_TE[:, :num_dynamic])
+    weights_TR, shared_TS = _ranked_released(
+        ranked.values, mask_TR.gather(-1, ranked.indices), logits_TE[:, num_dynamic:], eps
+    )
+    return _unsort(weights_TR, ranked.indices), shared_TS
 
 
 def capacity(num_tokens: int, num_dynamic: int, capacity_factor: float, min_capacity: int) -> int:
@@ -188,28 +235,34 @@ def route(
     Under torch.inference_mode the aux loss is not computed (Routing.aux_loss is 0)."""
     logits_TR = logits_TE[:, :num_dynamic]
     probs_TR = logits_TR.softmax(dim=-1)
+    ranked = _ranked(logits_TR)  # experts in the order the released code picks them
     if mode == "top_p":
-        mask_TR = top_p_mask(probs_TR, top_p, order_TR=logits_TR)
+        keep_TR = _top_p_keep(probs_TR.gather(-1, ranked.indices), top_p)
     elif mode == "top_k":
-        mask_TR = top_k_mask(probs_TR, top_k, order_TR=logits_TR)
+        keep_TR = _top_k_keep(logits_TR, top_k)
     else:
         raise ValueError(f"route(): mode {mode!r} has no router; use 'top_p' or 'top_k'")
+    mask_TR = _unsort(keep_TR, ranked.indices)
     # Under torch.inference_mode nothing trains: the aux loss (14 small ops) is a zero there.
     aux = (logits_TE.new_zeros(()) if torch.is_inference_mode_enabled()
            else load_balancing_loss(probs_TR, mask_TR, valid_T))
     if token_capacity is not None:
         mask_TR = drop_over_capacity(mask_TR, paper_weights(probs_TR, mask_TR), token_capacity)
+        keep_TR = mask_TR.gather(-1, ranked.indices)
     if weighting == "paper":
         weights_TR = paper_weights(probs_TR, mask_TR)
         shared_TS = torch.ones_like(logits_TE[:, num_dynamic:])
     elif weighting == "released":
-        weights_TR, shared_TS = released_weights(logits_TE, mask_TR, sparsemixer_eps)
+        ranked_w_TR, shared_TS = _ranked_released(
+            ranked.values, keep_TR, logits_TE[:, num_dynamic:], sparsemixer_eps
+        )
+        weights_TR = _unsort(ranked_w_TR, ranked.indices)
     else:
         raise ValueError(f"route(): weighting {weighting!r}; use 'paper' or 'released'")
     return Routing(
         mask_TR=mask_TR,
         weights_TR=weights_TR,
         shared_weights_TS=shared_TS,
-        k_T=mask_TR.sum(dim=-1),
+        k_T=keep_TR.sum(dim=-1),
         aux_loss=aux,
     )
