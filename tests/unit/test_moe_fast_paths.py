@@ -1,12 +1,14 @@
 """The inference-only expert paths (every kernel candidate, at few and many tokens) give the
 autograd path's numbers."""
 
+import copy
+
 import pytest
 import torch
 
 from unimoe_ray.config import MoEConfig
 from unimoe_ray.model import kernels
-from unimoe_ray.model.experts import SwiGLU
+from unimoe_ray.model.experts import SwiGLU, run_grouped, stack_experts
 from unimoe_ray.model.moe import DCMoE
 
 DIM = 16
@@ -68,3 +70,71 @@ def test_frozen_experts_still_pass_gradient_to_router():
     out, stats = moe(torch.randn(32, DIM))
     (out.pow(2).sum() + stats.aux_loss).backward()
     assert moe.gate.weight.grad.abs().sum() > 0
+
+
+def _layer_with_stacked_experts(dtype=torch.float32):
+    torch.manual_seed(7)
+    cfg = MoEConfig(num_routed=4, num_null=1, num_shared=2, routed_intermediate=24,
+                    shared_intermediate=8, weighting="released")
+    moe = DCMoE(dim=DIM, cfg=cfg).eval()
+    ref = copy.deepcopy(moe)
+    stack_experts(moe.routed_experts, dtype)
+    return moe, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts", [(1, 2, 0, 1), (3, 0, 0, 0), (5, 7, 2, 9)])
+def test_grouped_layer_run_equals_the_expert_loop(dtype, counts):
+    """Stacked experts run in two grouped GEMMs: what the per-expert x·Wᵀ loop gives (the same
+    GEMMs per expert; BLAS may sum in another order at these tiny dims)."""
+    moe, _ = _layer_with_stacked_experts(dtype)
+    backend = moe.expert_backend
+    w0 = moe.routed_experts[0].gate_proj.weight
+    assert backend.stacked() is not None and backend.stacked()[0].data_ptr() == w0.data_ptr()
+    assert kernels.grouped_applies(moe.routed_experts[0].expert_weights(), counts)
+    x = torch.randn(sum(counts), DIM)
+    with torch.inference_mode():
+        loop = run_grouped(moe.routed_experts, x, counts)
+        calls = []
+        real = kernels.grouped_swiglu
+        kernels.grouped_swiglu = lambda *a: calls.append(1) or real(*a)
+        try:
+            got = backend.run(0, x, counts)
+        finally:
+            kernels.grouped_swiglu = real
+    assert calls, "the grouped path was not taken"
+    assert got.dtype == x.dtype
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got, loop, **tol)
+
+
+def test_grouped_path_follows_the_measured_choice_and_stale_stacks():
+    moe, ref = _layer_with_stacked_experts()
+    backend, w = moe.expert_backend, moe.routed_experts[0].expert_weights()
+    # Where W·xᵀ was measured faster for some active count, the loop runs (the choice holds).
+    kernels.register(w.key, kernels.Plan((2, 4), ("xwt", "wxt_pad2"), "measured"))
+    assert kernels.grouped_applies(w, (1, 2, 0, 0))
+    assert not kernels.grouped_applies(w, (1, 3, 0, 0))
+    # An expert whose weights moved out of the stack (re-fused, reloaded): no grouped views.
+    gate = moe.routed_experts[2].gate_proj
+    gate.weight = torch.nn.Parameter(gate.weight.detach().clone())
+    assert backend.stacked() is None
+    x = torch.randn(6, DIM)
+    with torch.inference_mode():
+        torch.testing.assert_close(moe(x)[0], ref(x)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_stacked_layer_matches_the_unstacked_one_and_keeps_hooks():
+    moe, ref = _layer_with_stacked_experts()
+    x = torch.randn(9, DIM)
+    with torch.inference_mode():
+        torch.testing.assert_close(moe(x)[0], ref(x)[0], atol=1e-6, rtol=1e-5)
+    seen = []
+    moe.routed_experts[1].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    with torch.inference_mode():
+        _, stats = moe(x)
+    assert seen == ([stats.counts[1]] if stats.counts[1] else [])  # hooks still fire per expert
+    # Training still works on stacked experts (autograd path, gradients reach the views).
+    moe.train()
+    moe(x)[0].sum().backward()
+    assert moe.routed_experts[0].gate_proj.weight.grad is not None

@@ -107,11 +107,70 @@ def run_grouped(experts: Sequence[SwiGLU], x_ND: torch.Tensor, counts: Sequence[
     return y_ND
 
 
+def stack_experts(experts: Sequence[SwiGLU], dtype: torch.dtype | None = None) -> None:
+    """Put a layer's experts' weights in two stacked buffers, gate and up of all experts as
+    (E, 2F, D), down as (E, D, F) — the parameters become views of them, in `dtype` if given —
+    so that `LocalExperts` can run the whole layer in two grouped GEMMs. Inference set-up (as
+    `SwiGLU.fuse_gate_up`, which this includes); experts of different shapes are left alone."""
+    mods = list(experts)
+    if not mods or not all(type(m) is SwiGLU for m in mods):
+        return
+    g0, d0 = mods[0].gate_proj.weight, mods[0].down_proj.weight
+    if any(m.gate_proj.weight.shape != g0.shape or m.down_proj.weight.shape != d0.shape for m in mods):
+        return
+    dtype = dtype or g0.dtype
+    with torch.no_grad():
+        gate_up_E2FD = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in mods]).to(dtype)
+        down_EDF = torch.stack([m.down_proj.weight for m in mods]).to(dtype)
+    hidden = g0.shape[0]
+    for e, m in enumerate(mods):
+        for lin, w in ((m.gate_proj, gate_up_E2FD[e, :hidden]), (m.up_proj, gate_up_E2FD[e, hidden:]),
+                       (m.down_proj, down_EDF[e])):
+            lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+
+
 class LocalExperts:
-    """The in-process backend: the layer's own `routed_experts` modules."""
+    """The in-process backend: the layer's own `routed_experts` modules.
+
+    Without autograd, when the experts' weights are stacked (`stack_experts`) and this
+    machine's kernel choice for every active count is x·Wᵀ (`kernels.grouped_applies`), the
+    whole layer runs as one `kernels.grouped_swiglu`; otherwise expert by expert."""
 
     def __init__(self, experts: nn.ModuleList) -> None:
         self.experts = experts
+        self._stack: tuple[tuple, tuple[torch.Tensor, torch.Tensor] | None] = ((), None)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate_up_E2FD, down_EDF) views over the experts' weights when they lie stacked in
+        memory, else None. Re-derived whenever an expert's kernel-form weights change."""
+        mods = list(self.experts)
+        if not all(type(m) is SwiGLU for m in mods):
+            return None
+        ws = [m.expert_weights() for m in mods]
+        key = tuple(map(id, ws))
+        if self._stack[0] != key:
+            self._stack = (key, _stacked_views(ws))
+        return self._stack[1]
 
     def run(self, layer_idx: int, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        if not torch.is_grad_enabled() and not any(m._forward_hooks or m._forward_pre_hooks for m in self.experts):
+            stack = self.stacked()
+            if stack is not None and kernels.grouped_applies(self.experts[0].expert_weights(), counts):
+                return kernels.grouped_swiglu(*stack, x_ND, counts)
         return run_grouped(self.experts, x_ND, counts)
+
+
+def _stacked_views(ws: Sequence[kernels.ExpertWeights]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    first = ws[0]
+    gu, dn = first.gate_up_2FD, first.down_DF
+    if gu is None or not dn.is_contiguous():
+        return None
+    for e, w in enumerate(ws):
+        if (w.gate_up_2FD is None or w.dtype != first.dtype or w.gate_up_2FD.shape != gu.shape
+                or w.down_DF.shape != dn.shape or not w.down_DF.is_contiguous()
+                or w.gate_up_2FD.data_ptr() != gu.data_ptr() + e * gu.numel() * gu.element_size()
+                or w.down_DF.data_ptr() != dn.data_ptr() + e * dn.numel() * dn.element_size()):
+            return None
+    E = len(ws)
+    return (gu.as_strided((E, *gu.shape), (gu.numel(), *gu.stride())),
+            dn.as_strided((E, *dn.shape), (dn.numel(), *dn.stride())))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import datetime
 import functools
+import itertools
 import json
 import os
 import platform
@@ -307,6 +308,41 @@ def int8_mm(x_nD, w: ExpertWeights, out_nD=None):
 
 def int8_mm_bf16(x_nD, w: ExpertWeights, out_nD=None):
     return _int8_chain(x_nD, w, out_nD, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- a layer's experts at once
+
+# The candidates whose arithmetic torch._grouped_mm reproduces exactly: x·Wᵀ per expert.
+X_WT = frozenset({"xwt", "xwt_fused"})
+
+
+def grouped_applies(w: ExpertWeights, counts) -> bool:
+    """Whether one `grouped_swiglu` call may stand in for the per-expert loop over experts
+    shaped like `w` with these token counts: on the CPU, in fp32 / bf16, and only where this
+    machine's choice for every active count is an x·Wᵀ kernel (what the grouped GEMM computes
+    per expert). Where W·xᵀ measured faster, the loop runs that instead."""
+    if w.dtype not in ("fp32", "bf16") or w.gate_FD.device.type != "cpu" or not hasattr(torch, "_grouped_mm"):
+        return False
+    plan = _PLANS.get(w.key)
+    if plan is None:
+        return DEFAULT[w.dtype] in X_WT
+    return all(plan.name_for(n) in X_WT for n in counts if n)
+
+
+def grouped_swiglu(
+    gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, x_ND: torch.Tensor, counts
+) -> torch.Tensor:
+    """Every expert of a layer on its own rows of x_ND (expert 0's counts[0] rows, then expert
+    1's, ...), weights stacked (`experts.stack_experts`): two torch._grouped_mm calls in all
+    instead of a Python loop of ~8 small ops per active expert — which at decode sizes cost as
+    much as the GEMMs. The same GEMMs as `xwt` per expert (bit-equal at the `small` model's
+    shapes here; the BLAS may sum in another order at other shapes); y has x's dtype."""
+    hidden = down_EDF.shape[2]
+    offs_E = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x_ND.device)
+    h_N2F = torch._grouped_mm(x_ND.to(gate_up_E2FD.dtype), gate_up_E2FD.transpose(1, 2), offs=offs_E)
+    a_NF = torch.mul(F.silu(h_N2F[:, :hidden], inplace=True), h_N2F[:, hidden:])
+    y_ND = torch._grouped_mm(a_NF, down_EDF.transpose(1, 2), offs=offs_E)
+    return y_ND.to(x_ND.dtype)
 
 
 @dataclass(frozen=True)

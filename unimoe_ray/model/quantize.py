@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from unimoe_ray.model import kernels
-from unimoe_ray.model.experts import SwiGLU
+from unimoe_ray.model.experts import SwiGLU, stack_experts
 from unimoe_ray.model.hugepages import move_to_hugepages
 
 EXPERT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
@@ -120,6 +120,9 @@ def convert_experts(
     if dtype is not None and dtype not in EXPERT_DTYPES:
         raise ValueError(f"expert_dtype={dtype!r}: use one of {sorted(EXPERT_DTYPES)} (or None to keep the loaded dtype)")
     for experts in expert_lists(model):
+        if dtype != "int8":
+            # Float experts: each layer's in two stacked buffers (gate+up, down), in `dtype`.
+            stack_experts(experts, EXPERT_DTYPES[dtype] if dtype else None)
         for i, expert in enumerate(experts):
             if isinstance(expert, Int8SwiGLU):
                 if dtype not in (None, "int8"):
