@@ -138,3 +138,21 @@ def test_stacked_layer_matches_the_unstacked_one_and_keeps_hooks():
     moe.train()
     moe(x)[0].sum().backward()
     assert moe.routed_experts[0].gate_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 7])
+def test_shared_experts_in_one_grouped_call_match_their_loop(num_tokens):
+    moe, ref = _layer_with_stacked_experts()
+    stack_experts(moe.shared_experts)
+    x = torch.randn(num_tokens, DIM)
+    calls = []
+    real = kernels.grouped_swiglu
+    kernels.grouped_swiglu = lambda *a: calls.append(a[-1]) or real(*a)
+    try:
+        with torch.inference_mode():
+            got, _ = moe(x)
+            want, _ = ref(x)
+    finally:
+        kernels.grouped_swiglu = real
+    assert (num_tokens, num_tokens) in calls  # the two shared experts, one call
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

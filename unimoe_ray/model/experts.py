@@ -152,6 +152,10 @@ class LocalExperts:
             self._stack = (key, _stacked_views(ws))
         return self._stack[1]
 
+    def __getstate__(self) -> dict:
+        # The views are derived state: never pickle or deep-copy them (a copy re-derives its own).
+        return {**self.__dict__, "_stack": ((), None)}
+
     def run(self, layer_idx: int, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         if not torch.is_grad_enabled() and not any(m._forward_hooks or m._forward_pre_hooks for m in self.experts):
             stack = self.stacked()

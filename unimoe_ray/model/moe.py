@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unimoe_ray.config import MoEConfig
-from unimoe_ray.model import dispatch, router
+from unimoe_ray.model import dispatch, kernels, router
 from unimoe_ray.model.experts import ExpertBackend, LocalExperts, SwiGLU
 
 
@@ -51,6 +51,7 @@ class DCMoE(nn.Module):
             SwiGLU(dim=dim, hidden=cfg.shared_intermediate) for _ in range(cfg.num_shared)
         )
         self.expert_backend: ExpertBackend = LocalExperts(self.routed_experts)
+        self._shared_backend = LocalExperts(self.shared_experts)  # its stacked-weight views
 
     # At inference the released code computes the router in the model's dtype (its fp32 gate
     # applies in training only); set_router_precision(model, "model") reproduces that.
@@ -89,6 +90,26 @@ class DCMoE(nn.Module):
             valid_T=valid_T,
         )
 
+    def _shared_grouped(self, x_TD: torch.Tensor, shared_TS: torch.Tensor) -> torch.Tensor | None:
+        """Σ_j shared_j(x) · weight_j with every shared expert in one grouped GEMM pair (each
+        on its own copy of the tokens), when their weights are stacked and the per-expert choice
+        at T tokens is x·Wᵀ (`LocalExperts`' rule); else None (the loop in `forward` runs)."""
+        num, T = len(self.shared_experts), x_TD.shape[0]
+        if num < 2 or torch.is_grad_enabled():
+            return None
+        backend = self._shared_backend
+        counts = (T,) * num
+        stack = backend.stacked()
+        if stack is None or any(m._forward_hooks or m._forward_pre_hooks for m in self.shared_experts) \
+                or not kernels.grouped_applies(self.shared_experts[0].expert_weights(), counts):
+            return None
+        y_ND = kernels.grouped_swiglu(*stack, x_TD.repeat(num, 1), counts)
+        # The loop's order: expert 0 scaled, then each further one added scaled.
+        out_TD = y_ND[:T].mul_(shared_TS[:, :1])
+        for j in range(1, num):
+            out_TD.addcmul_(shared_TS[:, j : j + 1], y_ND[j * T : (j + 1) * T])
+        return out_TD
+
     def forward(
         self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, MoEStats]:
@@ -98,8 +119,8 @@ class DCMoE(nn.Module):
         # Shared experts first: their weighted sum becomes the output buffer that the routed
         # experts are scatter-added into (no zero-filled buffer, no extra full-size adds).
         shared_TS = routing.shared_weights_TS.to(x_TD.dtype)
-        out_TD = None
-        for j, expert in enumerate(self.shared_experts):
+        out_TD = self._shared_grouped(x_TD, shared_TS)
+        for j, expert in enumerate(self.shared_experts if out_TD is None else ()):
             if out_TD is None and not torch.is_grad_enabled():
                 # The first shared expert writes straight into the output buffer.
                 out_TD = expert(x_TD, out_nD=torch.empty_like(x_TD)).mul_(shared_TS[:, j : j + 1])
