@@ -1,5 +1,6 @@
 """Inference-only shortcuts give the same values as the general forms: the fused fp32 RMSNorm,
-and the router's aux loss skipped under torch.inference_mode (and only there)."""
+the router's aux loss skipped under torch.inference_mode (and only there), and the fused q/k/v
+projection."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from unimoe_ray.config import get_preset
-from unimoe_ray.model.attention import RMSNorm
+from unimoe_ray.model.attention import Attention, MRoPE, RMSNorm
 from unimoe_ray.model.moe import DCMoE
 
 
@@ -36,3 +37,28 @@ def test_aux_loss_is_skipped_only_under_inference_mode():
     assert float(st_ng.aux_loss) > 0  # evaluation (validation, routing analysis) still gets it
     assert float(st_im.aux_loss) == 0.0
     assert torch.equal(out_ng, out_im) and torch.equal(st_ng.mask_TR, st_im.mask_TR)
+
+
+def test_fused_qkv_matches_the_three_projections_and_keeps_training_exact():
+    torch.manual_seed(0)
+    attn = Attention(dim=64, num_heads=4, num_kv_heads=2)
+    rope = MRoPE(head_dim=16, theta=10000.0, mrope_section=(2, 3, 3))
+    x = torch.randn(2, 5, 64)
+    cos_sin = rope(torch.arange(5).expand(3, 2, 5), x.dtype)
+    with torch.inference_mode():
+        want = attn(x, cos_sin, None, None, 0)
+    assert attn.fused_qkv() is None
+    attn.fuse_qkv()
+    w, b = attn.fused_qkv()
+    assert w.shape == (4 * 16 + 2 * 2 * 16, 64) and w.data_ptr() == attn.q_proj.weight.data_ptr()
+    with torch.inference_mode():
+        got = attn(x, cos_sin, None, None, 0)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    # With autograd the three projections run as before: each gets its own gradient.
+    attn(x, cos_sin, None, None, 0).sum().backward()
+    assert all(p.grad is not None for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.bias))
+    # A parameter moved out of the shared buffer (reloaded, re-cast): no fused span any more.
+    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach().clone())
+    assert attn.fused_qkv() is None
+    with torch.inference_mode():
+        torch.testing.assert_close(attn(x, cos_sin, None, None, 0), want, atol=1e-6, rtol=1e-5)

@@ -108,6 +108,36 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=False)
+        self._qkv: tuple[tuple, tuple[torch.Tensor, torch.Tensor] | None] = ((), None)
+
+    def fuse_qkv(self) -> None:
+        """Inference set-up: q, k and v weights (and biases) become views of one buffer each,
+        so that `forward` without autograd computes all three in one GEMM and ropes q and k in
+        one pass. Optimisers built before hold the old tensors."""
+        lins = (self.q_proj, self.k_proj, self.v_proj)
+        with torch.no_grad():
+            w = torch.cat([lin.weight for lin in lins])
+            b = torch.cat([lin.bias for lin in lins])
+        start = 0
+        for lin in lins:
+            stop = start + lin.out_features
+            lin.weight = nn.Parameter(w[start:stop], requires_grad=lin.weight.requires_grad)
+            lin.bias = nn.Parameter(b[start:stop], requires_grad=lin.bias.requires_grad)
+            start = stop
+
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight, bias) spanning q, k, v when they lie in one buffer each (`fuse_qkv`), else
+        None; re-derived whenever a parameter's storage changes."""
+        mods = self._modules
+        params = [mods[n]._parameters[p] for p in ("weight", "bias") for n in ("q_proj", "k_proj", "v_proj")]
+        sig = tuple(t.data_ptr() for t in params) + (params[0].dtype,)
+        if self._qkv[0] != sig:
+            self._qkv = (sig, _spans(params[:3], params[3:]))
+        return self._qkv[1]
+
+    def __getstate__(self) -> dict:
+        # The views are derived state: never pickle or deep-copy them (a copy re-derives its own).
+        return {**self.__dict__, "_qkv": ((), None)}
 
     def forward(
         self,
@@ -118,11 +148,17 @@ class Attention(nn.Module):
         layer_idx: int,
     ) -> torch.Tensor:
         B, L, _ = x_BLD.shape
-        q_BHLd = self.q_proj(x_BLD).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
-        k_BGLd = self.k_proj(x_BLD).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v_BGLd = self.v_proj(x_BLD).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHLd = apply_rope(q_BHLd, *cos_sin)
-        k_BGLd = apply_rope(k_BGLd, *cos_sin)
+        H, G, Hd = self.num_heads, self.num_kv_heads, self.head_dim
+        fused = None if torch.is_grad_enabled() else self.fused_qkv()
+        if fused is not None:
+            # One GEMM for q, k, v; one rope pass over q's and k's heads together.
+            qkv_BNLd = F.linear(x_BLD, *fused).view(B, L, H + 2 * G, Hd).transpose(1, 2)
+            qk_BNLd = apply_rope(qkv_BNLd[:, : H + G], *cos_sin)
+            q_BHLd, k_BGLd, v_BGLd = qk_BNLd[:, :H], qk_BNLd[:, H:], qkv_BNLd[:, H + G :]
+        else:
+            q_BHLd = apply_rope(self.q_proj(x_BLD).view(B, L, H, Hd).transpose(1, 2), *cos_sin)
+            k_BGLd = apply_rope(self.k_proj(x_BLD).view(B, L, G, Hd).transpose(1, 2), *cos_sin)
+            v_BGLd = self.v_proj(x_BLD).view(B, L, G, Hd).transpose(1, 2)
         if cache is not None:
             k_BGLd, v_BGLd = cache.update(layer_idx, k_BGLd, v_BGLd)
         out_BHLd = F.scaled_dot_product_attention(
@@ -130,6 +166,30 @@ class Attention(nn.Module):
             is_causal=mask_B1LS is None and cache is None, enable_gqa=True,
         )
         return self.o_proj(out_BHLd.transpose(1, 2).reshape(B, L, -1))
+
+
+def _spans(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The weights stacked by rows and the biases concatenated, as views, when each tensor
+    directly follows the previous one in memory (same dtype, device, contiguous); else None."""
+    out = []
+    for ts in (weights, biases):
+        first = ts[0]
+        end = first.data_ptr()
+        for t in ts:
+            if not t.is_contiguous() or t.dtype != first.dtype or t.device != first.device \
+                    or t.shape[1:] != first.shape[1:] or t.data_ptr() != end:
+                return None
+            end += t.numel() * t.element_size()
+        rows = sum(t.shape[0] for t in ts)
+        out.append(first.as_strided((rows, *first.shape[1:]), first.stride()))
+    return out[0], out[1]
+
+
+def fuse_qkv(model: nn.Module) -> None:
+    """`Attention.fuse_qkv` on every attention of `model` (inference set-up)."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fuse_qkv()
 
 
 def attention_mask(valid_BS: torch.Tensor, num_new: int) -> torch.Tensor:

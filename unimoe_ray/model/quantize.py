@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from unimoe_ray.model import kernels
+from unimoe_ray.model.attention import fuse_qkv
 from unimoe_ray.model.experts import SwiGLU, stack_experts
 from unimoe_ray.model.hugepages import move_to_hugepages
 
@@ -106,7 +107,8 @@ def convert_experts(
     model: nn.Module, dtype: str | torch.dtype | None, *, select: bool = True, hugepages: bool = True
 ) -> nn.Module:
     """Store every DCMoE expert of `model` in `dtype` ("fp32" | "bf16" | "int8"; None keeps the
-    loaded dtype), gate and up in one buffer, move the model's CPU weights into huge pages
+    loaded dtype), each layer's experts stacked (gate and up in one buffer), each attention's
+    q/k/v in one buffer (`Attention.fuse_qkv`), move the model's CPU weights into huge pages
     (`hugepages.move_to_hugepages`; UNIMOE_HUGEPAGES=0 turns it off), then pick this machine's
     fastest expert kernels (`kernels.select`: measured once per shape on the model's device and
     cached; skipped under UNIMOE_KERNELS=default). In place; returns the model. For inference:
@@ -137,6 +139,7 @@ def convert_experts(
                 expert.fuse_gate_up(EXPERT_DTYPES[dtype] if dtype else None)
                 if dtype:
                     expert.down_proj.to(EXPERT_DTYPES[dtype])
+    fuse_qkv(model)  # the rest of the inference set-up: q/k/v in one buffer per attention
     if hugepages:
         move_to_hugepages(model)
     if select:
