@@ -9,7 +9,7 @@ every step attends over the same `--prompt` positions.
 - roof: bytes the step must read once (attention, norms, router, the codec head, the experts
   the step's routing touched in their stored dtype, the KV cache) ÷ the read bandwidth
   measured in the same round (`sum` over a 1 GiB buffer in huge pages).
-- RTF (real-time factor): step time × 50 frames/s — seconds of compute per second of audio
+- RTF (real-time factor): steady step time × 50 frames/s — seconds of compute per second of audio
   for every request in the batch (< 1: faster than real time).
 - weights: every model's CPU weights sit in huge pages (`convert_experts` moves them,
   unimoe_ray.model.hugepages); `--small-pages` adds each expert dtype again with its weights
@@ -22,7 +22,10 @@ every step attends over the same `--prompt` positions.
   greedy choices are more fragile than a trained model's.
 
 Timing: interleaved rounds (rotating order) in one process, medians; ratios are medians of
-per-round ratios. The machine (CPU, ISA, threads), the load average and each model's kernel
+per-round ratios. In a round each model runs `--block` consecutive steps: "step" is the median
+of all but the first (steady state, as generation runs: one step after another of one model),
+"cold" the first (after the other models' steps and the 1 GiB read probe have evicted its
+weights from the caches — what a step costs when something else ran in between). The machine (CPU, ISA, threads), the load average and each model's kernel
 choice are printed with the figures.
 
     .venv/bin/python benchmarks/decode_step.py [--rounds 15] [--breakdown] [--quality] [--json out.json]
@@ -115,6 +118,8 @@ class Row:
     step_ms: float
     roof_ms: float
     step_over_roof: float
+    cold_ms: float  # the first step after other models' steps and the read probe
+    cold_over_roof: float
     rtf: float
     vs_fp32: float  # fp32 step / this step
     mb_per_step: float
@@ -122,19 +127,30 @@ class Row:
     touched_mean: float  # routed experts touched per layer
 
 
-def time_steps(steppers: dict[str, Stepper], rounds: int, buf_N: torch.Tensor) -> dict[str, list[float]]:
+def time_steps(
+    steppers: dict[str, Stepper], rounds: int, buf_N: torch.Tensor, block: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per round, each model runs `block` consecutive steps (rotating order) and the read probe
+    runs once. Returns (steady, cold) per name, one value per round: cold = the block's first
+    step (right after another model's steps and the probe: caches hold other weights); steady =
+    the median of the rest (what generation does: one step after another of the same model).
+    With block 1 the two are the same."""
     names = list(steppers) + ["read"]
     fns = {**{k: s.step for k, s in steppers.items()}, "read": buf_N.sum}
     for fn in fns.values():
         fn(), fn()
-    times = defaultdict(list)
+    steady, cold = defaultdict(list), defaultdict(list)
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
+            ts = []
+            for _ in range(1 if name == "read" else block):
+                t0 = time.perf_counter()
+                fns[name]()
+                ts.append(time.perf_counter() - t0)
+            cold[name].append(ts[0])
+            steady[name].append(statistics.median(ts[1:]) if len(ts) > 1 else ts[0])
+    return steady, cold
 
 
 def breakdown(model: UniMoEAudio, stepper: Stepper, reps: int) -> dict[str, float]:
@@ -240,6 +256,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--block", type=int, default=4,
+                    help="consecutive steps per model per round: the first is 'cold', the rest 'steady'")
     ap.add_argument("--prompt", type=int, default=128, help="cached positions each step attends over")
     ap.add_argument("--requests", default="1,8")
     ap.add_argument("--expert-dtype", default="fp32,bf16,int8", help="comma list of fp32, bf16, int8")
@@ -290,7 +308,7 @@ def main() -> None:
     extra: dict = {"breakdown": {}, "quality": None}
     for requests in [int(r) for r in args.requests.split(",")]:
         steppers = {d: Stepper(m, requests, args.prompt, args.seed) for d, m in models.items()}
-        times = time_steps(steppers, args.rounds, buf_N)
+        times, cold = time_steps(steppers, args.rounds, buf_N, args.block)
         for d, s in steppers.items():
             nbytes = step_bytes(models[d], s)
             touched = statistics.mean(sum(1 for c in st.counts if c) for st in s.last.moe_stats)
@@ -300,13 +318,15 @@ def main() -> None:
                 step_ms=statistics.median(times[d]) * 1e3,
                 roof_ms=statistics.median(roof_r) * 1e3,
                 step_over_roof=statistics.median(t / r for t, r in zip(times[d], roof_r)),
+                cold_ms=statistics.median(cold[d]) * 1e3,
+                cold_over_roof=statistics.median(t / r for t, r in zip(cold[d], roof_r)),
                 rtf=statistics.median(times[d]) * FRAMES_PER_S,
                 vs_fp32=statistics.median(f / t for f, t in zip(times["fp32"], times[d])),
                 mb_per_step=nbytes / 1e6,
                 read_gbs=statistics.median(read_gb / rd for rd in times["read"]),
                 touched_mean=touched,
             ))
-            print(f"#   {requests} req {d}: {rows[-1].step_ms:.1f} ms", flush=True)
+            print(f"#   {requests} req {d}: {rows[-1].step_ms:.1f} ms (cold {rows[-1].cold_ms:.1f})", flush=True)
         if args.breakdown:
             for d, s in steppers.items():
                 extra["breakdown"][f"{requests}req/{d}"] = breakdown(models[d], s, max(3, args.rounds // 3))
@@ -314,11 +334,13 @@ def main() -> None:
     print(machine_line())
     print(
         f"{'req':>3s} {'rows':>4s} {'experts':>7s} {'step ms':>8s} {'roof ms':>8s} {'step/roof':>9s} "
+        f"{'cold ms':>8s} {'cold/roof':>9s} "
         f"{'RTF':>5s} {'fp32/this':>9s} {'MB/step':>8s} {'read GB/s':>9s} {'touched':>7s}"
     )
     for r in rows:
         print(
             f"{r.requests:3d} {r.rows:4d} {r.dtype:>7s} {r.step_ms:8.1f} {r.roof_ms:8.1f} {r.step_over_roof:9.2f} "
+            f"{r.cold_ms:8.1f} {r.cold_over_roof:9.2f} "
             f"{r.rtf:5.2f} {r.vs_fp32:9.2f} {r.mb_per_step:8.1f} {r.read_gbs:9.1f} {r.touched_mean:7.2f}"
         )
     for label, parts in extra["breakdown"].items():

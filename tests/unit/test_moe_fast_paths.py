@@ -79,6 +79,8 @@ def _layer_with_stacked_experts(dtype=torch.float32):
     moe = DCMoE(dim=DIM, cfg=cfg).eval()
     ref = copy.deepcopy(moe)
     stack_experts(moe.routed_experts, dtype)
+    # As if this machine measured the layer-level kernel fastest at every count.
+    kernels.register(moe.routed_experts[0].expert_weights().key, kernels.Plan((1,), ("grouped",), "measured"))
     return moe, ref
 
 
@@ -112,9 +114,11 @@ def test_grouped_path_follows_the_measured_choice_and_stale_stacks():
     moe, ref = _layer_with_stacked_experts()
     backend, w = moe.expert_backend, moe.routed_experts[0].expert_weights()
     # Where W·xᵀ was measured faster for some active count, the loop runs (the choice holds).
-    kernels.register(w.key, kernels.Plan((2, 4), ("xwt", "wxt_pad2"), "measured"))
+    kernels.register(w.key, kernels.Plan((2, 4), ("grouped", "wxt_pad2"), "measured"))
     assert kernels.grouped_applies(w, (1, 2, 0, 0))
     assert not kernels.grouped_applies(w, (1, 3, 0, 0))
+    kernels.clear()  # no measured plan: never grouped (UNIMOE_KERNELS=default runs the loop)
+    assert not kernels.grouped_applies(w, (1, 2, 0, 0))
     # An expert whose weights moved out of the stack (re-fused, reloaded): no grouped views.
     gate = moe.routed_experts[2].gate_proj
     gate.weight = torch.nn.Parameter(gate.weight.detach().clone())
@@ -144,6 +148,7 @@ def test_stacked_layer_matches_the_unstacked_one_and_keeps_hooks():
 def test_shared_experts_in_one_grouped_call_match_their_loop(num_tokens):
     moe, ref = _layer_with_stacked_experts()
     stack_experts(moe.shared_experts)
+    kernels.register(moe.shared_experts[0].expert_weights().key, kernels.Plan((1,), ("grouped",), "measured"))
     x = torch.randn(num_tokens, DIM)
     calls = []
     real = kernels.grouped_swiglu
@@ -156,3 +161,16 @@ def test_shared_experts_in_one_grouped_call_match_their_loop(num_tokens):
         kernels.grouped_swiglu = real
     assert (num_tokens, num_tokens) in calls  # the two shared experts, one call
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_measure_times_the_grouped_candidate_only_over_stacked_experts():
+    moe, _ = _layer_with_stacked_experts()
+    kernels.clear()
+    stacked = [m.expert_weights() for m in moe.routed_experts]
+    plan = kernels.measure(stacked, ladder=(1, 3), rounds=1)
+    assert all("grouped" in plan.ms[n] for n in (1, 3))
+    loose = copy.deepcopy(moe.routed_experts)  # a deep copy: each expert's own storage again
+    for m in loose:
+        m.fuse_gate_up()
+    plan = kernels.measure([m.expert_weights() for m in loose], ladder=(1,), rounds=1)
+    assert "grouped" not in plan.ms[1]

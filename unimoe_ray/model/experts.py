@@ -133,8 +133,9 @@ class LocalExperts:
     """The in-process backend: the layer's own `routed_experts` modules.
 
     Without autograd, when the experts' weights are stacked (`stack_experts`) and this
-    machine's kernel choice for every active count is x·Wᵀ (`kernels.grouped_applies`), the
-    whole layer runs as one `kernels.grouped_swiglu`; otherwise expert by expert."""
+    machine measured the layer-level "grouped" kernel fastest at every active count
+    (`kernels.grouped_applies`), the whole layer runs as one `kernels.grouped_swiglu`;
+    otherwise expert by expert."""
 
     def __init__(self, experts: nn.ModuleList) -> None:
         self.experts = experts
@@ -149,7 +150,7 @@ class LocalExperts:
         ws = [m.expert_weights() for m in mods]
         key = tuple(map(id, ws))
         if self._stack[0] != key:
-            self._stack = (key, _stacked_views(ws))
+            self._stack = (key, kernels.stacked_views(ws))
         return self._stack[1]
 
     def __getstate__(self) -> dict:
@@ -162,19 +163,3 @@ class LocalExperts:
             if stack is not None and kernels.grouped_applies(self.experts[0].expert_weights(), counts):
                 return kernels.grouped_swiglu(*stack, x_ND, counts)
         return run_grouped(self.experts, x_ND, counts)
-
-
-def _stacked_views(ws: Sequence[kernels.ExpertWeights]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    first = ws[0]
-    gu, dn = first.gate_up_2FD, first.down_DF
-    if gu is None or not dn.is_contiguous():
-        return None
-    for e, w in enumerate(ws):
-        if (w.gate_up_2FD is None or w.dtype != first.dtype or w.gate_up_2FD.shape != gu.shape
-                or w.down_DF.shape != dn.shape or not w.down_DF.is_contiguous()
-                or w.gate_up_2FD.data_ptr() != gu.data_ptr() + e * gu.numel() * gu.element_size()
-                or w.down_DF.data_ptr() != dn.data_ptr() + e * dn.numel() * dn.element_size()):
-            return None
-    E = len(ws)
-    return (gu.as_strided((E, *gu.shape), (gu.numel(), *gu.stride())),
-            dn.as_strided((E, *dn.shape), (dn.numel(), *dn.stride())))

@@ -45,7 +45,7 @@ from torch import nn
 
 ENV_MODE = "UNIMOE_KERNELS"
 ENV_CACHE = "UNIMOE_KERNEL_CACHE"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the layer-level 'grouped' candidate
 
 # Above this many tokens the x·Wᵀ kernels go through in row blocks with one reused gate/up
 # buffer: GEMMs of ~1k rows already run at full speed, and the buffers stay in the heap and
@@ -312,21 +312,30 @@ def int8_mm_bf16(x_nD, w: ExpertWeights, out_nD=None):
 
 # ---------------------------------------------------------------- a layer's experts at once
 
-# The candidates whose arithmetic torch._grouped_mm reproduces exactly: x·Wᵀ per expert.
-X_WT = frozenset({"xwt", "xwt_fused"})
-
-
 def grouped_applies(w: ExpertWeights, counts) -> bool:
-    """Whether one `grouped_swiglu` call may stand in for the per-expert loop over experts
-    shaped like `w` with these token counts: on the CPU, in fp32 / bf16, and only where this
-    machine's choice for every active count is an x·Wᵀ kernel (what the grouped GEMM computes
-    per expert). Where W·xᵀ measured faster, the loop runs that instead."""
-    if w.dtype not in ("fp32", "bf16") or w.gate_FD.device.type != "cpu" or not hasattr(torch, "_grouped_mm"):
-        return False
+    """Whether one `grouped_swiglu` call runs experts shaped like `w` with these token counts
+    instead of the per-expert loop: where this machine measured the "grouped" candidate the
+    fastest at every active count (`measure`). Never without a measured plan."""
     plan = _PLANS.get(w.key)
-    if plan is None:
-        return DEFAULT[w.dtype] in X_WT
-    return all(plan.name_for(n) in X_WT for n in counts if n)
+    return plan is not None and all(plan.name_for(n) == "grouped" for n in counts if n)
+
+
+def stacked_views(ws) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(gate_up_E2FD, down_EDF) views over these experts' weights when they lie stacked in
+    memory in this order (`experts.stack_experts`), else None."""
+    first = ws[0]
+    gu, dn = first.gate_up_2FD, first.down_DF
+    if gu is None or not dn.is_contiguous() or first.dtype not in ("fp32", "bf16", "fp16"):
+        return None
+    for e, w in enumerate(ws):
+        if (w.gate_up_2FD is None or w.dtype != first.dtype or w.gate_up_2FD.shape != gu.shape
+                or w.down_DF.shape != dn.shape or not w.down_DF.is_contiguous()
+                or w.gate_up_2FD.data_ptr() != gu.data_ptr() + e * gu.numel() * gu.element_size()
+                or w.down_DF.data_ptr() != dn.data_ptr() + e * dn.numel() * dn.element_size()):
+            return None
+    E = len(ws)
+    return (gu.as_strided((E, *gu.shape), (gu.numel(), *gu.stride())),
+            dn.as_strided((E, *dn.shape), (dn.numel(), *dn.stride())))
 
 
 def grouped_swiglu(
@@ -370,6 +379,10 @@ CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
     Candidate("wxt_pad8", wxt_pad8, FLOAT, doc="W·xᵀ, token columns padded to a multiple of 8"),
     Candidate("wxt_fused", wxt_fused, FLOAT, True, "W·xᵀ, one GEMM for gate and up, even columns"),
     Candidate("upcast", upcast, ("bf16", "fp16", "int8"), doc="dequantise into a reused fp32 buffer, fp32 x·Wᵀ"),
+    # A layer-level candidate: `measure` times all of a layer's stacked experts in one
+    # `grouped_swiglu` call (per expert: the call ÷ experts); where it wins, `LocalExperts` runs
+    # the layer that way. An expert called on its own under it runs xwt_fused (same GEMMs).
+    Candidate("grouped", xwt_fused, FLOAT, True, "a layer's experts in two torch._grouped_mm calls (x·Wᵀ)"),
     Candidate("int8_mm", int8_mm, ("int8",), True, "torch._weight_int8pack_mm, fp32 activations"),
     # torch 2.13's CPU kernel for bf16 activations crashes or returns wrong values unless the
     # inner dim is a multiple of 16 (probed on AVX-512: K = 8, 24, 40, 56, 72 fail; 16, 32,
@@ -584,6 +597,26 @@ def measure(
     device = w0.gate_FD.device
     default = DEFAULT[w0.dtype]
     names = [c.name for c in CANDIDATES.values() if c.applies(w0)]
+    # "grouped" needs experts stacked in memory: the longest such run at the front (≥ 2).
+    stack_n = max((k for k in range(2, min(len(weights), max_experts) + 1) if stacked_views(weights[:k])), default=0)
+    if not stack_n or not hasattr(torch, "_grouped_mm") or device.type != "cpu":
+        names = [n for n in names if n != "grouped"]
+    stack = stacked_views(weights[:stack_n]) if stack_n else None
+
+    def run_once(name: str, x_nD: torch.Tensor, ws: list[ExpertWeights]) -> tuple[torch.Tensor, int]:
+        """(expert 0's output, experts run), each expert on its own rows of one grouped input
+        and writing into its rows of one output, as a layer runs them (`experts.run_grouped`),
+        or all in one `grouped_swiglu` call."""
+        n = x_nD.shape[0]
+        if name == "grouped":
+            return grouped_swiglu(*stack, x_nD.repeat(stack_n, 1), (n,) * stack_n)[:n], stack_n
+        fn = CANDIDATES[name].fn
+        x_ND = x_nD.repeat(len(ws), 1)
+        y_ND = torch.empty_like(x_ND)
+        for e, w in enumerate(ws):
+            fn(x_ND[e * n : (e + 1) * n], w, y_ND[e * n : (e + 1) * n])
+        return y_ND[:n], len(ws)
+
     gen = torch.Generator(device="cpu").manual_seed(0)
     limits, chosen, ms = [], [], {}
     broken: set[str] = set()
@@ -598,7 +631,7 @@ def measure(
                 if name in broken:
                     continue
                 try:
-                    y = CANDIDATES[name].fn(x_nD, w0)
+                    y, _ = run_once(name, x_nD, [w0])
                     _sync(device)
                     rtol, atol = _tolerance(w0.dtype)
                     torch.testing.assert_close(y.float(), ref.float(), rtol=rtol, atol=atol * float(ref.abs().max()))
@@ -613,13 +646,11 @@ def measure(
                 per_round.append({})
                 order = live[r % len(live):] + live[: r % len(live)]
                 for name in order:
-                    fn = CANDIDATES[name].fn
                     _sync(device)
                     t0 = time.perf_counter()
-                    for w in ws:
-                        fn(x_nD, w)
+                    _, ran = run_once(name, x_nD, ws)
                     _sync(device)
-                    t = (time.perf_counter() - t0) / len(ws)
+                    t = (time.perf_counter() - t0) / ran
                     best[name] = min(best[name], t)
                     per_round[-1][name] = t
             fastest = min(best, key=best.get)

@@ -92,8 +92,8 @@ class DCMoE(nn.Module):
 
     def _shared_grouped(self, x_TD: torch.Tensor, shared_TS: torch.Tensor) -> torch.Tensor | None:
         """Σ_j shared_j(x) · weight_j with every shared expert in one grouped GEMM pair (each
-        on its own copy of the tokens), when their weights are stacked and the per-expert choice
-        at T tokens is x·Wᵀ (`LocalExperts`' rule); else None (the loop in `forward` runs)."""
+        on its own copy of the tokens), when their weights are stacked and "grouped" was measured
+        fastest at T tokens (`LocalExperts`' rule); else None (the loop in `forward` runs)."""
         num, T = len(self.shared_experts), x_TD.shape[0]
         if num < 2 or torch.is_grad_enabled():
             return None
