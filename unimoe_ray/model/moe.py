@@ -63,10 +63,14 @@ class DCMoE(nn.Module):
         cfg = self.cfg
         if self.training:
             x_TD = router.jitter(x_TD, cfg.input_jitter)
+        w_ED = self.gate.weight
         if cfg.fp32_gate and (self.training or self.fp32_router_at_inference):
-            # Autocast (bf16 training) would run this linear in bf16 again: turn it off here.
-            with torch.autocast(x_TD.device.type, enabled=False):
-                logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+            if x_TD.dtype == w_ED.dtype == torch.float32 and not torch.is_autocast_enabled(x_TD.device.type):
+                logits_TE = F.linear(x_TD, w_ED)  # already fp32 (a decode step: no casts, no context)
+            else:
+                # Autocast (bf16 training) would run this linear in bf16 again: turn it off here.
+                with torch.autocast(x_TD.device.type, enabled=False):
+                    logits_TE = F.linear(x_TD.float(), w_ED.float())
         else:
             logits_TE = self.gate(x_TD)
         if self.training:

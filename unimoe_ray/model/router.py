@@ -122,7 +122,7 @@ def _ranked_multipliers(ranked_TR: torch.Tensor, keep_TR: torch.Tensor, eps: flo
     # i is in its own pool (term 1), so the sum is ≥ 1; a far higher logit overflows to inf
     # and the share to 0.
     share_TR = diff_Tij.exp().masked_fill(out_Tij, 0.0).sum(dim=-1).reciprocal()
-    return share_TR.masked_fill(~keep_TR, 0.0)
+    return torch.where(keep_TR, share_TR, 0.0)
 
 
 def sparsemixer_multipliers(
@@ -147,7 +147,7 @@ def _ranked_released(
     """`released_weights` on ranked dynamic logits: (ranked weights_TR, shared_weights_TS)."""
     mult_TR = _ranked_multipliers(ranked_TR, keep_TR, eps)
     mult_TR = mult_TR / mult_TR.sum(dim=-1, keepdim=True)
-    visible_TE = torch.cat([ranked_TR.masked_fill(~keep_TR, NEG_INF), shared_TS], dim=-1).softmax(dim=-1)
+    visible_TE = torch.cat([torch.where(keep_TR, ranked_TR, NEG_INF), shared_TS], dim=-1).softmax(dim=-1)
     num_dynamic = ranked_TR.shape[-1]
     dynamic_share_T1 = visible_TE[:, :num_dynamic].sum(dim=-1, keepdim=True)
     return mult_TR * dynamic_share_T1, visible_TE[:, num_dynamic:]
