@@ -74,7 +74,8 @@ class Stepper:
         self.last = None
 
     def step(self) -> torch.Tensor:
-        """One decode step (model + guidance + top-k sampling); the cache is rewound after it."""
+        """One decode step (model + guidance + top-k sampling) on the last sampled frame; the cache
+        is rewound after it (every step attends over the same positions)."""
         cache = self.cache
         length, next_pos = cache.length, cache.next_pos_B.clone()
         with torch.inference_mode():
@@ -86,6 +87,9 @@ class Stepper:
             probs = guided.masked_fill(guided < kth, float("-inf")).softmax(-1)
             frame = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=self.gen)
         cache.length, cache.next_pos_B = length, next_pos
+        # The next step reads the frame just sampled (both rows of a request, as generation
+        # feeds them), so routing — and the experts a step touches — changes from step to step.
+        self.codes_BK1 = frame.view(self.C, -1, 1).repeat(2, 1, 1)
         self.last = out
         return frame
 

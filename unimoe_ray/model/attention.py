@@ -111,10 +111,14 @@ class Attention(nn.Module):
         self._qkv: tuple[tuple, tuple[torch.Tensor, torch.Tensor] | None] = ((), None)
 
     def fuse_qkv(self) -> None:
-        """Inference set-up: q, k and v weights (and biases) become views of one buffer each,
-        so that `forward` without autograd computes all three in one GEMM and ropes q and k in
-        one pass. Optimisers built before hold the old tensors."""
+        """Inference set-up for fp32 weights: q, k and v weights (and biases) become views of
+        one buffer each, so that `forward` without autograd computes all three in one GEMM and
+        ropes q and k in one pass. Other dtypes (the released checkpoint's bf16) keep the three
+        projections: one wider GEMM may round a bf16 result differently from transformers'
+        Qwen2 attention. Optimisers built before hold the old tensors."""
         lins = (self.q_proj, self.k_proj, self.v_proj)
+        if any(lin.weight.dtype != torch.float32 for lin in lins):
+            return
         with torch.no_grad():
             w = torch.cat([lin.weight for lin in lins])
             b = torch.cat([lin.bias for lin in lins])
