@@ -99,13 +99,9 @@ class DCMoE(nn.Module):
         on its own copy of the tokens), when their weights are stacked and "grouped" was measured
         fastest at T tokens (`LocalExperts`' rule); else None (the loop in `forward` runs)."""
         num, T = len(self.shared_experts), x_TD.shape[0]
-        if num < 2 or torch.is_grad_enabled():
-            return None
-        backend = self._shared_backend
         counts = (T,) * num
-        stack = backend.stacked()
-        if stack is None or any(m._forward_hooks or m._forward_pre_hooks for m in self.shared_experts) \
-                or not kernels.grouped_applies(self.shared_experts[0].expert_weights(), counts):
+        stack = self._shared_backend.grouped_views(counts) if num > 1 else None
+        if stack is None:
             return None
         y_ND = kernels.grouped_swiglu(*stack, x_TD.repeat(num, 1), counts)
         # The loop's order: expert 0 scaled, then each further one added scaled.
