@@ -8,7 +8,7 @@ import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from unimoe_ray.config import get_preset
-from unimoe_ray.model.attention import Attention, MRoPE, RMSNorm
+from unimoe_ray.model.attention import Attention, MRoPE, RMSNorm, apply_rope
 from unimoe_ray.model.moe import DCMoE
 
 
@@ -68,3 +68,28 @@ def test_bf16_attention_keeps_its_three_projections():
     attn = Attention(dim=64, num_heads=4, num_kv_heads=2).to(torch.bfloat16)
     attn.fuse_qkv()
     assert attn.fused_qkv() is None  # bf16 (the released checkpoint) rounds as transformers does
+
+
+def test_mrope_equals_transformers_qwen2_5_vl_bit_for_bit():
+    """Our rope (sin pre-signed, rotate-half as a roll) gives transformers' Qwen2.5-VL values."""
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VLRotaryEmbedding, apply_rotary_pos_emb,
+    )
+
+    section = (2, 3, 3)
+    cfg = Qwen2_5_VLTextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "mrope_section": list(section)})
+    ref_rope = Qwen2_5_VLRotaryEmbedding(cfg)
+    ours = MRoPE(head_dim=16, theta=10000.0, mrope_section=section)
+    gen = torch.Generator().manual_seed(0)
+    pos_3BL = torch.randint(0, 500, (3, 2, 7), generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(2, 4, 7, 16, generator=gen).to(dtype)
+        k = torch.randn(2, 2, 7, 16, generator=gen).to(dtype)
+        cos, sin = ref_rope(q, pos_3BL)
+        want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+        cos_sin = ours(pos_3BL, dtype)
+        assert torch.equal(apply_rope(q, *cos_sin), want_q)
+        assert torch.equal(apply_rope(k, *cos_sin), want_k)

@@ -38,24 +38,24 @@ class MRoPE(nn.Module):
         self.mrope_section = tuple(mrope_section)
 
     def forward(self, position_ids_3BL: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns cos_BLHd, sin_BLHd."""
+        """Returns (cos_B1LHd, sin_B1LHd) in `apply_rope`'s form: a head axis to broadcast over,
+        and sin's first half negated (so rotating half of x is a roll). Made once per forward."""
         freqs_3BLh = position_ids_3BL.float()[..., None] * self.inv_freq
         emb_3BLHd = torch.cat([freqs_3BLh, freqs_3BLh], dim=-1)
         # Band i of the (doubled) frequency axis reads its positions from axis i % 3.
         sections = list(self.mrope_section) * 2
         chunks = emb_3BLHd.split(sections, dim=-1)
         emb_BLHd = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
-        return emb_BLHd.cos().to(dtype), emb_BLHd.sin().to(dtype)
+        half = emb_BLHd.shape[-1] // 2
+        sin_BLHd = emb_BLHd.sin()
+        sin_BLHd[..., :half].neg_()
+        return emb_BLHd.cos().to(dtype)[:, None], sin_BLHd.to(dtype)[:, None]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x_BHLd: torch.Tensor, cos_BLHd: torch.Tensor, sin_BLHd: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos_BLHd[:, None], sin_BLHd[:, None]
-    return x_BHLd * cos + rotate_half(x_BHLd) * sin
+def apply_rope(x_BHLd: torch.Tensor, cos_B1LHd: torch.Tensor, sin_B1LHd: torch.Tensor) -> torch.Tensor:
+    """x·cos + rotate_half(x)·sin, rotate_half(x) = [-x₂, x₁]: with `MRoPE`'s sin (first half
+    negated) that is x·cos + roll(x, Hd/2)·sin — the same products, two small ops fewer."""
+    return x_BHLd * cos_B1LHd + x_BHLd.roll(x_BHLd.shape[-1] // 2, -1) * sin_B1LHd
 
 
 class KVCache:

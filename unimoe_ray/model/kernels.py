@@ -100,6 +100,13 @@ class ExpertWeights:
         # the instance __dict__ that cached_property writes to).
         return PlanKey(self.gate_FD.device.type, self.dtype, self.dim, self.hidden)
 
+    @functools.cached_property
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(gate_DF, up_DF, gate_up_D2F, down_FD): the x·Wᵀ kernels' right operands, views made
+        once (a `.t()` per GEMM per call was ~3 small ops per expert per step)."""
+        gu = self.gate_up_2FD
+        return self.gate_FD.t(), self.up_FD.t(), None if gu is None else gu.t(), self.down_DF.t()
+
     @property
     def nbytes(self) -> int:
         """Bytes a kernel reads from memory: the weights and their scales."""
@@ -165,21 +172,22 @@ def _out(x_nD: torch.Tensor, out_nD: torch.Tensor | None, dim: int) -> torch.Ten
 
 
 def _xwt_chain(
-    x_nD: torch.Tensor, gate_FD, up_FD, gate_up_2FD, down_DF, out_nD: torch.Tensor | None, *, fused: bool
+    x_nD: torch.Tensor, gate_DF, up_DF, gate_up_D2F, down_FD, out_nD: torch.Tensor | None, *, fused: bool
 ) -> torch.Tensor:
     """x·Wᵀ GEMMs (nn.Linear's form) in row blocks of about BLOCK_TOKENS; the GEMMs run in the
-    weights' dtype (x is cast), the result is written in x's."""
-    n, hidden, dim = x_nD.shape[0], gate_FD.shape[0], down_DF.shape[0]
+    weights' dtype (x is cast), the result is written in x's. Takes the weights' transposed
+    views (`ExpertWeights.transposed`: made once per expert, not per call)."""
+    n, hidden, dim = x_nD.shape[0], gate_DF.shape[1], down_FD.shape[1]
     out_nD = _out(x_nD, out_nD, dim)
-    wdt = gate_FD.dtype
+    wdt = gate_DF.dtype
     if n <= BLOCK_TOKENS and x_nD.dtype == wdt == out_nD.dtype:
         # One block (every decode step): no buffers to reuse, no views to cut.
         if fused:
-            h_n2F = torch.mm(x_nD, gate_up_2FD.t())
+            h_n2F = torch.mm(x_nD, gate_up_D2F)
             a_nF = F.silu(h_n2F[:, :hidden], inplace=True).mul_(h_n2F[:, hidden:])
         else:
-            a_nF = F.silu(torch.mm(x_nD, gate_FD.t()), inplace=True).mul_(torch.mm(x_nD, up_FD.t()))
-        return torch.mm(a_nF, down_DF.t(), out=out_nD)
+            a_nF = F.silu(torch.mm(x_nD, gate_DF), inplace=True).mul_(torch.mm(x_nD, up_DF))
+        return torch.mm(a_nF, down_FD, out=out_nD)
     num_blocks = max(1, -(-n // BLOCK_TOKENS))
     rows = max(1, -(-n // num_blocks))
     # fused: one (rows, 2F) buffer, gate and up its column halves; else two (rows, F) buffers
@@ -190,16 +198,16 @@ def _xwt_chain(
         stop = min(start + rows, n)
         xb = x_nD[start:stop].to(wdt)
         if fused:
-            h = torch.mm(xb, gate_up_2FD.t(), out=h_b2F[: stop - start])
+            h = torch.mm(xb, gate_up_D2F, out=h_b2F[: stop - start])
             g, u = h[:, :hidden], h[:, hidden:]
         else:
-            g = torch.mm(xb, gate_FD.t(), out=h_b2F[: stop - start])
-            u = torch.mm(xb, up_FD.t(), out=u_bF[: stop - start])
+            g = torch.mm(xb, gate_DF, out=h_b2F[: stop - start])
+            u = torch.mm(xb, up_DF, out=u_bF[: stop - start])
         a = F.silu(g, inplace=True).mul_(u)
         if wdt == out_nD.dtype:
-            torch.mm(a, down_DF.t(), out=out_nD[start:stop])
+            torch.mm(a, down_FD, out=out_nD[start:stop])
         else:
-            out_nD[start:stop].copy_(torch.mm(a, down_DF.t()))
+            out_nD[start:stop].copy_(torch.mm(a, down_FD))
     return out_nD
 
 
@@ -232,14 +240,16 @@ def _wxt_chain(
 
 
 def xwt(x_nD, w: ExpertWeights, out_nD=None):
-    return _xwt_chain(x_nD, w.gate_FD, w.up_FD, None, w.down_DF, out_nD, fused=False)
+    gate_DF, up_DF, _, down_FD = w.transposed
+    return _xwt_chain(x_nD, gate_DF, up_DF, None, down_FD, out_nD, fused=False)
 
 
 def xwt_fused(x_nD, w: ExpertWeights, out_nD=None):
     # Weights whose gate and up are no longer adjacent (a copied or reloaded module under a
     # plan measured on fused ones) take the two-GEMM form.
     fused = w.gate_up_2FD is not None
-    return _xwt_chain(x_nD, w.gate_FD, w.up_FD, w.gate_up_2FD, w.down_DF, out_nD, fused=fused)
+    gate_DF, up_DF, gate_up_D2F, down_FD = w.transposed
+    return _xwt_chain(x_nD, gate_DF, up_DF, gate_up_D2F, down_FD, out_nD, fused=fused)
 
 
 def wxt(x_nD, w: ExpertWeights, out_nD=None):
@@ -282,7 +292,7 @@ def _dequantised(w: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor]:
 def upcast(x_nD, w: ExpertWeights, out_nD=None):
     """Dequantise into reused fp32 buffers, then the fp32 x·Wᵀ chain (one fused GEMM)."""
     gu, dn = _dequantised(w)
-    return _xwt_chain(x_nD, gu[: w.hidden], gu[w.hidden :], gu, dn, out_nD, fused=True)
+    return _xwt_chain(x_nD, gu[: w.hidden].t(), gu[w.hidden :].t(), gu.t(), dn.t(), out_nD, fused=True)
 
 
 def _int8_chain(x_nD, w: ExpertWeights, out_nD, act_dtype: torch.dtype):
