@@ -174,3 +174,35 @@ def test_measure_times_the_grouped_candidate_only_over_stacked_experts():
         m.fuse_gate_up()
     plan = kernels.measure([m.expert_weights() for m in loose], ladder=(1,), rounds=1)
     assert "grouped" not in plan.ms[1]
+
+
+@pytest.mark.parametrize("candidate", ["int8_mm_bf16", "int8_mm"])
+@pytest.mark.parametrize("num_tokens", [1, 2, 9])
+def test_int8_layer_call_is_the_per_expert_loop_bit_for_bit(candidate, num_tokens):
+    """int8 experts at once (casts once per layer) compute exactly what each expert's own
+    kernel call computes; hooks still send the layer through the per-expert loop."""
+    from unimoe_ray.model.quantize import convert_experts
+
+    torch.manual_seed(num_tokens)
+    # Inner dims multiples of 16: torch's bf16-activation int8 kernel needs them.
+    cfg = MoEConfig(num_routed=4, num_null=1, num_shared=2, routed_intermediate=32,
+                    shared_intermediate=16, weighting="released")
+    moe = convert_experts(DCMoE(dim=DIM, cfg=cfg).eval(), "int8", select=False, hugepages=False)
+    for experts in (moe.routed_experts, moe.shared_experts):
+        kernels.register(experts[0].expert_weights().key, kernels.Plan((1,), (candidate,), "measured"))
+    x = torch.randn(num_tokens, DIM)
+    calls = []
+    real = kernels.int8_layer
+    kernels.int8_layer = lambda *a: calls.append(a[2]) or real(*a)
+    try:
+        with torch.inference_mode():
+            got, stats = moe(x)
+    finally:
+        kernels.int8_layer = real
+    assert [num_tokens, num_tokens] in calls  # the shared pair
+    assert [n for n in stats.counts if n] in calls  # the routed experts
+    for m in [*moe.routed_experts, *moe.shared_experts]:
+        m.register_forward_hook(lambda *_: None)
+    with torch.inference_mode():
+        loop, _ = moe(x)
+    assert torch.equal(got, loop)

@@ -7,7 +7,7 @@ dim, F expert FFN dim.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -158,19 +158,31 @@ class LocalExperts:
         return {**self.__dict__, "_stack": ((), None)}
 
     def run(self, layer_idx: int, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        stack = self.grouped_views(counts)
-        if stack is not None:
-            return kernels.grouped_swiglu(*stack, x_ND, counts)
-        return run_grouped(self.experts, x_ND, counts)
+        layer = self.layer_kernel(counts)
+        return layer(x_ND) if layer is not None else run_grouped(self.experts, x_ND, counts)
 
-    def grouped_views(self, counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The stacked views when these counts run grouped (no autograd, no hooks, "grouped"
-        measured fastest, weights stacked), else None. The plan is asked first: the usual
-        answer, on machines where the loop won, costs one lookup."""
+    def layer_kernel(self, counts: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A call that runs all these experts at once on x_ND (rows grouped by expert as
+        `counts` say), or None where the per-expert loop must run: with autograd or hooks, or
+        where this machine's measured choice has no layer form. Layer forms: "grouped" (float
+        experts stacked in memory, measured fastest at every active count) and the int8
+        kernels (`kernels.int8_layer`: the per-expert kernel's arithmetic, casts once per layer).
+        The plan is asked first: on machines where the loop won, the answer costs one lookup."""
         first = self.experts[0]
-        if torch.is_grad_enabled() or not hasattr(first, "expert_weights") \
-                or not kernels.grouped_applies(first.expert_weights(), counts):
+        if torch.is_grad_enabled() or not hasattr(first, "expert_weights"):
+            return None
+        w0 = first.expert_weights()
+        grouped = kernels.grouped_applies(w0, counts)
+        act = None if grouped else kernels.int8_layer_dtype(w0, counts)
+        if not grouped and act is None:
             return None
         if any(m._forward_hooks or m._forward_pre_hooks for m in self.experts):
             return None
-        return self.stacked()
+        if grouped:
+            stack = self.stacked()
+            return None if stack is None else (lambda x_ND: kernels.grouped_swiglu(*stack, x_ND, counts))
+        ws = [m.expert_weights() for m, n in zip(self.experts, counts) if n]
+        active = [n for n in counts if n]
+        if any(w.key != w0.key for w in ws):
+            return None
+        return lambda x_ND: kernels.int8_layer(ws, x_ND, active, act)

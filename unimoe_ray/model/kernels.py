@@ -330,6 +330,41 @@ def grouped_applies(w: ExpertWeights, counts) -> bool:
     return plan is not None and all(plan.name_for(n) == "grouped" for n in counts if n)
 
 
+# The per-expert int8 kernels a layer-level loop reproduces with its casts done once per layer.
+INT8_LAYER = {"int8_mm": torch.float32, "int8_mm_bf16": torch.bfloat16}
+
+
+def int8_layer_dtype(w: ExpertWeights, counts) -> torch.dtype | None:
+    """The activation dtype when every active count of int8 experts shaped like `w` runs one
+    torch int8 kernel (`int8_mm` or `int8_mm_bf16`, the same at all counts): then `int8_layer`
+    computes what the per-expert loop would, with one cast in and one out for the whole layer
+    instead of two per expert. Else None."""
+    plan = _PLANS.get(w.key)
+    if plan is None or w.dtype != "int8":
+        return None
+    names = {plan.name_for(n) for n in counts if n}
+    return INT8_LAYER.get(names.pop()) if len(names) == 1 else None
+
+
+def int8_layer(ws, x_ND: torch.Tensor, counts, act_dtype: torch.dtype) -> torch.Tensor:
+    """A layer's int8 experts (`ws`, one per count) on their rows of x_ND with torch's int8
+    weight-only matmul: `_int8_chain`'s arithmetic per expert, activations cast to `act_dtype`
+    once for the layer and the outputs cast back once (each expert's cast would be ~4 small ops
+    more per expert per step)."""
+    bf16 = act_dtype == torch.bfloat16
+    xa_ND = x_ND.to(act_dtype).contiguous()
+    ys, start = [], 0
+    for w, n in zip(ws, counts):
+        if not n:
+            continue
+        s_gu, s_d = ((w.scale_gate_up_bf16_2F, w.scale_down_bf16_D) if bf16 else (w.scale_gate_up_2F, w.scale_down_D))
+        h_n2F = torch._weight_int8pack_mm(xa_ND[start : start + n], w.gate_up_2FD, s_gu)
+        a_nF = torch.mul(F.silu(h_n2F[:, : w.hidden], inplace=True), h_n2F[:, w.hidden :])
+        ys.append(torch._weight_int8pack_mm(a_nF, w.down_DF, s_d))
+        start += n
+    return torch.cat(ys).to(x_ND.dtype)
+
+
 def stacked_views(ws) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(gate_up_E2FD, down_EDF) views over these experts' weights when they lie stacked in
     memory in this order (`experts.stack_experts`), else None."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unimoe_ray.config import MoEConfig
-from unimoe_ray.model import dispatch, kernels, router
+from unimoe_ray.model import dispatch, router
 from unimoe_ray.model.experts import ExpertBackend, LocalExperts, SwiGLU
 
 
@@ -51,7 +51,7 @@ class DCMoE(nn.Module):
             SwiGLU(dim=dim, hidden=cfg.shared_intermediate) for _ in range(cfg.num_shared)
         )
         self.expert_backend: ExpertBackend = LocalExperts(self.routed_experts)
-        self._shared_backend = LocalExperts(self.shared_experts)  # its stacked-weight views
+        self._shared_backend = LocalExperts(self.shared_experts)  # for its layer-level kernels
 
     # At inference the released code computes the router in the model's dtype (its fp32 gate
     # applies in training only); set_router_precision(model, "model") reproduces that.
@@ -94,16 +94,15 @@ class DCMoE(nn.Module):
             valid_T=valid_T,
         )
 
-    def _shared_grouped(self, x_TD: torch.Tensor, shared_TS: torch.Tensor) -> torch.Tensor | None:
-        """Σ_j shared_j(x) · weight_j with every shared expert in one grouped GEMM pair (each
-        on its own copy of the tokens), when their weights are stacked and "grouped" was measured
-        fastest at T tokens (`LocalExperts`' rule); else None (the loop in `forward` runs)."""
+    def _shared_layer(self, x_TD: torch.Tensor, shared_TS: torch.Tensor) -> torch.Tensor | None:
+        """Σ_j shared_j(x) · weight_j with every shared expert in one layer-level call (each on
+        its own copy of the tokens) where `LocalExperts.layer_kernel` has one for T tokens;
+        else None (the loop in `forward` runs)."""
         num, T = len(self.shared_experts), x_TD.shape[0]
-        counts = (T,) * num
-        stack = self._shared_backend.grouped_views(counts) if num > 1 else None
-        if stack is None:
+        layer = self._shared_backend.layer_kernel((T,) * num) if num > 1 else None
+        if layer is None:
             return None
-        y_ND = kernels.grouped_swiglu(*stack, x_TD.repeat(num, 1), counts)
+        y_ND = layer(x_TD.repeat(num, 1))
         # The loop's order: expert 0 scaled, then each further one added scaled.
         out_TD = y_ND[:T].mul_(shared_TS[:, :1])
         for j in range(1, num):
@@ -119,7 +118,7 @@ class DCMoE(nn.Module):
         # Shared experts first: their weighted sum becomes the output buffer that the routed
         # experts are scatter-added into (no zero-filled buffer, no extra full-size adds).
         shared_TS = routing.shared_weights_TS.to(x_TD.dtype)
-        out_TD = self._shared_grouped(x_TD, shared_TS)
+        out_TD = self._shared_layer(x_TD, shared_TS)
         for j, expert in enumerate(self.shared_experts if out_TD is None else ()):
             if out_TD is None and not torch.is_grad_enabled():
                 # The first shared expert writes straight into the output buffer.
