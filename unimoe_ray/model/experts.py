@@ -130,12 +130,10 @@ def stack_experts(experts: Sequence[SwiGLU], dtype: torch.dtype | None = None) -
 
 
 class LocalExperts:
-    """The in-process backend: the layer's own `routed_experts` modules.
-
-    Without autograd, when the experts' weights are stacked (`stack_experts`) and this
-    machine measured the layer-level "grouped" kernel fastest at every active count
-    (`kernels.grouped_applies`), the whole layer runs as one `kernels.grouped_swiglu`;
-    otherwise expert by expert."""
+    """The in-process backend: the layer's own `routed_experts` modules (DCMoE also keeps one
+    over its shared experts). Without autograd, where `layer_kernel` has a layer form for the
+    counts (stacked float experts measured fastest "grouped", or int8 experts on torch's int8
+    matmul), all experts run in one call; otherwise expert by expert (`run_grouped`)."""
 
     def __init__(self, experts: nn.ModuleList) -> None:
         self.experts = experts
@@ -168,10 +166,9 @@ class LocalExperts:
         experts stacked in memory, measured fastest at every active count) and the int8
         kernels (`kernels.int8_layer`: the per-expert kernel's arithmetic, casts once per layer).
         The plan is asked first: on machines where the loop won, the answer costs one lookup."""
-        first = self.experts[0]
-        if torch.is_grad_enabled() or not hasattr(first, "expert_weights"):
+        if torch.is_grad_enabled() or not len(self.experts) or not hasattr(self.experts[0], "expert_weights"):
             return None
-        w0 = first.expert_weights()
+        w0 = self.experts[0].expert_weights()
         grouped = kernels.grouped_applies(w0, counts)
         act = None if grouped else kernels.int8_layer_dtype(w0, counts)
         if not grouped and act is None:
