@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unimoe_ray.model import kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -174,18 +176,12 @@ class Attention(nn.Module):
 
 def _spans(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The weights stacked by rows and the biases concatenated, as views, when each tensor
-    directly follows the previous one in memory (same dtype, device, contiguous); else None."""
+    directly follows the previous one in memory (`kernels.follows_in_memory`); else None."""
     out = []
     for ts in (weights, biases):
-        first = ts[0]
-        end = first.data_ptr()
-        for t in ts:
-            if not t.is_contiguous() or t.dtype != first.dtype or t.device != first.device \
-                    or t.shape[1:] != first.shape[1:] or t.data_ptr() != end:
-                return None
-            end += t.numel() * t.element_size()
-        rows = sum(t.shape[0] for t in ts)
-        out.append(first.as_strided((rows, *first.shape[1:]), first.stride()))
+        if not kernels.follows_in_memory(ts):
+            return None
+        out.append(ts[0].as_strided((sum(t.shape[0] for t in ts), *ts[0].shape[1:]), ts[0].stride()))
     return out[0], out[1]
 
 

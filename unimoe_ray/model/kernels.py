@@ -126,13 +126,23 @@ def dtype_name(dtype: torch.dtype) -> str:
     return names[dtype]
 
 
+def follows_in_memory(tensors) -> bool:
+    """Whether each tensor is contiguous and starts where the previous one ends (same dtype,
+    device and trailing shape): then one view spans them all (`adjacent_rows`,
+    `stacked_views`, attention's fused q/k/v)."""
+    first = tensors[0]
+    end = first.data_ptr()
+    for t in tensors:
+        if (not t.is_contiguous() or t.dtype != first.dtype or t.device != first.device
+                or t.shape[1:] != first.shape[1:] or t.data_ptr() != end):
+            return False
+        end += t.numel() * t.element_size()
+    return True
+
+
 def adjacent_rows(a_FD: torch.Tensor, b_FD: torch.Tensor) -> torch.Tensor | None:
     """[a; b] as one (2F, D) view when b directly follows a in memory, else None."""
-    if not (a_FD.is_contiguous() and b_FD.is_contiguous()) or a_FD.shape != b_FD.shape:
-        return None
-    if a_FD.dtype != b_FD.dtype or a_FD.device != b_FD.device:
-        return None
-    if b_FD.data_ptr() != a_FD.data_ptr() + a_FD.numel() * a_FD.element_size():
+    if a_FD.shape != b_FD.shape or not follows_in_memory((a_FD, b_FD)):
         return None
     F_, D = a_FD.shape
     return a_FD.as_strided((2 * F_, D), (D, 1))
@@ -368,19 +378,14 @@ def int8_layer(ws, x_ND: torch.Tensor, counts, act_dtype: torch.dtype) -> torch.
 def stacked_views(ws) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(gate_up_E2FD, down_EDF) views over these experts' weights when they lie stacked in
     memory in this order (`experts.stack_experts`), else None."""
-    first = ws[0]
-    gu, dn = first.gate_up_2FD, first.down_DF
-    if gu is None or not dn.is_contiguous() or first.dtype not in ("fp32", "bf16", "fp16"):
+    if ws[0].dtype not in FLOAT or any(w.gate_up_2FD is None for w in ws):
         return None
-    for e, w in enumerate(ws):
-        if (w.gate_up_2FD is None or w.dtype != first.dtype or w.gate_up_2FD.shape != gu.shape
-                or w.down_DF.shape != dn.shape or not w.down_DF.is_contiguous()
-                or w.gate_up_2FD.data_ptr() != gu.data_ptr() + e * gu.numel() * gu.element_size()
-                or w.down_DF.data_ptr() != dn.data_ptr() + e * dn.numel() * dn.element_size()):
+    views = []
+    for ts in ([w.gate_up_2FD for w in ws], [w.down_DF for w in ws]):
+        if any(t.shape != ts[0].shape for t in ts) or not follows_in_memory(ts):
             return None
-    E = len(ws)
-    return (gu.as_strided((E, *gu.shape), (gu.numel(), *gu.stride())),
-            dn.as_strided((E, *dn.shape), (dn.numel(), *dn.stride())))
+        views.append(ts[0].as_strided((len(ts), *ts[0].shape), (ts[0].numel(), *ts[0].stride())))
+    return views[0], views[1]
 
 
 def grouped_swiglu(
