@@ -30,6 +30,21 @@ class InputError(ValueError):
     """Bad stage input (shards, checkpoints, flags); the message names the cause and the fix."""
 
 
+# Ray Train's controller takes one `ray.train.report` per poll of its workers, every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): a worker's result queue holds one report,
+# so a worker that reports again before the next poll waits for it. The loop reports every
+# `log_every` steps (default: each step), and a step shorter than the interval would wait out
+# the rest of it (measured: 1.96 s per report at the default). The driver sets a shorter poll
+# unless the user chose one; Ray passes the variable on to the controller and the workers.
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_S = "0.25"
+
+
+def set_report_poll() -> str:
+    """The controller's poll interval this run uses (the user's, else REPORT_POLL_S)."""
+    return os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+
+
 @dataclass(kw_only=True)
 class RunSpec:
     """One stage run: data, initial weights, training config and the Ray Train settings."""
@@ -118,13 +133,14 @@ def plan_data(spec: RunSpec) -> tuple[list[str], dict[str, int], set[str]]:
     return paths, counts, val_ids
 
 
-def build_datasets(paths: list[str], tasks: set[str], val_ids: set[str]):
-    """(train, val) Ray datasets, materialised in a fixed order."""
+def build_datasets(paths: list[str], tasks: set[str], val_ids: set[str], *, with_val: bool = True):
+    """(train, val) Ray datasets, materialised in a fixed order; val is None without
+    `with_val` (no validation: the shards are not read a second time for it)."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the same rows in the same order every run
     ds = ray.data.read_parquet(paths).filter(lambda r: r["task"] in tasks)
     train_ds = ds.filter(lambda r: r["sample_id"] not in val_ids).materialize()
-    val_ds = ds.filter(lambda r: r["sample_id"] in val_ids).materialize()
+    val_ds = ds.filter(lambda r: r["sample_id"] in val_ids).materialize() if with_val else None
     return train_ds, val_ds
 
 
@@ -166,13 +182,15 @@ def run_training(spec: RunSpec):
         # local Ray. "local", not None: None would join whatever cluster `ray start` last
         # recorded in /tmp/ray/ray_current_cluster on this machine.
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
-    train_ds, val_ds = build_datasets(paths, set(spec.train.tasks), val_ids)
+    with_val = spec.train.val_every > 0
+    train_ds, val_ds = build_datasets(paths, set(spec.train.tasks), val_ids, with_val=with_val)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     (spec.run_dir / "data.json").write_text(json.dumps({"rows": counts, "val_rows": n_val, "tasks": list(spec.train.tasks)}) + "\n")
     backend = process_group_backend(spec)
     datasets = worker_shards(train_ds, spec.num_workers)
-    if spec.train.val_every > 0:
+    if with_val:
         datasets["val"] = val_ds
+    set_report_poll()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
