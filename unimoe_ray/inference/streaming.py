@@ -67,8 +67,11 @@ class StreamingDecoder:
     def renders_after(self, new_frames: int) -> bool:
         """Whether pushing `new_frames` more frames completes a chunk (then `push` decodes; else
         it only stores the frames: cheap enough to call on an event loop)."""
-        size = self.first_chunk if self._done == 0 else self.chunk
-        return self._done + size + self.ctx + 1 <= self._n + new_frames
+        return self._done + self._next_size() + self.ctx + 1 <= self._n + new_frames
+
+    def _next_size(self) -> int:
+        """Frames in the next chunk: the first is short (latency), later ones larger."""
+        return self.first_chunk if self._done == 0 else self.chunk
 
     def push(self, frames_KT: torch.Tensor) -> list[np.ndarray]:
         if frames_KT.shape[1]:
@@ -76,8 +79,7 @@ class StreamingDecoder:
             self._n += frames_KT.shape[1]
         chunks = []
         while self.renders_after(0):
-            size = self.first_chunk if self._done == 0 else self.chunk
-            chunks.append(self._render(self._done, self._done + size, final=False))
+            chunks.append(self._render(self._done, self._done + self._next_size(), final=False))
         return chunks
 
     def finish(self) -> np.ndarray:
