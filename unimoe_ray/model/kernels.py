@@ -305,18 +305,22 @@ def upcast(x_nD, w: ExpertWeights, out_nD=None):
     return _xwt_chain(x_nD, gu[: w.hidden].t(), gu[w.hidden :].t(), gu.t(), dn.t(), out_nD, fused=True)
 
 
-def _int8_chain(x_nD, w: ExpertWeights, out_nD, act_dtype: torch.dtype):
+def _int8_swiglu(xa_nD: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
     """torch's int8 weight-only matmul (x · (q·scale)ᵀ, int8 weights dequantised inside the
-    kernel), activations in `act_dtype`."""
+    kernel) on activations already in their kernel dtype (fp32 or bf16, contiguous); y in it."""
     hidden = w.hidden
     s_gu, s_d = (
-        (w.scale_gate_up_2F, w.scale_down_D) if act_dtype == torch.float32
+        (w.scale_gate_up_2F, w.scale_down_D) if xa_nD.dtype == torch.float32
         else (w.scale_gate_up_bf16_2F, w.scale_down_bf16_D)
     )
-    xa = x_nD.to(act_dtype).contiguous()
-    h_n2F = torch._weight_int8pack_mm(xa, w.gate_up_2FD, s_gu)
-    a_nF = torch.mul(F.silu(h_n2F[:, :hidden]), h_n2F[:, hidden:])
-    y_nD = torch._weight_int8pack_mm(a_nF, w.down_DF, s_d)
+    h_n2F = torch._weight_int8pack_mm(xa_nD, w.gate_up_2FD, s_gu)
+    a_nF = torch.mul(F.silu(h_n2F[:, :hidden], inplace=True), h_n2F[:, hidden:])
+    return torch._weight_int8pack_mm(a_nF, w.down_DF, s_d)
+
+
+def _int8_chain(x_nD, w: ExpertWeights, out_nD, act_dtype: torch.dtype):
+    """`_int8_swiglu` with activations in `act_dtype`, the result in x's dtype."""
+    y_nD = _int8_swiglu(x_nD.to(act_dtype).contiguous(), w)
     if out_nD is None:
         return y_nD if y_nD.dtype == x_nD.dtype else y_nD.to(x_nD.dtype)
     return out_nD.copy_(y_nD)
@@ -358,20 +362,15 @@ def int8_layer_dtype(w: ExpertWeights, counts) -> torch.dtype | None:
 
 def int8_layer(ws, x_ND: torch.Tensor, counts, act_dtype: torch.dtype) -> torch.Tensor:
     """A layer's int8 experts (`ws`, one per count) on their rows of x_ND with torch's int8
-    weight-only matmul: `_int8_chain`'s arithmetic per expert, activations cast to `act_dtype`
-    once for the layer and the outputs cast back once (each expert's cast would be ~4 small ops
-    more per expert per step)."""
-    bf16 = act_dtype == torch.bfloat16
+    weight-only matmul: `_int8_swiglu` per expert, activations cast to `act_dtype` once for the
+    layer and the outputs cast back once (each expert's cast would be ~4 small ops more per
+    expert per step)."""
     xa_ND = x_ND.to(act_dtype).contiguous()
     ys, start = [], 0
     for w, n in zip(ws, counts):
-        if not n:
-            continue
-        s_gu, s_d = ((w.scale_gate_up_bf16_2F, w.scale_down_bf16_D) if bf16 else (w.scale_gate_up_2F, w.scale_down_D))
-        h_n2F = torch._weight_int8pack_mm(xa_ND[start : start + n], w.gate_up_2FD, s_gu)
-        a_nF = torch.mul(F.silu(h_n2F[:, : w.hidden], inplace=True), h_n2F[:, w.hidden :])
-        ys.append(torch._weight_int8pack_mm(a_nF, w.down_DF, s_d))
-        start += n
+        if n:
+            ys.append(_int8_swiglu(xa_ND[start : start + n], w))
+            start += n
     return torch.cat(ys).to(x_ND.dtype)
 
 
