@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit bench params clean
+.PHONY: setup demo test test-unit lint bench params clean
 
 setup:
 	bash scripts/setup_venv.sh
@@ -16,6 +16,9 @@ test: setup
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 params: setup
 	$(PY) jobs/count_params.py --preset preview

@@ -48,10 +48,11 @@ import torch
 
 from machine import machine_line, read_probe  # benchmarks/machine.py
 from unimoe_ray.config import get_preset
-from unimoe_ray.inference.generate import Prompt, SamplingConfig, generate
+from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model import hugepages, kernels
 from unimoe_ray.model.quantize import convert_experts
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.text.prompt import Prompt
 
 FRAMES_PER_S = 50
 DTYPES = ("fp32", "bf16", "int8")

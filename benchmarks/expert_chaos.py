@@ -32,10 +32,11 @@ import ray
 import torch
 
 from unimoe_ray.config import get_preset
-from unimoe_ray.inference.generate import Prompt, SamplingConfig, generate
+from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel import ActorResources, ExpertParallelConfig, attach_experts, launch_experts, shutdown_experts
 from unimoe_ray.parallel.admin import call_controller, get_controller
+from unimoe_ray.text.prompt import Prompt
 
 ACTIONS = ("kill_expert", "kill_controller", "scale")
 WEIGHTS = (0.5, 0.25, 0.25)

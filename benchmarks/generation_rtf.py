@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from machine import machine_line, read_probe  # benchmarks/machine.py
-from unimoe_ray.demo import DemoConfig, prepare_artifacts
+from unimoe_ray.builders import ArtifactsConfig, prepare_artifacts
 from unimoe_ray.inference.generate import generate
 from unimoe_ray.inference.sampling import task_sampling
 from unimoe_ray.checkpoint import load_pretrained
@@ -54,10 +54,10 @@ def read_bandwidth(repeats: int = 5) -> float:
 @torch.inference_mode()
 def step_bytes(model, prompts, negatives, guided: bool) -> tuple[int, float]:
     """Weight bytes one decode step reads, and the mean routed experts touched per layer."""
-    from unimoe_ray.inference.generate import _batch_prompts
+    from unimoe_ray.inference.generate import batch_prompts
 
     rows = prompts + (negatives if guided else [])
-    batch = _batch_prompts(model, rows)
+    batch = batch_prompts(model, rows)
     cache = model.new_cache(len(rows), batch["input_ids"].shape[1] + 4)
     model(batch["input_ids"], batch["audio"], attention_mask_BL=batch["mask"], cache=cache, logits_last_only=True)
     ids = torch.full((len(rows), 1), model.cfg.codec_placeholder_id)
@@ -93,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(machine_line())
     with tempfile.TemporaryDirectory() as d:
-        ckpt, tok_path, _ = prepare_artifacts(DemoConfig(out_dir=d, preset="small"))
+        ckpt, tok_path, _ = prepare_artifacts(ArtifactsConfig(out_dir=d, preset="small"))
         model = load_pretrained(ckpt)
         # As AudioGenerator (CLI, batch, serving) sets a model up: weights in huge pages, this
         # machine's measured expert kernels (UNIMOE_KERNELS / UNIMOE_HUGEPAGES switch them off).

@@ -4,8 +4,12 @@ kernel choice is keyed by: unimoe_ray.model.kernels.machine)."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from unimoe_ray.model import kernels
+
+if TYPE_CHECKING:  # torch is imported where the probe is built, not when the line is printed
+    import torch
 
 
 def machine_line() -> str:

@@ -4,7 +4,7 @@ token-capped batches, the same --max-tokens), per-task validation loss, several 
     python jobs/curriculum_experiment.py --shards data/imbalanced_shards \
         --tokenizer data/mini/assets/tokenizer --preset small --budget-steps 240 --seeds 0 1
 
-Variants (DESIGN.md §2, paper §4 and its ablations):
+Variants (docs/DESIGN.md §2, paper §4 and its ablations):
 - specialists: one dense specialist per task, budget/4 steps each on that task's rows;
 - naive_dense: one dense model with the MoE's total FFN parameters, budget steps on the
   imbalanced mix as it is;

@@ -7,7 +7,8 @@
     ray job submit --working-dir . -- python jobs/generate_batch.py tasks.json --checkpoint /ckpt ...
 
 Starts a local Ray in-process when RAY_ADDRESS is unset. A bad item fails alone with its
-reason; the exit status is 1 when any item failed.
+reason; the exit status is 1 when any item failed. The manifest gets each item's row as it
+finishes; after a crash, the same command with --resume runs only the items not yet done.
 """
 
 import argparse
@@ -35,6 +36,8 @@ def main() -> int:
     p.add_argument("--expert-dtype", default=None, choices=["fp32", "bf16", "int8"])
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-seconds", type=float, default=None, help="cap every item's audio length")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the tasks --manifest already records as ok (WAV on disk); failed ones run again")
     a = p.parse_args()
     if not ray.is_initialized():
         ray.init(include_dashboard=False)  # joins RAY_ADDRESS when set, else a local Ray
@@ -42,7 +45,7 @@ def main() -> int:
         checkpoint=a.checkpoint, tokenizer=a.tokenizer, dac_path=a.dac_path, voice_library=a.voice_library,
         voice_root=a.voice_root, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
         gpus_per_actor=a.gpus_per_actor, device=a.device, dtype=a.dtype, expert_dtype=a.expert_dtype, seed=a.seed, max_seconds=a.max_seconds,
-    ))
+    ), resume=a.resume)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

@@ -1,4 +1,4 @@
-"""Stage 3 of the curriculum (DESIGN.md §2): synergistic joint training of everything.
+"""Stage 3 of the curriculum (docs/DESIGN.md §2): synergistic joint training of everything.
 
     python jobs/train_stage3.py --init outputs/stage2 --shards data/balanced \
         --tokenizer data/mini/assets/tokenizer --out outputs/stage3
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-from unimoe_ray.train.stages import ALL_TASKS, add_common_args, common_from_args, run_job, stage3, train_config_from_args
+from unimoe_ray.train.stages import (
+    ALL_TASKS, add_common_args, add_expert_parallel_arg, common_from_args, run_job, stage3, train_config_from_args,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,9 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", required=True, help="the stage-2 output folder")
     p.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=ALL_TASKS)
     add_common_args(p, "stage3")
+    add_expert_parallel_arg(p)
     args = p.parse_args(argv)
     stage3(
-        common_from_args(args), init=args.init, train=train_config_from_args("stage3", args),
+        common_from_args(args), init=args.init, train=train_config_from_args("stage3", args, expert_parallel=args.expert_parallel),
         out=args.out, name=args.name or "stage3", tasks=tuple(args.tasks),
     )
 

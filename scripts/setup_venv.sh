@@ -5,7 +5,7 @@
 #   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" make test
 # An unpinned `torch` would pull a multi-GB CUDA build, hence the pin.
 #
-# The install runs in two steps (DESIGN.md §5): descript-audiotools pins protobuf<3.20, and a
+# The install runs in two steps (docs/DESIGN.md §5): descript-audiotools pins protobuf<3.20, and a
 # single resolve of the whole stack makes pip backtrack to an old ray. So the codec packages
 # go in with --no-deps, their runtime needs named explicitly.
 set -euo pipefail

@@ -53,7 +53,10 @@ def _to_disk_layout(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _to_memory_layout(name: str, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def to_memory_layout(name: str, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A stored tensor in the layout the in-memory module expects (`shape`): the released
+    Conv2d-style patch embedding (out, C·t, p, p) becomes the tower's Conv3d (out, C, t, p, p);
+    any other tensor is returned as it is. Shared with the expert-parallel weight split."""
     if name == PATCH_EMBED and t.dim() == 4 and len(shape) == 5 and t.numel() == shape.numel():
         return t.reshape(shape)
     return t
@@ -71,6 +74,12 @@ def to_disk_name(name: str) -> str:
 
 def to_memory_name(name: str) -> str:
     return _apply(_TO_MEMORY, name)
+
+
+def to_disk(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In-memory tensors under their on-disk names and layouts, contiguous on the CPU: what
+    save_pretrained writes (the expert-parallel trainer writes a model's parts with it)."""
+    return {to_disk_name(n): _to_disk_layout(n, t.detach()).contiguous().cpu() for n, t in state.items()}
 
 
 def save_pretrained(model: UniMoEAudio, path: str | Path, *, max_shard_bytes: int = 2 * 1024**3) -> Path:
@@ -149,7 +158,7 @@ def load_weights(model: UniMoEAudio, path: str | Path, *, strict: bool = True) -
             f"checkpoint {path} does not match the model config: {len(missing)} missing "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    state = {k: _to_memory_layout(k, v, own[k].shape) if k in own else v for k, v in state.items()}
+    state = {k: to_memory_layout(k, v, own[k].shape) if k in own else v for k, v in state.items()}
     for name, t in state.items():
         if name in own and own[name].shape != t.shape:
             raise ValueError(

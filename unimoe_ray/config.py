@@ -4,8 +4,8 @@ released checkpoint's `config.json` (a Hugging Face dict) is turned into them an
 Presets:
 - ``tiny``: tests (seconds on CPU).
 - ``small``: demo and benchmarks on 2 CPU cores.
-- ``preview``: the released UniMoE-Audio-preview checkpoint, read unchanged from
-  ``shared/reference/unimoe_audio_preview_config.json`` (a copy ships in the package).
+- ``preview``: the released UniMoE-Audio-preview checkpoint's config.json, shipped unchanged in
+  the package (``presets/unimoe_audio_preview_config.json``, docs/DESIGN.md §1).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig:
-    """One DCMoE block (DESIGN.md §1). Router logits are ordered [routed, null, shared]."""
+    """One DCMoE block (docs/DESIGN.md §1). Router logits are ordered [routed, null, shared]."""
 
     mode: MoEMode = "top_p"
     num_routed: int = 8
@@ -47,6 +47,9 @@ class MoEConfig:
     aux_weight_end: float = 0.001
     aux_weight_decay_steps: int = 10_000
     token_drop: bool = False
+    # The released key: true (the preview's config.json) trains the router through the combine
+    # weights and the aux loss only; false trains through SparseMixer picks (router.py).
+    ignore_differentiable_router: bool = True
     capacity_factor: float = 6.0
     min_capacity: int = 8
 
@@ -67,6 +70,11 @@ class MoEConfig:
         if self.mode == "top_k" and not (1 <= self.top_k <= self.num_dynamic):
             raise ConfigError(
                 f"moe.top_k={self.top_k}: must be in [1, num_routed + num_null = {self.num_dynamic}]"
+            )
+        if not self.ignore_differentiable_router and self.weighting != "released":
+            raise ConfigError(
+                "moe.ignore_differentiable_router=false trains through the released SparseMixer picks, "
+                "which need weighting='released' (or set ignore_differentiable_router=true)"
             )
         if self.capacity_factor <= 0 or self.min_capacity < 1:
             raise ConfigError("moe.capacity_factor must be > 0 and moe.min_capacity >= 1")
@@ -111,6 +119,7 @@ _MOE_HF_KEYS: tuple[tuple[str, str, bool], ...] = (
     ("min_l_aux_weight", "aux_weight_end", False),
     ("l_aux_weight_decay_steps", "aux_weight_decay_steps", False),
     ("token_drop", "token_drop", False),
+    ("ignore_differentiable_router", "ignore_differentiable_router", False),
     ("capacity_factor", "capacity_factor", False),
     ("min_capacity", "min_capacity", False),
 )
@@ -299,7 +308,7 @@ class ModelConfig:
         except KeyError as err:
             raise ConfigError(
                 f"config.json lacks the field {err.args[0]!r}; it must be a UniMoE-Audio config "
-                "(see shared/reference/unimoe_audio_preview_config.json)"
+                "(see unimoe_ray/presets/unimoe_audio_preview_config.json)"
             ) from None
 
     def to_hf_dict(self) -> dict[str, Any]:

@@ -15,17 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 
-from unimoe_ray.audio.codec import DACCodec
 from unimoe_ray.audio.io import write_wav
-from unimoe_ray.checkpoint import save_pretrained
-from unimoe_ray.config import get_preset
-from unimoe_ray.inference.sampling import task_sampling
+from unimoe_ray.audio.synth import reference_voice
+from unimoe_ray.builders import ArtifactsConfig, prepare_artifacts
 from unimoe_ray.inference.pipeline import AudioGenerator
-from unimoe_ray.model.unimoe_audio import UniMoEAudio
-from unimoe_ray.text.prompts import config_for_tokenizer
-from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
+from unimoe_ray.inference.sampling import task_sampling
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,30 +36,12 @@ class DemoConfig:
     music_caption: str = "A calm piano piece in C major at 80 bpm."
 
 
-def prepare_artifacts(cfg: DemoConfig) -> tuple[Path, Path, Path]:
-    """Checkpoint, tokenizer and DAC paths; missing ones are generated under out_dir."""
-    out = Path(cfg.out_dir)
-    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else build_test_tokenizer(out / "tokenizer")
-    dac_path = Path(cfg.dac_path) if cfg.dac_path else DACCodec.random(cfg.seed).save(out / "dac_small_random.pth")
-    if cfg.checkpoint:
-        return Path(cfg.checkpoint), tok_path, dac_path
-    model_cfg = config_for_tokenizer(get_preset(cfg.preset), load_tokenizer(tok_path))
-    model = UniMoEAudio(model_cfg).init_weights(seed=cfg.seed)
-    return save_pretrained(model, out / f"checkpoint_{cfg.preset}"), tok_path, dac_path
-
-
-def reference_voice(seconds: float = 1.0, sample_rate: int = 16000) -> np.ndarray:
-    """A synthetic 'voice': a vibrato tone with harmonics, enough to exercise voice cloning."""
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    f0 = 140 + 10 * np.sin(2 * np.pi * 5 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
-    return (0.3 * np.sin(phase) + 0.1 * np.sin(2 * phase) + 0.05 * np.sin(3 * phase)).astype(np.float32)
-
-
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt, tok, dac = prepare_artifacts(cfg)
+    ckpt, tok, dac = prepare_artifacts(ArtifactsConfig(
+        out_dir=cfg.out_dir, preset=cfg.preset, checkpoint=cfg.checkpoint, tokenizer=cfg.tokenizer,
+        dac_path=cfg.dac_path, seed=cfg.seed))
     if not ray.is_initialized():
         ray.init(include_dashboard=False)  # joins RAY_ADDRESS when set, else starts a local Ray
     worker = ray.remote(num_cpus=1)(AudioGenerator).remote(str(ckpt), str(tok), str(dac))

@@ -2,6 +2,10 @@
 preprocessing → the three curriculum stages on Ray Train → Ray Serve → one voice-cloned TTS,
 one text-to-music and one video-to-music request over HTTP → WAVs and a summary.
 
+The console gets one line per stage; everything else this process and its Ray workers print
+(Ray's start-up lines, the workers' forwarded logs, Ray Data's progress bars, which the train
+workers redraw many times a second) goes to `OUT/demo.log`.
+
 Every step is the library code users run (the same functions as jobs/make_mini_corpus.py,
 jobs/preprocess.py, jobs/train_stage{1,2,3}.py and serve_configs/): only the sizes are small
 (a few minutes on 2 CPU cores at the `small` preset). The weights start random and train for a
@@ -12,9 +16,13 @@ the next.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import socket
+import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,8 +57,45 @@ class ProductConfig:
     music_caption: str = "A calm piano piece in C major at 80 bpm."
 
 
-def _say(msg: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+@contextlib.contextmanager
+def console_to_log(log_path: Path) -> Iterator[Callable[[str], None]]:
+    """While active, this process's stdout and stderr go to `log_path` (appended), and the
+    function it yields prints one progress line to the console and to the log.
+
+    The redirect is at the file-descriptor level (dup2 of fds 1 and 2), not a swap of
+    sys.stdout: Ray writes the output it forwards from its workers, and C extensions and child
+    processes write, to the descriptors themselves. On an exception the console gets a line
+    naming the log, then (once restored) the traceback.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    console = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding=sys.stdout.encoding or "utf-8",
+                        errors="replace")
+    log = open(log_path, "a", buffering=1, encoding="utf-8")
+
+    def say(msg: str) -> None:
+        line = f"[demo {time.strftime('%H:%M:%S')}] {msg}"
+        console.write(line + "\n")
+        sys.stdout.flush()  # keep the log in order: what was printed before comes first
+        log.write(line + "\n")
+
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        yield say
+    except BaseException:
+        say(f"failed; the full output is in {log_path}")
+        raise
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved_out, 1)
+        os.dup2(saved_err, 2)
+        for fd in (saved_out, saved_err):
+            os.close(fd)
+        console.close()
+        log.close()
 
 
 def _free_port() -> int:
@@ -93,27 +138,40 @@ def _request(http: httpx.Client, method: str, path: str, out: Path, **kw) -> dic
 
 
 def run_product(cfg: ProductConfig) -> dict:
+    """The whole product; returns the summary (also written to OUT/summary.json). The console
+    gets a line per stage, the full output goes to OUT/demo.log (see `console_to_log`)."""
     out = Path(cfg.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "demo.log"
+    with console_to_log(log_path) as say:
+        say(f"the full Ray output goes to {log_path}")
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address="local", include_dashboard=False)  # an embedded Ray (RAY_ADDRESS joins a cluster)
+        try:
+            return _run_product(cfg, out, say)
+        finally:
+            if started:  # inside the redirect: Ray's shutdown lines go to the log too
+                ray.shutdown()
+
+
+def _run_product(cfg: ProductConfig, out: Path, say: Callable[[str], None]) -> dict:
     t_start = time.perf_counter()
     summary: dict = {"config": asdict(cfg)}
-    if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False)  # an embedded Ray (RAY_ADDRESS joins a cluster)
-
-    _say("1/6 generating the mini corpus (espeak-ng speech, synthesised music, videos) ...")
+    say("1/6 generating the mini corpus (espeak-ng speech, synthesised music, videos) ...")
     n_en, n_zh, n_t2m, n_v2m = cfg.corpus
     manifest = make_mini_corpus(out / "corpus", MiniCorpusConfig(
         n_tts_en=n_en, n_tts_zh=n_zh, n_t2m=n_t2m, n_v2m=n_v2m, long_music_seconds=0.0, seed=cfg.seed))
     tokenizer = build_test_tokenizer(out / "assets" / "tokenizer")
     dac = DACCodec.random(seed=cfg.seed).save(out / "assets" / "dac_random.pth")
 
-    _say("2/6 preprocessing with Ray Data (decode, score, DAC-encode, balance → Parquet shards) ...")
+    say("2/6 preprocessing with Ray Data (decode, score, DAC-encode, balance → Parquet shards) ...")
     stats = run_preprocess(manifest, out / "shards", PreprocessConfig(
         tokenizer_path=str(tokenizer), encode=EncodeConfig(dac_path=str(dac))))
     summary["preprocess"] = {"items_in": stats["items_in"], "rows_out": stats["out"]["rows"],
                              "by_task": {t: v["rows"] for t, v in stats["out"]["by_task"].items()},
                              "quarantined": stats["quarantined"]["rows"], "filtered": stats["filtered"]["rows"]}
-    _say(f"   shards: {summary['preprocess']}")
+    say(f"   shards: {summary['preprocess']}")
 
     common = Common(shards=[str(out / "shards")], tokenizer=str(tokenizer), storage_path=str(out / "runs"))
     s1, s2, s3 = cfg.steps
@@ -121,21 +179,21 @@ def run_product(cfg: ProductConfig) -> dict:
     summary["stages"] = {}
     specialists = []
     for task in ALL_TASKS:
-        _say(f"3/6 stage 1: dense specialist for {task} ({s1} steps, Ray Train) ...")
+        say(f"3/6 stage 1: dense specialist for {task} ({s1} steps, Ray Train) ...")
         specialists.append(str(stage1(
             common, task=task, preset=cfg.preset, name=f"stage1_{task}", out=str(out / "models" / f"stage1_{task}"),
             train=stage_config("stage1", max_steps=s1, checkpoint_every=s1, **train))))
         summary["stages"][f"stage1_{task}"] = _stage_summary(out / "runs" / f"stage1_{task}")
-    _say(f"4/6 stage 2: specialists → DCMoE, router + shared experts warm up ({s2} steps) ...")
+    say(f"4/6 stage 2: specialists → DCMoE, router + shared experts warm up ({s2} steps) ...")
     m2 = stage2(common, specialists=specialists, name="stage2", out=str(out / "models" / "stage2"),
                 train=stage_config("stage2", max_steps=s2, checkpoint_every=s2, **train))
     summary["stages"]["stage2"] = _stage_summary(out / "runs" / "stage2")
-    _say(f"5/6 stage 3: everything trains, aux-loss weight decaying ({s3} steps) ...")
+    say(f"5/6 stage 3: everything trains, aux-loss weight decaying ({s3} steps) ...")
     m3 = stage3(common, init=str(m2), name="stage3", out=str(out / "models" / "stage3"),
                 train=stage_config("stage3", max_steps=s3, checkpoint_every=s3, **train))
     summary["stages"]["stage3"] = _stage_summary(out / "runs" / "stage3")
 
-    _say("6/6 serving the stage-3 model on Ray Serve and calling it over HTTP ...")
+    say("6/6 serving the stage-3 model on Ray Serve and calling it over HTTP ...")
     model = {"checkpoint": str(m3), "tokenizer": str(tokenizer), "dac_path": str(dac), "preset": cfg.preset,
              "max_rows": 4, "max_len": 1400, "torch_threads": 1}
     ingress = {"voices_dir": str(out / "voices"), "api_keys_env": None, "speech_max_seconds": 20,
@@ -170,7 +228,7 @@ def run_product(cfg: ProductConfig) -> dict:
     summary["requests"] = requests
     summary["seconds_wall"] = round(time.perf_counter() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _say(f"done in {summary['seconds_wall']} s; WAVs and summary.json in {out}")
+    say(f"done in {summary['seconds_wall']} s; WAVs and summary.json in {out}")
     return summary
 
 

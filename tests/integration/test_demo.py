@@ -50,3 +50,5 @@ def test_the_product_end_to_end_on_the_tiny_preset(local_ray, tmp_path, capsys):
     assert json.loads((tmp_path / "summary.json").read_text())["requests"] == s["requests"]
     table = format_summary(s)
     assert "stage3" in table and "video_to_music" in table
+    log = (tmp_path / "demo.log").read_text()  # the stage lines and, around them, Ray's full output
+    assert "1/6 generating the mini corpus" in log and "6/6 serving" in log

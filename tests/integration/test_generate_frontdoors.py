@@ -4,8 +4,10 @@ plus transcript; a video file) and `jobs/generate_batch.py` on Ray Data with two
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +16,9 @@ import soundfile as sf
 
 from unimoe_ray import cli
 from unimoe_ray.audio.io import write_wav
+from unimoe_ray.audio.synth import reference_voice
+from unimoe_ray.builders import ArtifactsConfig, prepare_artifacts
 from unimoe_ray.data.mini_corpus import write_mp4
-from unimoe_ray.demo import DemoConfig, prepare_artifacts, reference_voice
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -24,7 +27,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("frontdoors")
-    ckpt, tok, dac = prepare_artifacts(DemoConfig(out_dir=str(d), preset="tiny"))
+    ckpt, tok, dac = prepare_artifacts(ArtifactsConfig(out_dir=str(d), preset="tiny"))
     (d / "assets").mkdir()
     write_wav(d / "assets" / "en_male.wav", reference_voice(1.0, 16000), 16000)
     write_wav(d / "ref_24k.wav", reference_voice(0.6, 24000), 24000)  # any sample rate
@@ -122,3 +125,61 @@ def test_batch_job_on_ray_data_completes_good_items_and_names_the_bad(assets):
         assert status[tid]["frames"] == 5
         _wav(d / "batch_out" / f"{tid}.wav", 5)
     assert "4/6 tasks ok" in proc.stdout
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (a job started with start_new_session=True, and
+    the Ray processes it spawned, which keep its session after it dies)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            session = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+            if session == sid:
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
+
+
+def test_batch_job_killed_midway_keeps_finished_items_and_resumes(assets):
+    """SIGKILL the job once two items are in its manifest: those rows are there, whole; the
+    same command with --resume runs only the rest, and the manifest ends in file order."""
+    d, common = assets
+    short = [{"task_type": "text_to_music", "task_id": f"short{i}", "caption": "soft pads", "output_path": "crash_out"}
+             for i in range(3)]
+    # Long enough that the kill lands while they run (one actor takes the items in file order).
+    long = [{"task_type": "text_to_music", "task_id": f"long{i}", "caption": "slow drums", "output_path": "crash_out",
+             "sampling": {"min_frames": 600, "max_frames": 600}} for i in range(2)]
+    tasks = short + long
+    (d / "crash_tasks.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    manifest = d / "crash_out" / "manifest.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, str(ROOT / "jobs" / "generate_batch.py"), str(d / "crash_tasks.jsonl"), *common[:6],
+           "--manifest", str(manifest), "--actors", "1", "--max-seconds", "0.1", "--seed", "0"]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=d, start_new_session=True)
+    try:
+        while job.poll() is None:
+            lines = manifest.read_text().splitlines() if manifest.is_file() else []
+            if sum('"status": "ok"' in line for line in lines) >= 2:
+                job.kill()  # SIGKILL: no handler, no flush, no atexit
+                break
+            time.sleep(0.02)
+        out = job.communicate(timeout=60)[0].decode(errors="replace")
+    finally:
+        _kill_session(job.pid)  # the local Ray the job started: its agents outlive it a minute
+    assert job.returncode == -signal.SIGKILL, out[-3000:]  # killed, not finished
+    recorded = [json.loads(line) for line in manifest.read_text().splitlines()]
+    done = {r["task_id"] for r in recorded if r["status"] == "ok"}
+    assert 2 <= len(done) < len(tasks) and len(recorded) == len(done)
+    for r in recorded:
+        _wav(Path(r["output"]), r["frames"])  # each recorded item's WAV is complete
+    stamps = {tid: Path(r["output"]).stat().st_mtime_ns for tid, r in ((r["task_id"], r) for r in recorded)}
+
+    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=240, env=env, cwd=d)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resume: {len(done)} tasks already done" in again.stdout
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [r["task_id"] for r in rows] == [t["task_id"] for t in tasks]
+    assert all(r["status"] == "ok" for r in rows)
+    assert {r["task_id"]: r["frames"] for r in rows} == {**{t["task_id"]: 5 for t in short},
+                                                         **{t["task_id"]: 600 for t in long}}
+    for tid, stamp in stamps.items():  # not generated again
+        assert (d / "crash_out" / f"{tid}.wav").stat().st_mtime_ns == stamp

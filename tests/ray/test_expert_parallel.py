@@ -12,13 +12,14 @@ import ray
 import torch
 
 from unimoe_ray.config import get_preset
-from unimoe_ray.inference.generate import Prompt, SamplingConfig, generate
+from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model.unimoe_audio import IGNORE_INDEX, UniMoEAudio
 from unimoe_ray.parallel import (
-    ActorResources, ExpertParallelConfig, attach_experts, expert_status, get_controller,
+    ActorResources, ExpertParallelConfig, attach_experts, expert_status,
     launch_experts, scale_expert, shutdown_experts, start_trunk,
 )
 from unimoe_ray.parallel.weights import trunk_state
+from unimoe_ray.text.prompt import Prompt
 
 pytestmark = pytest.mark.ray
 
@@ -34,7 +35,7 @@ CFG = ExpertParallelConfig(
     restart_timeout_s=60.0,
     trunk_timeout_s=60.0,
 )
-ATOL = 1e-5  # fp32, DESIGN.md §3: same weights and inputs → same logits
+ATOL = 1e-5  # fp32, docs/DESIGN.md §3: same weights and inputs → same logits
 GREEDY = SamplingConfig(greedy=True, guidance_scale=2.0, max_frames=8)
 
 

@@ -24,13 +24,14 @@ import torch
 
 from unimoe_ray.cli import main
 from unimoe_ray.config import get_preset
-from unimoe_ray.inference.generate import Prompt, SamplingConfig, generate
+from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel import (
     ActorResources, ExpertParallelConfig, ExpertUnavailableError, attach_experts, expert_status, launch_experts,
     scale_expert, shutdown_experts,
 )
 from unimoe_ray.parallel.admin import get_controller
+from unimoe_ray.text.prompt import Prompt
 
 pytestmark = pytest.mark.ray
 

@@ -95,9 +95,10 @@ JOB = textwrap.dedent(f"""
     import ray
     import torch
     from unimoe_ray.config import get_preset
-    from unimoe_ray.inference.generate import Prompt, SamplingConfig, generate
+    from unimoe_ray.inference.generate import SamplingConfig, generate
     from unimoe_ray.model.unimoe_audio import UniMoEAudio
     from unimoe_ray.parallel import ActorResources, ExpertParallelConfig, attach_experts, launch_experts
+    from unimoe_ray.text.prompt import Prompt
 
     ray.init()  # the job's cluster (RAY_ADDRESS, set by `ray job submit`)
     cfg = ExpertParallelConfig(group={GROUP!r}, exchange="plain", expert_resources=ActorResources(num_cpus=0))

@@ -23,7 +23,7 @@ from unimoe_ray.data.mini_corpus import MiniCorpusConfig, make_mini_corpus
 from unimoe_ray.data.quality import score_names
 from unimoe_ray.data.schema import codes_of, frames_of
 from unimoe_ray.data.shards import finalize
-from unimoe_ray.data.video import frames_to_patches
+from unimoe_ray.media.video import frames_to_patches
 
 # No skip when espeak-ng or ffmpeg is missing: make_mini_corpus fails naming how to install them.
 pytestmark = pytest.mark.ray
@@ -284,3 +284,49 @@ def test_job_joins_the_running_cluster_named_by_ray_address(run1, assets):
     assert "Connecting to existing Ray cluster" in done.stderr
     stats = json.loads((out / "stats.json").read_text())
     assert stats["out"]["by_task"]["t2m"]["rows"] == 2 and stats["counts_add_up"]
+
+
+def test_a_failed_rerun_keeps_the_previous_outputs_and_a_good_one_replaces_them(run1, assets, monkeypatch):
+    """A re-run into the same folder that fails midway through writing its shards leaves the
+    previous files byte for byte (and no half-written folder beside them); a re-run that
+    succeeds replaces them whole."""
+    from unimoe_ray.data import shards
+    from unimoe_ray.data.pipeline import run_preprocess
+
+    out, stats1 = run1
+    assert len(stats1["shards"]) >= 2
+
+    def files() -> dict:
+        return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before = files()
+    real_write, written = shards._write, []
+
+    def disk_full_at_second_shard(table, path):
+        written.append(path)
+        if len(written) == 2:
+            raise OSError("No space left on device (injected)")
+        real_write(table, path)
+
+    monkeypatch.setattr(shards, "_write", disk_full_at_second_shard)
+    with pytest.raises(OSError, match="injected"):
+        run_preprocess(assets["manifest"], out, _config(assets))
+    assert [p.name for p in written] == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert written[0].parent != out  # the new shards went to their own folder
+    assert files() == before
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name)) == [out.name]
+
+    monkeypatch.setattr(shards, "_write", real_write)
+    stats = run_preprocess(assets["manifest"], out, _config(assets, keep_staging=False))
+    assert stats == stats1
+    assert files() == {k: v for k, v in before.items() if k.parts[0] != "_staging"}  # same bytes, staging gone
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name)) == [out.name]
+
+
+def test_an_out_folder_with_other_files_is_refused_before_any_work(assets, tmp_path):
+    from unimoe_ray.data.pipeline import run_preprocess
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"notes\.txt.*pick a new or empty folder"):
+        run_preprocess(assets["manifest"], tmp_path, _config(assets))
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -24,6 +24,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from unimoe_ray.data.mini_corpus import write_mp4
 from unimoe_ray.serve.app import build_app
+from unimoe_ray.serve.voices import ANONYMOUS, VoiceStore
 
 pytestmark = pytest.mark.ray
 
@@ -216,12 +217,15 @@ BAD = [
     ("speech", {"input": "hi", "response_format": "mp3", "stream_format": "sse"}, 400, "stream_format"),
     ("speech", {"input": "hi", "response_format": "pcm", "stream_format": "sse", "speed": 2}, 400, "stream_format"),
     ("speech", {"input": "hi", "max_seconds": 99}, 400, "max_seconds"),
-    ("speech", {"input": "hi", "temperature": 0}, 400, "temperature"),
+    ("speech", {"input": "hi", "temperature": 1e-300}, 400, None),  # 0 in float32: refused, never divided by
+    ("speech", {"input": "hi", "seed": 2**64}, 400, "seed"),  # once wedged the replica (rows leaked)
+    ("speech", {"input": "hi", "seed": -1}, 400, "seed"),
+    ("music", {"prompt": "piano", "seed": 2**64}, 400, "seed"),
     ("speech", {"input": "hi", "volume": 3}, 400, "volume"),
     ("speech", {"input": "hi", "model": "gpt-9"}, 404, "model"),
     ("speech", {"input": "hi", "reference_audio": "###"}, 400, "reference_audio"),
     ("speech", {"input": "hi", "reference_audio": base64.b64encode(b"not audio").decode(), "reference_text": "x"}, 400, None),
-    ("speech", {"input": "hi", "reference_audio": base64.b64encode(b"0" * 300_000).decode(), "reference_text": "x"}, 413, "reference_audio"),
+    ("speech", {"input": "hi", "reference_audio": base64.b64encode(b"0" * 230_000).decode(), "reference_text": "x"}, 413, "reference_audio"),
     ("music", {"prompt": "piano", "duration": 0}, 400, "duration"),
     ("music", {"prompt": "piano", "duration": 60}, 400, "duration"),
     ("music", {"prompt": " "}, 400, "prompt"),
@@ -232,6 +236,12 @@ BAD = [
 def test_bad_inputs_get_4xx_and_the_replica_keeps_serving(http):
     for kind, body, status, param in BAD:
         _error(http.post(f"/v1/audio/{kind}", json=body), status, param)
+    # temperature 0 is greedy decoding: the same audio twice, whatever the seed.
+    greedy = [http.post("/v1/audio/speech", json={"input": "Greedy.", "response_format": "pcm", "max_seconds": 1,
+                                                  "temperature": 0, "seed": seed}) for seed in (1, 2)]
+    assert [r.status_code for r in greedy] == [200, 200] and greedy[0].content == greedy[1].content
+    status = _speech_status(http)
+    assert status["running_rows"] == 0 and status["free_rows"] == status["max_rows"] and status["healthy"]
     _error(http.post("/v1/audio/speech", content=b"{not json", headers={"content-type": "application/json"}), 400)
     _error(http.post("/v1/audio/voices", files={"audio_sample": ("x.wav", b"garbage bytes", "audio/wav")},
                      data={"name": "junk", "ref_text": "words"}), 400)
@@ -241,6 +251,18 @@ def test_bad_inputs_get_4xx_and_the_replica_keeps_serving(http):
                      data={"name": "huge", "ref_text": "words"}), 413, "audio_sample")
     _error(http.post("/v1/audio/music", files={"video": ("v.mp4", b"not a video", "video/mp4")},
                      data={"prompt": "piano", "duration": "1"}), 400)
+    _good(http)
+
+
+def test_sample_rate_bomb_and_oversized_body_are_refused_before_any_work(http):
+    """The 4 KB WAV declaring 999983 Hz that once grew a replica to 19.7 GB: a 400 from its header.
+    A JSON body past the cap (0.2 MB upload + base64 and text room): a 413 before it is read."""
+    bomb = (Path(__file__).parents[1] / "data" / "hostile" / "sample_rate_bomb.wav").read_bytes()
+    err = _error(http.post("/v1/audio/voices", files={"audio_sample": ("bomb.wav", bomb, "audio/wav")},
+                           data={"name": "bomb", "ref_text": "words"}), 400)
+    assert "999983 Hz" in err["message"] and "8000-192000 Hz" in err["message"]
+    err = _error(http.post("/v1/audio/speech", json={"input": "x" * 1_000_000}), 413)
+    assert err["code"] == "file_too_large" and "max_upload_mb=0.2" in err["message"]
     _good(http)
 
 
@@ -317,7 +339,11 @@ def test_prometheus_metrics_are_exported(server, http):
 
 # ---- phase 2: a redeploy with other settings ----
 
-def _deploy_config(tmp, keys, *, max_waiting: int, max_input_chars: int = 4096) -> None:
+# Per-key limits loose enough that the capacity checks below reach the engine and Serve's queue.
+LOOSE_KEY_LIMITS = {"rate_limit_burst": 200, "max_concurrent_per_key": 32}
+
+
+def _deploy_config(tmp, keys, *, max_waiting: int, max_input_chars: int = 4096, **ingress) -> None:
     """serve_configs/local_cpu.yaml as `serve run`/`serve deploy` submit it (the declarative
     path, where a changed user_config reconfigures replicas in place), with test paths and a
     small capacity: the engine runs one guided request (2 slots) and queues `max_waiting`; the
@@ -325,7 +351,7 @@ def _deploy_config(tmp, keys, *, max_waiting: int, max_input_chars: int = 4096) 
     cfg = yaml.safe_load((Path(__file__).parents[2] / "serve_configs" / "local_cpu.yaml").read_text())
     cfg.pop("http_options")  # Serve is already up on the test's port
     deps = {d["name"]: d for d in cfg["applications"][0]["deployments"]}
-    args = _args(tmp, api_keys_file=str(keys), max_input_chars=max_input_chars)
+    args = _args(tmp, api_keys_file=str(keys), max_input_chars=max_input_chars, **{**LOOSE_KEY_LIMITS, **ingress})
     deps["APIIngress"]["user_config"] = args["ingress"]
     for name in ("SpeechModel", "MusicModel"):
         d = deps[name]
@@ -348,8 +374,11 @@ def test_restart_keeps_voices_api_keys_over_capacity_and_live_reconfigure(server
         assert http.get("/health").status_code == 200  # open without a key
         _error(http.get("/v1/audio/voices"), 401)
         _error(http.get("/v1/audio/voices", headers={"Authorization": "Bearer wrong"}), 401)
-        names = http.get("/v1/audio/voices", headers=auth).json()["voices"]
-        assert names == ["default", "narrator"]  # the uploaded voice survived the restart
+        # narrator, uploaded with auth off in phase 1, survived the restart; it belongs to the
+        # anonymous owner, so a caller with a key sees the library voice only.
+        assert http.get("/v1/audio/voices", headers=auth).json()["voices"] == ["default"]
+        anonymous = VoiceStore(tmp / "voices", max_voices=2).list(owner=ANONYMOUS)
+        assert [v.name for v in anonymous] == ["default", "narrator"]
 
     async def flood(n: int):
         async with httpx.AsyncClient(base_url=server["url"], timeout=120, headers=auth) as h:
@@ -373,3 +402,62 @@ def test_restart_keeps_voices_api_keys_over_capacity_and_live_reconfigure(server
         _good(http)
         after = _speech_status(http)
         assert after["steps"] > before["steps"] and after["finished"] == before["finished"] + 1
+
+
+def _upload(http, key: str, name: str):
+    return http.post("/v1/audio/voices", headers={"Authorization": f"Bearer {key}"},
+                     files={"audio_sample": ("v.wav", _wav_bytes(1, 16000), "audio/wav")},
+                     data={"name": name, "ref_text": f"The voice {name}."})
+
+
+def test_stream_limit_per_key_voice_owners_and_key_file_reload(server):
+    """Phase 2, continued: one stream in flight per key (429 + Retry-After past it), voices
+    seen by their uploader's key only, and an edited key file taking effect while serving."""
+    tmp = server["tmp"]
+    keys = tmp / "keys.txt"
+    keys.write_text("secret-1\nsecret-2\n")
+    _deploy_config(tmp, keys, max_waiting=5, max_concurrent_per_key=1)  # a live reconfigure
+    one, two = {"Authorization": "Bearer secret-1"}, {"Authorization": "Bearer secret-2"}
+    with httpx.Client(base_url=server["url"], timeout=120) as http:
+        long = {"input": "A long one.", "response_format": "pcm", "max_seconds": 20}
+        with http.stream("POST", "/v1/audio/speech", json=long, headers=one) as r:
+            assert r.status_code == 200
+            chunks = r.iter_bytes()  # kept: a dropped iterator closes the connection at once
+            next(chunks)  # streaming: secret-1's one place is taken until the stream ends
+            busy = http.post("/v1/audio/speech", json={"input": "Another.", "max_seconds": 0.2}, headers=one)
+            err = _error(busy, 429)
+            assert (err["code"], err["type"]) == ("rate_limit_exceeded", "rate_limit_error")
+            assert int(busy.headers["retry-after"]) >= 1
+            _error(_upload(http, "secret-1", "blocked"), 429)  # uploads count too
+            up = _upload(http, "secret-2", "alice")  # the limit is per key
+            assert up.status_code == 200, up.text
+        alice = up.json()["id"]
+        # The client left: the ingress frees the place when the cancelled stream ends.
+        deadline = time.monotonic() + 30
+        while (r := _upload(http, "secret-1", "alice")).status_code == 429 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert r.status_code == 200, r.text  # its own "alice": names are unique per key
+        mine = r.json()["id"]
+        assert mine != alice
+        assert http.get("/v1/audio/voices/alice", headers=one).json()["id"] == mine
+        assert http.get("/v1/audio/voices/alice", headers=two).json()["id"] == alice
+        _error(http.get(f"/v1/audio/voices/{alice}", headers=one), 404)  # another key's voice: not found
+        _error(http.delete(f"/v1/audio/voices/{alice}", headers=one), 404)
+        _error(http.post("/v1/audio/speech", json={"input": "hi", "voice": alice}, headers=one), 400, "voice")
+        assert http.delete("/v1/audio/voices/alice", headers=one).json()["id"] == mine
+        assert http.get("/v1/audio/voices", headers=one).json()["voices"] == ["default"]
+        listed = http.get("/v1/audio/voices", headers=two).json()
+        assert listed["voices"] == ["default", "alice"] and listed["data"][1]["id"] == alice
+        spoken = http.post("/v1/audio/speech", headers=two,
+                           json={"input": "Mine.", "voice": "alice", "response_format": "wav", "max_seconds": 0.2})
+        assert spoken.status_code == 200, spoken.text
+
+        # Edit the key file while serving (no redeploy): secret-1 out, secret-3 in.
+        keys.write_text("secret-2\nsecret-3-new\n")
+        three = {"Authorization": "Bearer secret-3-new"}
+        deadline = time.monotonic() + 30
+        while http.get("/v1/models", headers=three).status_code == 401 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert http.get("/v1/models", headers=three).status_code == 200
+        _error(http.get("/v1/models", headers=one), 401)
+        assert http.get("/v1/audio/voices", headers=two).json()["voices"] == ["default", "alice"]

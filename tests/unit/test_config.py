@@ -63,12 +63,18 @@ def test_every_moe_field_is_written_to_config_json():
         aux_weight_end=0.05, aux_weight_decay_steps=7, token_drop=True, capacity_factor=2.5,
         min_capacity=3,
     )
+    # The SparseMixer router needs the released weighting: changed in a second config.
+    sparsemixer = MoEConfig(ignore_differentiable_router=False)
     defaults = MoEConfig()
     fields = [f.name for f in dataclasses.fields(MoEConfig)]
-    unchanged = [name for name in fields if getattr(moe, name) == getattr(defaults, name)]
+    unchanged = [name for name in fields
+                 if getattr(moe, name) == getattr(defaults, name) and getattr(sparsemixer, name) == getattr(defaults, name)]
     assert unchanged == [], f"the test must change every field; unchanged: {unchanged}"
-    cfg = get_preset("tiny").replace(moe=moe)
-    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()).moe == moe
+    for m in (moe, sparsemixer):
+        cfg = get_preset("tiny").replace(moe=m)
+        assert ModelConfig.from_hf_dict(cfg.to_hf_dict()).moe == m
+    with pytest.raises(ConfigError, match="weighting='released'"):
+        MoEConfig(ignore_differentiable_router=False, weighting="paper")
 
 
 def test_aux_weight_schedule_decays_linearly():

@@ -1,5 +1,5 @@
-"""The pure pieces of unimoe_ray.data import without Ray (the serving path reuses video.py), and
-every third-party import of the package is declared."""
+"""The pure pieces of unimoe_ray.data (and unimoe_ray.media, which data, train and serve share)
+import without Ray, and every third-party import of the package is declared."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_pure_modules_do_not_import_ray():
     code = (
         "import sys\n"
-        "import unimoe_ray.data.video, unimoe_ray.data.quality, unimoe_ray.data.music\n"
+        "import unimoe_ray.media.video, unimoe_ray.data.quality, unimoe_ray.data.music\n"
         "assert 'torch' not in sys.modules, 'video/quality/music must stay numpy-only at import'\n"
         "import unimoe_ray.data.mini_corpus, unimoe_ray.data.decode, unimoe_ray.data.stages\n"
         "import unimoe_ray.data.encode, unimoe_ray.data.balance, unimoe_ray.data.shards\n"

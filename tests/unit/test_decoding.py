@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from unimoe_ray.audio.delay import DelayPattern
-from unimoe_ray.inference.generate import Prompt, generate
+from unimoe_ray.inference.generate import generate
 from unimoe_ray.inference.sampling import (
     RowKnobs,
     SamplingConfig,
     process_logits,
     task_sampling,
 )
+from unimoe_ray.text.prompt import Prompt
 
 K, V, EOS = 12, 1027, 1024
 
@@ -66,8 +67,13 @@ def test_eos_logit_factor_applies_to_the_logit_after_guidance():
     uncond = cond.clone()
     uncond[0, 0, EOS] = -1.0  # guided EOS: -2 + 1·(-2 - -1) = -3; × 0.6 = -1.8 (< -1.5)
     step = torch.tensor([5])
-    kn = lambda f, g: RowKnobs.stack([SamplingConfig(eos_factor=f, guidance_scale=g, min_frames=0)])
-    top = lambda logits: int(logits[0, 0].argmax())
+
+    def kn(f, g):
+        return RowKnobs.stack([SamplingConfig(eos_factor=f, guidance_scale=g, min_frames=0)])
+
+    def top(logits):
+        return int(logits[0, 0].argmax())
+
     assert top(process_logits(cond, None, kn(0.6, 0.0), step, eos=EOS)) == EOS  # -1.2 > -1.5
     assert process_logits(cond, None, kn(1.0, 0.0), step, eos=EOS)[0, 0, EOS] == float("-inf")
     out = process_logits(cond, uncond, kn(0.6, 1.0), step, eos=EOS)

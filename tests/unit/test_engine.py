@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from unimoe_ray.inference.engine import DecodeEngine, EngineFullError, EngineRequest
-from unimoe_ray.inference.generate import Prompt, generate
+from unimoe_ray.inference.generate import generate
 from unimoe_ray.inference.sampling import SamplingConfig
+from unimoe_ray.text.prompt import Prompt
 
 
 def prompt(n: int, offset: int = 0) -> Prompt:

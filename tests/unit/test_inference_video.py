@@ -5,8 +5,8 @@ import pytest
 
 from unimoe_ray.config import get_preset
 from unimoe_ray.data.mini_corpus import write_mp4
-from unimoe_ray.data.video import VideoError
 from unimoe_ray.inference.video import VideoSampling, load_video
+from unimoe_ray.media.video import VideoError
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ import torch
 
 from unimoe_ray.audio.delay import DelayPattern
 from unimoe_ray.config import get_preset
-from unimoe_ray.inference.generate import Prompt, SamplingConfig, generate
+from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model.unimoe_audio import UniMoEAudio, mrope_position_ids
+from unimoe_ray.text.prompt import Prompt
 
 
 def audio_batch(cfg, B=2, L=12, n_audio=6):

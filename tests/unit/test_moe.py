@@ -83,6 +83,20 @@ def test_gradient_reaches_router_and_experts():
     assert x.grad.abs().sum() > 0
 
 
+def test_sparsemixer_router_only_in_training_when_the_released_key_is_false():
+    # eps = router_jitter = 0.2: wide near-tie pools; no input jitter, so the logits of two
+    # training draws differ only by the router jitter.
+    moe = make(ignore_differentiable_router=False, router_jitter=0.2, input_jitter=0.0)
+    x = torch.randn(64, DIM)
+    assert torch.equal(moe.route(x).mask_TR, moe.route(x).mask_TR)  # inference: deterministic
+    moe.train()
+    picks = [moe.route(x).mask_TR for _ in range(4)]
+    assert any(not torch.equal(picks[0], p) for p in picks[1:])  # training: perturbed picks
+    out, stats = moe(x)
+    (out.pow(2).sum() + stats.aux_loss).backward()
+    assert moe.gate.weight.grad.abs().sum() > 0
+
+
 def test_jitter_only_in_training():
     moe = make()
     x = torch.randn(16, DIM)

@@ -1,4 +1,4 @@
-"""Router math against hand-computed values (DESIGN.md §1, paper eq. 1-3)."""
+"""Router math against hand-computed values (docs/DESIGN.md §1, paper eq. 1-3)."""
 
 import math
 
@@ -90,7 +90,7 @@ def test_sparsemixer_batched_matches_per_token_reference_with_mixed_k():
     holes[:, 0] = False
     for m in (mask, mask & ~holes.gather(-1, order.argsort(-1))):
         mult = router.sparsemixer_multipliers(logits, m, eps=0.01)
-        ref = torch.tensor([_sparsemixer_one_token(l, mm, 0.01) for l, mm in zip(logits, m)])
+        ref = torch.tensor([_sparsemixer_one_token(lg, mm, 0.01) for lg, mm in zip(logits, m)])
         torch.testing.assert_close(mult, ref)
 
 
@@ -160,3 +160,79 @@ def test_bf16_routing_picks_the_experts_the_released_rule_picks():
         k = int((probs[t].sort(descending=True).values.cumsum(-1) < 0.7).sum()) + 1
         order = sorted(range(5), key=lambda e: (-float(logits[t, e]), e))
         assert sorted(order[:k]) == r.mask_TR[t].nonzero().flatten().tolist(), t
+
+
+# ---- the released training path with ignore_differentiable_router=false (SparseMixer) ----
+
+def _sparsemixer_by_hand(scores, k, eps, gumbel, coin, upstream):
+    """The released rule written out one token and one pick at a time, in plain Python floats:
+    (multipliers, picked, dL/dscores) for the loss Σ_j upstream[j] · multiplier_j."""
+    import math
+
+    R = len(scores)
+    remaining = list(scores)
+    mults, picks, grad = [], [], [0.0] * R
+    for j in range(k):
+        top = max(remaining)
+        argmax = remaining.index(top)
+        masked = [
+            -math.inf if remaining[r] == -math.inf or (top - scores[r]) / max(abs(scores[r]), abs(top)) > 2 * eps
+            else remaining[r] for r in range(R)
+        ]
+        noisy = [m + g for m, g in zip(masked, gumbel[j])]
+        sel = noisy.index(max(noisy))
+        z = sum(math.exp(m - top) for m in masked if m > -math.inf)
+        gates = [math.exp(m - top) / z if m > -math.inf else 0.0 for m in masked]
+        factor = 1.0 if (sel == argmax or coin[j] > 0.75) else 1 / 3
+        mults.append(gates[sel] * factor)
+        picks.append(sel)
+        big_g = upstream[j] * gates[sel]  # the backward multiplies by g_s, not by the factor
+        for r in range(R):
+            grad[r] += big_g * ((1.0 if r == sel else 0.0) - gates[r])
+        remaining[sel] = -math.inf
+    return mults, picks, grad
+
+
+def test_sparsemixer_training_picks_and_backward_follow_the_released_rule():
+    eps = 0.05
+    # Token 0 has near-ties (three logits within 2·eps relative), token 1 one clear winner
+    # and a close second, token 2 takes one pick only.
+    scores = torch.tensor([[2.00, 1.95, 1.92, 0.50], [3.00, -1.00, 2.90, 0.10], [0.30, 0.31, -2.0, 0.0]],
+                          dtype=torch.float64, requires_grad=True)
+    k_T = torch.tensor([3, 2, 1])
+    g = torch.Generator().manual_seed(3)
+    gumbel = -torch.log(-torch.log(torch.rand(3, 3, 4, generator=g, dtype=torch.float64)))
+    coin = torch.tensor([[0.9, 0.1, 0.2], [0.1, 0.8, 0.0], [0.5, 0.0, 0.0]], dtype=torch.float64)
+    mult_TR, mask_TR = router.sparsemixer_train_picks(scores, k_T, eps, gumbel_TkR=gumbel, coin_Tk=coin)
+    upstream_TR = torch.tensor([[0.3, -1.2, 0.7, 2.0], [1.5, 0.4, -0.6, 0.2], [-0.8, 1.1, 0.3, 0.9]], dtype=torch.float64)
+    (mult_TR * upstream_TR).sum().backward()
+    for t in range(3):
+        picks_seen = []
+        k = int(k_T[t])
+        # upstream of pick j is the upstream of the expert it picked (the multiplier sits there)
+        mults, picks, _ = _sparsemixer_by_hand(scores[t].tolist(), k, eps, gumbel[t].tolist(), coin[t].tolist(), [0.0] * k)
+        up = [float(upstream_TR[t, p]) for p in picks]
+        _, _, grad = _sparsemixer_by_hand(scores[t].tolist(), k, eps, gumbel[t].tolist(), coin[t].tolist(), up)
+        for m, p in zip(mults, picks):
+            assert float(mult_TR[t, p].detach()) == pytest.approx(m, rel=1e-12)
+            picks_seen.append(p)
+        assert sorted(picks_seen) == mask_TR[t].nonzero().flatten().tolist()
+        assert scores.grad[t].tolist() == pytest.approx(grad, rel=1e-10, abs=1e-12)
+    # The near-tie token really exercised the perturbed pick and the 1/3 factor somewhere.
+    assert mask_TR.sum().item() == 6
+
+
+def test_differentiable_route_trains_the_router_through_the_picks():
+    torch.manual_seed(0)
+    logits_TE = torch.randn(16, 6, requires_grad=True)  # 4 dynamic + 2 shared
+    r = router.route(logits_TE, num_dynamic=4, mode="top_p", top_p=0.7, top_k=2, weighting="released",
+                     sparsemixer_eps=0.01, differentiable=True)
+    assert torch.equal(r.k_T, r.mask_TR.sum(-1)) and bool((r.k_T >= 1).all())
+    # Routed weights sum to the dynamic share; with the shared weights they sum to 1.
+    total_T = r.weights_TR.sum(-1) + r.shared_weights_TS.sum(-1)
+    assert torch.allclose(total_T, torch.ones(16), atol=1e-6)
+    (r.weights_TR * torch.randn(16, 4)).sum().backward()
+    assert logits_TE.grad[:, :4].abs().sum() > 0
+    with pytest.raises(ValueError, match="released"):
+        router.route(logits_TE, num_dynamic=4, mode="top_p", top_p=0.7, top_k=2, weighting="paper",
+                     sparsemixer_eps=0.01, differentiable=True)

@@ -1,6 +1,6 @@
 """The DAC 16 kHz audio codec (descript-audio-codec): waveform <-> discrete codes.
 
-UniMoE-Audio models audio as DAC 16 kHz codes (DESIGN §1): 12 residual codebooks of 1024
+UniMoE-Audio models audio as DAC 16 kHz codes (docs/DESIGN.md §1): 12 residual codebooks of 1024
 codes, one frame per 320 samples = 50 frames/s. The language model sees these codes (plus
 eos/pad/bos ids 1024-1026 of its own, which never reach the codec).
 
@@ -41,7 +41,7 @@ _CODEBOOK_SIZE = 1024
 
 # Small architecture with the real code layout (hop 2*4*4*10 = 320, 12 x 1024 codes): 2.2M
 # parameters, ~25 ms per second of audio on CPU. Even strides only: odd ones shorten the
-# decoded signal (DESIGN §5).
+# decoded signal (docs/DESIGN.md §5).
 _RANDOM_DAC_KWARGS = dict(
     encoder_dim=16,
     encoder_rates=[2, 4, 4, 10],

@@ -1,4 +1,4 @@
-"""The codebook delay pattern (DESIGN.md §1): codebook c at step s carries frame s − delay[c].
+"""The codebook delay pattern (docs/DESIGN.md §1): codebook c at step s carries frame s − delay[c].
 
 Worked example, T = 2 frames (a, b), delays [0, 2], B=bos, E=eos, P=pad:
 

@@ -2,7 +2,7 @@
 
 Audio here is always a 1-D float32 numpy array in [-1, 1] of N samples plus its sample rate.
 soundfile reads and writes files; julius resamples (torchaudio's compiled library is not
-usable on our CPU installs, DESIGN §5).
+usable on our CPU installs, docs/DESIGN.md §5).
 """
 
 from __future__ import annotations

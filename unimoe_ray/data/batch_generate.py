@@ -8,11 +8,18 @@ JSONL) → WAVs plus a result manifest with one row per item.
 An item that cannot run (unknown voice, missing file, empty text) becomes a failed manifest
 row naming its reason; the others complete. A failure inside generation is caught the same
 way, so the job always accounts for every item.
+
+The manifest is written as items finish, one JSON line each (append, flush, fsync): a job
+that dies (driver killed, node lost) leaves every finished item recorded, and at most a torn
+last line, which `read_manifest_rows` drops. `resume=True` keeps the `ok` rows whose WAV
+exists and runs only the rest. At the end the whole manifest is rewritten in the task file's
+order (a temporary file, then `os.replace`: a reader sees the old file or the new one).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,32 +114,104 @@ def parse_tasks(path: str | Path, voices=None) -> tuple[list[TaskRequest], list[
     return good, bad, ids
 
 
-def run_batch(tasks_file: str | Path, out_manifest: str | Path, cfg: BatchConfig) -> list[dict]:
-    """Run every task of `tasks_file`; write the manifest (JSONL) and return its rows."""
+class ManifestWriter:
+    """Appends manifest rows as they finish: one line per row, flushed and fsynced before the
+    next, so a crash loses no finished item."""
+
+    def __init__(self, path: Path, *, keep: bool) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if keep and path.is_file() and path.stat().st_size:
+            with open(path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a line torn by a crash mid-write: close it off
+                    f.write(b"\n")
+        self._f = open(path, "a" if keep else "w", encoding="utf-8")
+
+    def append(self, row: dict) -> None:
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_manifest_rows(path: str | Path) -> dict[str, dict]:
+    """task_id -> its last row in a manifest (a re-run appends after the earlier rows); lines
+    that are not JSON (a line torn by a crash) are skipped."""
+    rows: dict[str, dict] = {}
+    path = Path(path)
+    if not path.is_file():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "task_id" in row:
+            rows[row["task_id"]] = row
+    return rows
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power loss
+    finally:
+        os.close(dir_fd)
+
+
+def run_batch(tasks_file: str | Path, out_manifest: str | Path, cfg: BatchConfig, *,
+              resume: bool = False) -> list[dict]:
+    """Run every task of `tasks_file`; write the manifest (JSONL) as items finish and return
+    its rows. resume: skip the tasks the manifest already records as ok with their WAV on
+    disk (failed ones run again)."""
     from unimoe_ray.inference.voices import VoiceLibrary
 
     voices = VoiceLibrary.load(cfg.voice_library, root=cfg.voice_root) if cfg.voice_library else None
-    good, rows, ids = parse_tasks(tasks_file, voices)
-    t0 = time.perf_counter()
-    if good:
-        items = [{"task_json": json.dumps(r.__dict__)} for r in good]
-        ds = ray.data.from_items(items).map_batches(
-            GenerateTasks, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
-            compute=ActorPoolStrategy(size=min(cfg.actors, len(good))),
-            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
-        )
-        rows += [{k: _plain(v) for k, v in r.items()} for r in ds.take_all()]
-    order = {tid: i for i, tid in enumerate(ids)}
-    rows.sort(key=lambda r: order.get(r["task_id"], len(order)))  # the task file's order
+    good, bad, ids = parse_tasks(tasks_file, voices)
     out = Path(out_manifest)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ok = sum(r["status"] == "ok" for r in rows)
-    print(f"{ok}/{len(rows)} tasks ok in {time.perf_counter() - t0:.1f} s; manifest {out}")
-    for r in rows:
+    done: dict[str, dict] = {}
+    if resume:
+        done = {tid: r for tid, r in read_manifest_rows(out).items()
+                if r.get("status") == "ok" and r.get("output") and Path(r["output"]).is_file()}
+        good = [r for r in good if r.task_id not in done]
+        print(f"resume: {len(done)} tasks already done in {out}; {len(good)} to run")
+    rows = list(done.values())
+    writer = ManifestWriter(out, keep=resume)
+    t0 = time.perf_counter()
+    try:
+        for r in bad:
+            writer.append(r)
+            rows.append(r)
+        if good:
+            items = [{"task_json": json.dumps(r.__dict__)} for r in good]
+            ds = ray.data.from_items(items).map_batches(
+                GenerateTasks, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
+                compute=ActorPoolStrategy(size=min(cfg.actors, len(good))),
+                num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+            )
+            for r in ds.iter_rows():  # streamed: each row as its item finishes
+                row = {k: _plain(v) for k, v in r.items()}
+                writer.append(row)
+                rows.append(row)
+    finally:
+        writer.close()
+    order = {tid: i for i, tid in enumerate(ids)}
+    final = sorted(rows, key=lambda r: order.get(r["task_id"], len(order)))  # the task file's order
+    _write_atomically(out, "".join(json.dumps(r) + "\n" for r in final))
+    ok = sum(r["status"] == "ok" for r in final)
+    print(f"{ok}/{len(final)} tasks ok in {time.perf_counter() - t0:.1f} s; manifest {out}")
+    for r in final:
         if r["status"] != "ok":
             print(f"  failed {r['task_id']}: {r['error']}")
-    return rows
+    return final
 
 
 def _plain(v):

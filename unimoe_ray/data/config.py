@@ -21,7 +21,7 @@ TEXT_TASKS = ("tts_zh", "tts_en", "t2m")
 class AudioConfig:
     """Decoding, resampling and segmentation."""
 
-    sample_rate: int = 16000  # DAC 16 kHz (DESIGN §1)
+    sample_rate: int = 16000  # DAC 16 kHz (docs/DESIGN.md §1)
     # Music is cut into fixed windows: the model generates at most 1000 frames = 20 s.
     music_window_s: float = 20.0
     # A music tail shorter than this is not worth a row (a file's first window is always kept).

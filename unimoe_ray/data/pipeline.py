@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,7 +31,7 @@ from unimoe_ray.data.decode import decode_row
 from unimoe_ray.data.encode import EncodeAudio
 from unimoe_ray.data.manifest import read_manifest
 from unimoe_ray.data.quality import check_rules, score_names
-from unimoe_ray.data.shards import finalize
+from unimoe_ray.data.shards import check_replaceable, finalize, replace_outputs
 from unimoe_ray.data.stages import ScoreAudio, TokenizeText, attach_video, to_staging_table
 
 log = logging.getLogger(__name__)
@@ -86,30 +87,39 @@ def run_preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessCon
     """Run the pipeline on a manifest and write out_dir (see `shards.py` for its contents).
     Ray must be initialised. Returns the stats (also written to out_dir/stats.json).
 
-    Raises ValueError for a quality rule that could never apply, before any work, and
-    RuntimeError when the DAC stage failed on most rows alike (see
-    EncodeConfig.max_error_fraction), before writing any output."""
+    Everything is written to a new sibling folder `<out_dir>.tmp-<id>` that replaces out_dir
+    only once the run succeeded (`shards.replace_outputs`): a run that fails, at any point,
+    removes its folder and leaves the previous outputs as they were.
+
+    Raises ValueError for a quality rule that could never apply, or an out_dir holding files
+    that are not a previous run's outputs, before any work; RuntimeError when the DAC stage
+    failed on most rows alike (see EncodeConfig.max_error_fraction)."""
     check_rules(cfg.quality)
     out_dir = Path(out_dir)
-    staging = out_dir / "_staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    for old in out_dir.glob("shard-*.parquet"):  # a re-run must not leave stale shards behind
-        old.unlink()
+    check_replaceable(out_dir)
     rows = read_manifest(manifest)
     if not rows:
         raise ValueError(f"manifest {manifest} has no rows")
-    start = time.perf_counter()
-    build_dataset(rows, cfg).write_parquet(str(staging))
-    log.info("pipeline wrote staging in %.1f s", time.perf_counter() - start)
-    stats = finalize(
-        staging,
-        out_dir,
-        score_names=score_names(cfg.quality.model_scorers),
-        balance=cfg.balance,
-        rows_per_shard=cfg.rows_per_shard,
-        source_ids=[r["source_id"] for r in rows],
-        max_encode_error_fraction=cfg.encode.max_error_fraction,
-    )
-    if not cfg.keep_staging:
-        shutil.rmtree(staging, ignore_errors=True)
+    new_dir = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
+    staging = new_dir / "_staging"
+    try:
+        start = time.perf_counter()
+        build_dataset(rows, cfg).write_parquet(str(staging))
+        log.info("pipeline wrote staging in %.1f s", time.perf_counter() - start)
+        stats = finalize(
+            staging,
+            new_dir,
+            score_names=score_names(cfg.quality.model_scorers),
+            balance=cfg.balance,
+            rows_per_shard=cfg.rows_per_shard,
+            source_ids=[r["source_id"] for r in rows],
+            max_encode_error_fraction=cfg.encode.max_error_fraction,
+        )
+        if not cfg.keep_staging:
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(new_dir, ignore_errors=True)
+        log.error("preprocessing failed: %s is left as it was", out_dir)
+        raise
+    replace_outputs(new_dir, out_dir)
     return stats

@@ -13,12 +13,18 @@ Outputs in out_dir:
     filtered.parquet          usable inputs dropped by quality rules or balancing
     stats.json                counts and hours per task, drops by reason; items_in == out +
                               quarantined + filtered
+
+`run_preprocess` has `finalize` write into a new sibling folder, then `replace_outputs` swaps
+it in for the previous outputs (two renames), so a failed re-run never leaves a mix of old
+and new shards.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -46,6 +52,42 @@ def _write(table: pa.Table, path: Path) -> None:
     """Sorted by sample id, fixed writer settings: same rows -> same bytes."""
     table = table.sort_by("sample_id")
     pq.write_table(table, path, compression="zstd", row_group_size=256)
+
+
+# What a run writes in its out_dir (and all that `replace_outputs` may delete there).
+OUTPUT_NAMES = ("quarantine.parquet", "filtered.parquet", "stats.json", "_staging", "_parts")
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """out_dir is missing, empty, or holds only a previous run's outputs: a re-run replaces
+    the whole folder, so anything else in it would be deleted."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"output folder {out_dir} is a file: give a folder path")
+    foreign = sorted(
+        p.name
+        for p in out_dir.iterdir()
+        if p.name not in OUTPUT_NAMES and not (p.name.startswith("shard-") and p.suffix == ".parquet")
+    )
+    if foreign:
+        raise ValueError(
+            f"output folder {out_dir} holds files that are not preprocessing outputs "
+            f"({', '.join(foreign[:5])}): a run replaces the whole folder; pick a new or empty folder"
+        )
+
+
+def replace_outputs(new_dir: Path, out_dir: Path) -> None:
+    """Swap a finished run's folder in for out_dir: the old folder is renamed aside, the new
+    one renamed in, then the old one deleted. Each rename is atomic; a crash between the two
+    leaves both folders beside out_dir (`<out>.old-<id>`: the previous outputs, whole)."""
+    old_dir = None
+    if out_dir.exists():
+        old_dir = out_dir.with_name(f"{out_dir.name}.old-{uuid.uuid4().hex[:12]}")
+        os.rename(out_dir, old_dir)
+    os.rename(new_dir, out_dir)
+    if old_dir is not None:
+        shutil.rmtree(old_dir)
 
 
 def _hours(seconds: float) -> float:

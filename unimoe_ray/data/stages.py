@@ -19,7 +19,7 @@ from unimoe_ray.data.batch import mark, objects
 from unimoe_ray.data.config import TEXT_TASKS, QualityConfig, VideoConfig
 from unimoe_ray.data.quality import build_model_scorer, failed_rule, signal_scorers
 from unimoe_ray.data.schema import FILTERED, OK, QUARANTINED, score_column, staging_schema
-from unimoe_ray.data.video import VideoError, read_video_frames
+from unimoe_ray.media.video import VideoError, read_video_frames
 
 _STRING_COLUMNS = (
     "sample_id", "source_id", "task", "audio", "video", "text", "speaker", "language",

@@ -16,6 +16,17 @@ request's codes depend on its seed and prompt only: alone, it reproduces `genera
 sharing steps, its rows see different GEMM batch shapes, which changes float rounding only
 (greedy decoding gives the same codes; tests/unit/test_engine.py).
 
+Isolation (one request can never harm another; tests/unit/test_engine_isolation.py):
+- admission is all-or-nothing: seeding, prompt checks and the prefill run before the request's
+  rows are visible; a failure after its rows joined removes them again;
+- a request that ends for any reason (EOS, length, cancel, deadline, error) frees its slots in
+  the same step: `check_invariants` holds after every step (free slots + the running requests'
+  slots == max_rows, no slot owned twice);
+- a row whose logits cannot be sampled (NaN/inf) fails its own request only: sampling is
+  row-wise with a generator per row, and the row leaves before the next forward, so the others
+  decode on exactly as in a batch without it;
+- every request has a deadline; a row or a queued request past it ends with "timeout".
+
 KV-cache layout (SlotKVCache): all rows share a column counter `length` (the next column every
 row writes), so one decode step is one batched forward. A row's cached keys end at `length`
 and start wherever its prefill began; columns before that are masked (`valid_BS`). A prefill
@@ -39,20 +50,25 @@ from dataclasses import dataclass, field
 import torch
 
 from unimoe_ray.audio.delay import DelayPattern
-from unimoe_ray.inference.generate import Prompt, _batch_prompts, _positions
+from unimoe_ray.inference.generate import batch_prompts, prompt_positions
 from unimoe_ray.inference.sampling import (
     RowKnobs,
     SamplingConfig,
     apply_pattern_rules,
     row_generators,
-    sample_frame,
+    sample_rows,
 )
 from unimoe_ray.model.attention import KVCache
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.text.prompt import Prompt
 
 
 class EngineFullError(RuntimeError):
     """The engine's waiting queue is full: retry later (HTTP 429/503 at the serving layer)."""
+
+
+class EngineInvariantError(RuntimeError):
+    """The engine's slot accounting is inconsistent (a bug): the replica must be replaced."""
 
 
 class SlotKVCache:
@@ -199,11 +215,14 @@ class SlotKVCache:
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """One generation: a prompt, its negative (None: no guidance) and its sampling knobs."""
+    """One generation: a prompt, its negative (None: no guidance) and its sampling knobs.
+    timeout_s: seconds from submit after which the request ends with finish_reason "timeout"
+    wherever it is (queued or decoding); None: the engine's default."""
 
     prompt: Prompt
     negative: Prompt | None
     sampling: SamplingConfig
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -212,7 +231,9 @@ class EngineOutput:
 
     frames_KT: frames completed at this step (delay pattern reverted; often 0 or 1 frame).
     done: the request left the batch; codes_KT then holds all its frames (None when it
-    failed or was cancelled), finish_reason is "eos" | "length" | "cancelled" | "error"."""
+    failed or was cancelled), finish_reason is "eos" | "length" | "cancelled" | "timeout" |
+    "error". error_kind (with "error"): "invalid" (the request's own input or knobs: a client
+    error) or "internal" (the model or the engine failed: a server error)."""
 
     request_id: int
     frames_KT: torch.Tensor
@@ -220,6 +241,7 @@ class EngineOutput:
     finish_reason: str | None = None
     codes_KT: torch.Tensor | None = None
     error: str | None = None
+    error_kind: str | None = None
 
 
 @dataclass
@@ -235,6 +257,7 @@ class _Running:
     emitted: int = 0  # frames sent so far
     slots: list[int] = field(default_factory=list)  # cond slot first, then uncond
     joined_at: float = 0.0
+    deadline: float = float("inf")  # time.monotonic() past which the request ends ("timeout")
 
 
 @dataclass
@@ -245,6 +268,8 @@ class EngineStats:
     cancelled: int = 0
     last_step_rows: int = 0
     experts_per_token: float = 0.0  # mean routed+null experts per token over the last forward
+    failed: int = 0  # requests ended by an error (their own or the model's)
+    timed_out: int = 0
 
 
 class DecodeEngine:
@@ -253,10 +278,15 @@ class DecodeEngine:
 
     max_rows: KV slots (a guided request takes 2: cond + uncond). max_len: cache columns per
     row (longest prompt + max frames + max delay + 1). max_waiting: requests queued for a slot
-    before `submit` raises EngineFullError (never an unbounded queue).
+    before `submit` raises EngineFullError (never an unbounded queue). timeout_s: a request's
+    deadline from submit unless it sets its own.
     """
 
-    def __init__(self, model: UniMoEAudio, *, max_rows: int = 16, max_len: int = 2048, max_waiting: int = 64) -> None:
+    def __init__(self, model: UniMoEAudio, *, max_rows: int = 16, max_len: int = 2048, max_waiting: int = 64,
+                 timeout_s: float = 600.0) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s={timeout_s}: must be > 0 (seconds a request may take from submit)")
+        self.timeout_s = timeout_s
         if max_rows < 2:
             raise ValueError(f"max_rows={max_rows}: need at least 2 (one guided request = cond + uncond rows)")
         self.model = model
@@ -273,7 +303,7 @@ class DecodeEngine:
         self._logits_RKV = torch.zeros(max_rows, cfg.codec_channels, cfg.codec_vocab_size, dtype=torch.float32, device=p.device)
         self._delays_K = torch.tensor(cfg.codec_delay_pattern, device=p.device)
         self._delays_cpu_K1 = torch.tensor(cfg.codec_delay_pattern)[:, None]
-        self._waiting: deque[tuple[int, EngineRequest]] = deque()
+        self._waiting: deque[tuple[int, EngineRequest, float]] = deque()  # (id, request, deadline)
         self._cancel: set[int] = set()
         self._running: list[_Running] = []
         self._ids = itertools.count()
@@ -289,6 +319,22 @@ class DecodeEngine:
             raise ValueError("guidance_scale > 0 needs a negative prompt (or set guidance_scale=0)")
         if rows > self.cache.rows:
             raise ValueError(f"a request needs {rows} rows; the engine has {self.cache.rows}")
+        if req.timeout_s is not None and not req.timeout_s > 0:
+            raise ValueError(f"timeout_s={req.timeout_s}: must be > 0")
+        vocab = self.cfg.vocab_size
+        for p in (req.prompt, req.negative):
+            if p is None:
+                continue
+            ids = p.input_ids_L
+            if ids.dtype in (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64) or ids.dim() != 1:
+                raise ValueError(f"prompt token ids must be a 1-D integer tensor (got {ids.dtype}, {ids.dim()}-D)")
+            if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
+                raise ValueError(f"prompt token ids outside [0, {vocab}): the tokenizer does not match the model")
+            codes = p.audio_codes_KL
+            if codes is not None and codes.numel() and not (
+                    0 <= int(codes.min()) and int(codes.max()) < self.cfg.codec_vocab_size):
+                raise ValueError(f"prompt audio codes outside [0, {self.cfg.codec_vocab_size}): "
+                                 "the voice was encoded by another codec")
         steps = req.sampling.frame_limit(self.pattern.max_delay) + self.pattern.max_delay + 1
         longest = max(p.input_ids_L.numel() + 1 for p in (req.prompt, req.negative) if p is not None)
         if longest + steps > self.cache.max_len:
@@ -303,7 +349,8 @@ class DecodeEngine:
             if len(self._waiting) >= self.max_waiting:
                 raise EngineFullError(f"{len(self._waiting)} requests already wait for a slot")
             rid = next(self._ids)
-            self._waiting.append((rid, req))
+            timeout = req.timeout_s if req.timeout_s is not None else self.timeout_s
+            self._waiting.append((rid, req, time.monotonic() + timeout))
         return rid
 
     def cancel(self, rid: int) -> None:
@@ -325,6 +372,36 @@ class DecodeEngine:
     def has_work(self) -> bool:
         return bool(self._waiting or self._running or self._cancel)
 
+    def check_invariants(self) -> None:
+        """Raise EngineInvariantError unless the slot accounting is consistent: the running
+        requests own exactly slots [0, n) of the cache, each once, with 2 slots when guided."""
+        owned = [s for r in self._running for s in r.slots]
+        problems = []
+        if sorted(owned) != list(range(self.cache.n)):
+            problems.append(f"running requests own slots {sorted(owned)} but the cache runs {self.cache.n} rows")
+        if any(len(r.slots) != (2 if r.guided else 1) for r in self._running):
+            problems.append("a running request holds the wrong number of slots")
+        if not 0 <= self.cache.n <= self.cache.rows or self.cache.free != self.cache.rows - self.cache.n:
+            problems.append(f"{self.cache.n} running rows of {self.cache.rows}")
+        if self.cache.n == 0 and self.cache.length != 0:
+            problems.append(f"no running rows but {self.cache.length} cached columns")
+        if problems:
+            raise EngineInvariantError("decode engine slot accounting broken: " + "; ".join(problems))
+
+    def fail_all(self, message: str) -> list[EngineOutput]:
+        """End every running and waiting request with an internal error and free all slots
+        (after a step failed outside any one row). The engine is empty and usable after it."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+            self._cancel = set()
+        gone = list(self._running)
+        self._running = []
+        self.cache.remove(list(range(self.cache.n)))
+        self.cache.length = 0
+        self.stats.failed += len(gone) + len(waiting)
+        ids = [r.rid for r in gone] + [w[0] for w in waiting]
+        return [self._ended(rid, "error", message, "internal") for rid in ids]
+
     # ---- the stepping thread ----
 
     @torch.inference_mode()
@@ -333,6 +410,7 @@ class DecodeEngine:
         request: sample a frame each, emit completed frames, drop finished rows, one forward."""
         outputs: list[EngineOutput] = []
         outputs += self._apply_cancels()
+        outputs += self._expire()
         outputs += self._admit()
         if not self._running:
             return outputs
@@ -343,10 +421,22 @@ class DecodeEngine:
         uncond_idx = [r.slots[1] if r.guided else r.slots[0] for r in run]
         knobs = RowKnobs.stack([r.req.sampling for r in run], self.device)
         step_C = torch.tensor([r.step for r in run], device=self.device)
-        frame_CK = sample_frame(
+        frame_CK, failures = sample_rows(
             self._logits_RKV[cond_idx], self._logits_RKV[uncond_idx] if guided else None,
             knobs, step_C, [r.generator for r in run], eos=cfg.codec_eos,
         )
+        if failures:
+            # The failed rows leave before anything else happens to them; the others' frames
+            # are untouched (sampling is row-wise).
+            failed = [run[f.row] for f in failures]
+            for f in failures:
+                outputs.append(self._ended(run[f.row].rid, "error", f.message, "internal" if f.internal else "invalid"))
+            keep = [c for c in range(len(run)) if c not in {f.row for f in failures}]
+            self._leave(failed)
+            self.stats.failed += len(failed)
+            run, frame_CK, step_C = [run[c] for c in keep], frame_CK[keep], step_C[keep]
+            if not run:
+                return outputs
         eos_step_C = torch.tensor([r.eos_step for r in run], device=self.device)
         limit_C = torch.tensor([r.limit for r in run], device=self.device)
         frame_CK, eos_step_C = apply_pattern_rules(
@@ -385,6 +475,27 @@ class DecodeEngine:
 
     # ---- internals ----
 
+    def _ended(self, rid: int, reason: str, error: str | None = None, kind: str | None = None) -> EngineOutput:
+        empty = torch.zeros(self.cfg.codec_channels, 0, dtype=torch.long)
+        return EngineOutput(rid, empty, done=True, finish_reason=reason, error=error, error_kind=kind)
+
+    def _expire(self) -> list[EngineOutput]:
+        """End queued and running requests past their deadline."""
+        now = time.monotonic()
+        with self._lock:
+            late = [w for w in self._waiting if w[2] <= now]
+            if late:
+                self._waiting = deque(w for w in self._waiting if w[2] > now)
+        gone = [r for r in self._running if r.deadline <= now]
+        if gone:
+            self._leave(gone)
+        out = []
+        for rid, timeout in [(w[0], w[1].timeout_s) for w in late] + [(r.rid, r.req.timeout_s) for r in gone]:
+            t = timeout if timeout is not None else self.timeout_s
+            out.append(self._ended(rid, "timeout", f"the request did not finish within its {t:g} s deadline", "timeout"))
+        self.stats.timed_out += len(out)
+        return out
+
     def _emit(self, r: _Running, done: bool) -> EngineOutput:
         """Frames completed by this step: frame t is whole once step t + max_delay ran."""
         upto = r.step - self.pattern.max_delay + 1  # frames [0, upto) are complete
@@ -416,9 +527,8 @@ class DecodeEngine:
         gone = [r for r in self._running if r.rid in cancel]
         if gone:
             self._leave(gone)
-        empty = torch.zeros(self.cfg.codec_channels, 0, dtype=torch.long)
         self.stats.cancelled += len(gone) + len(dropped)
-        return [EngineOutput(rid, empty, done=True, finish_reason="cancelled") for rid in dropped + [r.rid for r in gone]]
+        return [self._ended(rid, "cancelled") for rid in dropped + [r.rid for r in gone]]
 
     def _admit(self) -> list[EngineOutput]:
         outputs = []
@@ -426,43 +536,55 @@ class DecodeEngine:
             with self._lock:
                 if not self._waiting:
                     break
-                rid, req = self._waiting[0]
+                rid, req, deadline = self._waiting[0]
                 rows = 2 if req.sampling.guidance_scale > 0 else 1
                 if rows > self.cache.free:
                     break
                 self._waiting.popleft()
             try:
-                self._prefill(rid, req)
+                self._prefill(rid, req, deadline)
             except Exception as err:  # a bad prompt fails its own request, never the batch
-                empty = torch.zeros(self.cfg.codec_channels, 0, dtype=torch.long)
-                outputs.append(EngineOutput(rid, empty, done=True, finish_reason="error", error=f"{type(err).__name__}: {err}"))
+                # ValueError: the request's own input (a client error); anything else is the
+                # model's or the engine's failure.
+                kind = "invalid" if isinstance(err, ValueError) else "internal"
+                self.stats.failed += 1
+                outputs.append(self._ended(rid, "error", f"{type(err).__name__}: {err}", kind))
         return outputs
 
-    def _prefill(self, rid: int, req: EngineRequest) -> None:
-        """The request's rows through the prompt, alone (as `generate` batches them), then into slots."""
+    def _prefill(self, rid: int, req: EngineRequest, deadline: float) -> None:
+        """The request's rows through the prompt, alone (as `generate` batches them), then into
+        slots. All-or-nothing: everything that can fail runs before the rows join the cache,
+        and a failure after the join removes them again."""
         s = req.sampling
         guided = s.guidance_scale > 0
-        rows = [req.prompt] + ([req.negative] if guided else [])
-        batch = _batch_prompts(self.model, rows)
-        L = batch["input_ids"].shape[1]
-        prefill = self.model.new_cache(len(rows), L)
-        out = self.model(
-            batch["input_ids"], batch["audio"], attention_mask_BL=batch["mask"],
-            position_ids_3BL=_positions(self.model, batch),
-            pixel_values_videos=batch.get("pixel_values"), video_grid_thw=batch.get("grid"),
-            cache=prefill, logits_last_only=True,
-        )
-        slots = self.cache.join(prefill)
-        self._logits_RKV[slots] = out.codec_logits_BLKV[:, -1].float()
         gen = row_generators([s.seed], self.device)[0]
         limit = s.frame_limit(self.pattern.max_delay)
         # EOS comes at step `limit` at the latest (apply_pattern_rules forces it) and the row
         # leaves max_delay steps after it: steps 0 .. limit + max_delay.
         steps_KS = torch.empty(self.cfg.codec_channels, limit + self.pattern.max_delay + 1, dtype=torch.long)
-        self._running.append(_Running(
-            rid=rid, req=req, generator=gen, limit=limit, guided=guided,
-            slots=slots, joined_at=time.monotonic(), steps_KS=steps_KS,
-        ))
+        rows = [req.prompt] + ([req.negative] if guided else [])
+        batch = batch_prompts(self.model, rows)
+        L = batch["input_ids"].shape[1]
+        prefill = self.model.new_cache(len(rows), L)
+        out = self.model(
+            batch["input_ids"], batch["audio"], attention_mask_BL=batch["mask"],
+            position_ids_3BL=prompt_positions(self.model, batch),
+            pixel_values_videos=batch.get("pixel_values"), video_grid_thw=batch.get("grid"),
+            cache=prefill, logits_last_only=True,
+        )
+        logits_RKV = out.codec_logits_BLKV[:, -1].float()
+        slots = self.cache.join(prefill)
+        try:
+            self._logits_RKV[slots] = logits_RKV
+            self._running.append(_Running(
+                rid=rid, req=req, generator=gen, limit=limit, guided=guided,
+                slots=slots, joined_at=time.monotonic(), steps_KS=steps_KS, deadline=deadline,
+            ))
+        except BaseException:
+            if self._running and self._running[-1].rid == rid:
+                self._running.pop()
+            self.cache.remove(slots)  # the last rows: nothing moves
+            raise
         self.stats.prefills += 1
 
     def _leave(self, gone: list[_Running]) -> None:
@@ -494,7 +616,7 @@ class DecodeEngine:
 class EngineLoop:
     """Runs a DecodeEngine's steps on a background thread and hands each request's outputs to
     the callback given at submit (called on that thread). The serving layer bridges the
-    callbacks to its event loop."""
+    callbacks to its event loop, and asks `health()` for its liveness check."""
 
     def __init__(self, engine: DecodeEngine) -> None:
         self.engine = engine
@@ -502,6 +624,8 @@ class EngineLoop:
         self._registry = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
+        self.last_progress = time.monotonic()  # the last finished step, or the last idle check
+        self.broken: str | None = None  # set when the slot accounting was found inconsistent
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
         self._thread.start()
 
@@ -521,16 +645,37 @@ class EngineLoop:
         self._wake.set()
         self._thread.join(timeout=30)
 
+    def health(self, stall_s: float) -> str | None:
+        """None when live; else why not: the loop thread died, the slot accounting broke, or
+        the engine has work and finished no step for `stall_s` seconds (a wedged step)."""
+        if not self._thread.is_alive():
+            return "the decode engine thread is not running"
+        if self.broken:
+            return self.broken
+        idle_for = time.monotonic() - self.last_progress
+        if self.engine.has_work() and idle_for > stall_s:
+            e = self.engine
+            return (f"the decode engine made no step for {idle_for:.0f} s with {e.num_running} running and "
+                    f"{e.num_waiting} waiting requests (stall limit {stall_s:g} s)")
+        return None
+
     def _run(self) -> None:
         while not self._stop:
             if not self.engine.has_work():
+                self.last_progress = time.monotonic()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
             try:
+                self.engine.check_invariants()  # before (a corrupt batch would read stale rows) and after
                 outputs = self.engine.step()
-            except Exception as err:  # a broken step fails the running requests, not the loop
-                outputs = self._fail_all(err)
+                self.engine.check_invariants()
+            except EngineInvariantError as err:
+                self.broken = str(err)  # the liveness check reports it: Serve replaces the replica
+                outputs = self.engine.fail_all("internal error: the decode engine was reset")
+            except Exception as err:  # a step failing outside any one row: fail the running requests, keep the loop
+                outputs = self.engine.fail_all(f"the decode step failed: {type(err).__name__}")
+            self.last_progress = time.monotonic()
             for out in outputs:
                 with self._registry:
                     cb = self._callbacks.pop(out.request_id, None) if out.done else self._callbacks.get(out.request_id)
@@ -539,12 +684,3 @@ class EngineLoop:
                         cb(out)
                     except Exception:
                         pass  # a consumer that went away must not stop the engine
-
-    def _fail_all(self, err: Exception) -> list[EngineOutput]:
-        eng = self.engine
-        gone = list(eng._running)
-        if gone:
-            eng._leave(gone)
-        empty = torch.zeros(eng.cfg.codec_channels, 0, dtype=torch.long)
-        msg = f"{type(err).__name__}: {err}"
-        return [EngineOutput(r.rid, empty, done=True, finish_reason="error", error=msg) for r in gone]

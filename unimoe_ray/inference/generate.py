@@ -1,4 +1,4 @@
-"""Codec-frame generation (DESIGN.md §1 "Decoding"), as the released `generate`: conditional
+"""Codec-frame generation (docs/DESIGN.md §1 "Decoding"), as the released `generate`: conditional
 and unconditional rows in one batch, the released sampling rules (inference/sampling.py), the
 delay-pattern EOS countdown, the released length rules, KV-cache decoding.
 
@@ -7,8 +7,6 @@ V codec vocab, L prompt length, S decoding steps.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -21,22 +19,13 @@ from unimoe_ray.inference.sampling import (
     sample_frame,
 )
 from unimoe_ray.model.unimoe_audio import UniMoEAudio, mrope_position_ids
+from unimoe_ray.text.prompt import Prompt
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """One tokenised prompt. `audio_codes_KL` holds codec frames at placeholder positions
-    (anything valid elsewhere); `pixel_values`/`video_grid_thw` feed the vision tower."""
-
-    input_ids_L: torch.Tensor
-    audio_codes_KL: torch.Tensor | None = None
-    pixel_values: torch.Tensor | None = None
-    video_grid_thw: torch.Tensor | None = None
-
-
-def _batch_prompts(model: UniMoEAudio, rows: list[Prompt]) -> dict:
+def batch_prompts(model: UniMoEAudio, rows: list[Prompt]) -> dict:
     """Left-pad rows into one batch and append the first audio input: a BOS frame at a
-    placeholder position (its output predicts the first delayed step)."""
+    placeholder position (its output predicts the first delayed step). Shared with the decode
+    engine (inference/engine.py), which prefills each request through it."""
     cfg = model.cfg
     K, device = cfg.codec_channels, model.codec_head.weight.device
     ids, codes = [], []
@@ -65,7 +54,9 @@ def _batch_prompts(model: UniMoEAudio, rows: list[Prompt]) -> dict:
     return batch
 
 
-def _positions(model: UniMoEAudio, batch: dict) -> torch.Tensor | None:
+def prompt_positions(model: UniMoEAudio, batch: dict) -> torch.Tensor | None:
+    """M-RoPE position ids (3, B, L) for a `batch_prompts` batch with video; None without
+    video (the model then counts positions itself)."""
     if "grid" not in batch:
         return None
     v = model.cfg.vision
@@ -100,7 +91,7 @@ def generate(
         raise ValueError("guidance_scale > 0 needs one negative prompt per prompt (or set guidance_scale=0)")
     rows = list(prompts) + (list(negatives) if guided else [])
     C = len(prompts)
-    batch = _batch_prompts(model, rows)
+    batch = batch_prompts(model, rows)
     device = batch["input_ids"].device
     knobs = RowKnobs.stack(configs, device)
     gens = row_generators([None if s.seed is None else s.seed + c for c, s in enumerate(configs)], device)
@@ -112,7 +103,7 @@ def generate(
     cache = model.new_cache(len(rows), batch["input_ids"].shape[1] + max_steps) if use_cache else None
     ids, audio, mask = batch["input_ids"], batch["audio"], batch["mask"]
     out = model(
-        ids, audio, attention_mask_BL=mask, position_ids_3BL=_positions(model, batch),
+        ids, audio, attention_mask_BL=mask, position_ids_3BL=prompt_positions(model, batch),
         pixel_values_videos=batch.get("pixel_values"), video_grid_thw=batch.get("grid"),
         cache=cache, logits_last_only=True,
     )
@@ -142,7 +133,7 @@ def generate(
             mask = torch.cat([mask, torch.ones_like(next_ids, dtype=torch.bool)], dim=1)
             batch.update(input_ids=ids, mask=mask)
             out = model(
-                ids, audio, attention_mask_BL=mask, position_ids_3BL=_positions(model, batch),
+                ids, audio, attention_mask_BL=mask, position_ids_3BL=prompt_positions(model, batch),
                 pixel_values_videos=batch.get("pixel_values"), video_grid_thw=batch.get("grid"),
                 logits_last_only=True,
             )

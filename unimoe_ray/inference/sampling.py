@@ -1,5 +1,5 @@
 """Sampling one codec frame per row, as the released UniMoE-Audio `generate` does
-(DESIGN.md §1 "Decoding"; released `UniMoE_Audio_model.py` `_decoder_step` /
+(docs/DESIGN.md §1 "Decoding"; released `UniMoE_Audio_model.py` `_decoder_step` /
 `_sample_next_token`), with per-row knobs so that one batch can hold requests with different
 settings (the serving engine's continuous batching) and per-row random generators so that a
 request's codes depend on its seed only, not on its neighbours in the batch.
@@ -20,12 +20,17 @@ Shape legend: C rows, K codebooks, V codec vocab (1027).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
 Task = Literal["speech", "music", "v2m"]
+
+SEED_MAX = 2**63 - 1  # row generators seed with seed + row: stays inside torch's 64-bit range
+FP32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32: the engine divides in fp32
+TEMPERATURE_MAX = 100.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +51,23 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # Checked here, on the types the engine uses, so a knob that would fail deep in torch
+        # (manual_seed overflow, an fp32 temperature that rounds to 0) is refused up front.
+        for name in ("top_k", "min_frames", "max_tokens", "max_frames", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name}={value!r}: must be an integer")
+        for name in ("guidance_scale", "top_p", "temperature", "eos_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r}: must be a finite number")
+        if self.seed is not None and not (0 <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed={self.seed}: must be in [0, 2**63-1] (torch generators take 64-bit seeds)")
+        if not self.greedy and not FP32_TINY <= self.temperature <= TEMPERATURE_MAX:
+            raise ValueError(
+                f"temperature={self.temperature}: must be a normal float32 in [{FP32_TINY:.3g}, {TEMPERATURE_MAX}] "
+                "(or greedy decoding: temperature 0 in the API, greedy=True here)"
+            )
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames={self.max_frames}: must be >= 1 (50 frames = 1 s)")
         if self.min_frames < 0:
@@ -173,6 +195,59 @@ def process_logits(
     return logits_CKV
 
 
+@dataclass(frozen=True)
+class RowFailure:
+    """A row that cannot be sampled this step. internal: the model's own logits were not
+    finite (a model fault); else the request's knobs made them so (guidance, eos_factor or
+    temperature overflowed fp32: the request's own fault)."""
+
+    row: int
+    message: str
+    internal: bool
+
+
+def sample_rows(
+    cond_CKV: torch.Tensor,
+    uncond_CKV: torch.Tensor | None,
+    knobs: RowKnobs,
+    step_C: torch.Tensor,
+    generators: list[torch.Generator | None],
+    *,
+    eos: int,
+) -> tuple[torch.Tensor, list[RowFailure]]:
+    """One frame per row: (C, K) codes, and the rows that could not be sampled (NaN or +inf
+    logits, or a codebook with no candidate left). Every operation before the per-row draw
+    is row-wise, and each row draws from its own generator, so a failed row changes nothing
+    for the others: their frames are those of a batch without it. A failed row's frame is
+    undefined (the caller drops the row)."""
+    logits_CKV = process_logits(cond_CKV, uncond_CKV, knobs, step_C, eos=eos)
+    # Sampleable: no NaN, no +inf (softmax of +inf is NaN), a finite maximum in every codebook.
+    bad_C = (logits_CKV.isnan() | (logits_CKV == float("inf"))).flatten(1).any(1)
+    bad_C |= ~logits_CKV.amax(dim=-1).isfinite().all(1)
+    failures: list[RowFailure] = []
+    if bool(bad_C.any()):
+        raw_ok_C = cond_CKV.isfinite().flatten(1).all(1)
+        if uncond_CKV is not None:
+            raw_ok_C &= uncond_CKV.isfinite().flatten(1).all(1) | (knobs.guidance_C == 0)
+        for c in bad_C.nonzero().flatten().tolist():
+            step = int(step_C[c])
+            if not bool(raw_ok_C[c]):
+                failures.append(RowFailure(c, f"the model produced non-finite logits at step {step}", True))
+            else:
+                failures.append(RowFailure(c, (
+                    f"the sampling knobs overflowed float32 at step {step} (guidance_scale="
+                    f"{float(knobs.guidance_C[c]):g}, eos_factor={float(knobs.eos_factor_C[c]):g}, temperature="
+                    f"{float(knobs.temperature_C[c]):g}): use a larger temperature or smaller factors"), False))
+        logits_CKV = logits_CKV.masked_fill(bad_C[:, None, None], 0.0)  # any valid distribution
+    probs_CKV = logits_CKV.softmax(dim=-1)
+    frame_CK = logits_CKV.argmax(dim=-1)
+    bad = set(f.row for f in failures)
+    for c in range(frame_CK.shape[0]):
+        if c not in bad and not bool(knobs.greedy_C[c]):
+            frame_CK[c] = torch.multinomial(probs_CKV[c], 1, generator=generators[c]).squeeze(-1)
+    return frame_CK, failures
+
+
 def sample_frame(
     cond_CKV: torch.Tensor,
     uncond_CKV: torch.Tensor | None,
@@ -182,13 +257,11 @@ def sample_frame(
     *,
     eos: int,
 ) -> torch.Tensor:
-    """One frame per row: (C, K) codes."""
-    logits_CKV = process_logits(cond_CKV, uncond_CKV, knobs, step_C, eos=eos)
-    probs_CKV = logits_CKV.softmax(dim=-1)
-    frame_CK = logits_CKV.argmax(dim=-1)
-    for c in range(frame_CK.shape[0]):
-        if not bool(knobs.greedy_C[c]):
-            frame_CK[c] = torch.multinomial(probs_CKV[c], 1, generator=generators[c]).squeeze(-1)
+    """One frame per row: (C, K) codes; ValueError naming the first row that cannot be sampled."""
+    frame_CK, failures = sample_rows(cond_CKV, uncond_CKV, knobs, step_C, generators, eos=eos)
+    if failures:
+        f = failures[0]
+        raise ValueError(f"row {f.row}: {f.message}")
     return frame_CK
 
 
@@ -203,7 +276,7 @@ def apply_pattern_rules(
     eos: int,
     pad: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the delay pattern forces on sampled frames (DESIGN.md §1): BOS before a codebook's
+    """What the delay pattern forces on sampled frames (docs/DESIGN.md §1): BOS before a codebook's
     first frame; EOS on codebook 0 at the frame limit; after codebook 0's EOS at step T, at
     step T + j codebook c writes EOS if j == delay[c], PAD if j > delay[c].
 

@@ -2,7 +2,7 @@
 samples it (`UniMoE_Audio_mod.py` `video_text_to_music`, `examples/inference.py`): frames at
 `fps` (1) up to `max_frames` (1), resized so H·W ≤ max(min(64·28², total_pixels / frames · 2),
 1.05 · min_pixels) with total_pixels = 3·28² and min_pixels = 28², sides multiples of 28;
-then patched for the Qwen2.5-VL tower (unimoe_ray.data.video, shared with preprocessing).
+then patched for the Qwen2.5-VL tower (unimoe_ray.media.video, shared with preprocessing).
 
 Frames are decoded and resized by decord (the released code decodes with moviepy and resizes
 with torchvision's bicubic filter: pixel values differ slightly, sizes are the same).
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from unimoe_ray.config import VisionConfig
-from unimoe_ray.data.video import VideoError, frames_to_patches, sample_frame_indices, smart_resize
+from unimoe_ray.media.video import VideoError, frames_to_patches, sample_frame_indices, smart_resize
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -80,7 +80,8 @@ class ExpertBackend(Protocol):
 
     `x_ND` holds expert 0's `counts[0]` tokens, then expert 1's, ...; the result has the same
     layout and is the caller's to modify (DCMoE scales it in place). Experts with a zero count
-    must cost nothing.
+    must cost nothing. A backend with a true `collective` attribute (ranks exchanging tokens,
+    unimoe_ray.model.expert_parallel) is called for every layer, also with no rows.
     """
 
     def run(self, layer_idx: int, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor: ...

@@ -15,8 +15,8 @@ Environment:
   UNIMOE_KERNELS=auto     (default) `select` measures, or reads the machine's cached choice;
   UNIMOE_KERNELS=default  no measurement: one fixed formulation per weight dtype (DEFAULT),
                           the same kernels and rounding on every machine (reproducible runs);
-  UNIMOE_KERNEL_CACHE     the cache file (default $XDG_CACHE_HOME or ~/.cache, then
-                          unimoe_ray/kernels.json).
+  UNIMOE_KERNEL_CACHE     the cache file (default $XDG_CACHE_HOME/unimoe_ray/kernels.json,
+                          without XDG_CACHE_HOME ~/.cache/unimoe_ray/kernels.json).
 Without a `select` call every expert runs its dtype's DEFAULT formulation.
 
 Shape legend: n tokens, c token columns after padding, D model dim, F expert FFN dim.

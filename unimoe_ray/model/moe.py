@@ -1,4 +1,4 @@
-"""The DCMoE block (DESIGN.md §1): router over routed + null + shared experts, Top-P (or Top-K)
+"""The DCMoE block (docs/DESIGN.md §1): router over routed + null + shared experts, Top-P (or Top-K)
 selection, sparse dispatch to routed experts through an expert backend, null expert (no
 compute), shared experts on every token. Plus the dense FFN used by specialists.
 
@@ -92,6 +92,7 @@ class DCMoE(nn.Module):
             sparsemixer_eps=cfg.router_jitter,
             token_capacity=cap,
             valid_T=valid_T,
+            differentiable=self.training and not cfg.ignore_differentiable_router,
         )
 
     def _shared_layer(self, x_TD: torch.Tensor, shared_TS: torch.Tensor) -> torch.Tensor | None:
@@ -129,7 +130,9 @@ class DCMoE(nn.Module):
                 out_TD = out_TD.addcmul_(shared_TS[:, j : j + 1], expert(x_TD))
         if out_TD is None:
             out_TD = torch.zeros_like(x_TD)
-        if plan.token_idx_N.numel():
+        # A collective backend (expert parallelism over ranks) runs on every rank for every
+        # layer, also with no routed tokens here: its peers are waiting in the exchange.
+        if plan.token_idx_N.numel() or getattr(self.expert_backend, "collective", False):
             x_ND = dispatch.gather_tokens(x_TD, plan)
             y_ND = self.expert_backend.run(self.layer_idx, x_ND, plan.counts)
             dispatch.combine(out_TD, y_ND, plan)

@@ -1,4 +1,4 @@
-"""DCMoE router math (DESIGN.md §1; paper eq. 1-3): Top-P / Top-K selection, combine weights
+"""DCMoE router math (docs/DESIGN.md §1; paper eq. 1-3): Top-P / Top-K selection, combine weights
 in the paper's and the released checkpoint's form, capacity limit, aux load-balancing loss.
 
 Pure functions of router logits; no parameters, no dispatch, no Ray.
@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 NEG_INF = float("-inf")
 
@@ -146,7 +145,8 @@ def _ranked_released(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`released_weights` on ranked dynamic logits: (ranked weights_TR, shared_weights_TS)."""
     mult_TR = _ranked_multipliers(ranked_TR, keep_TR, eps)
-    mult_TR = mult_TR / mult_TR.sum(dim=-1, keepdim=True)
+    # A token whose every pick a capacity limit dropped has no multipliers: weight 0, not 0/0.
+    mult_TR = mult_TR / mult_TR.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mult_TR.dtype).tiny)
     visible_TE = torch.cat([torch.where(keep_TR, ranked_TR, NEG_INF), shared_TS], dim=-1).softmax(dim=-1)
     num_dynamic = ranked_TR.shape[-1]
     dynamic_share_T1 = visible_TE[:, :num_dynamic].sum(dim=-1, keepdim=True)
@@ -169,6 +169,80 @@ def released_weights(
         ranked.values, mask_TR.gather(-1, ranked.indices), logits_TE[:, num_dynamic:], eps
     )
     return _unsort(weights_TR, ranked.indices), shared_TS
+
+
+class _SparseMixerGrad(torch.autograd.Function):
+    """One SparseMixer pick's multiplier with the released training gradient.
+
+    Forward: m · c, where m = g_s is the selected expert's share of the masked softmax g and c
+    the 1 or 1/3 factor. Backward (the released rule, which ignores c): the upstream gradient
+    times m, spread over the scores as the softmax's: dL/dscores = G · (onehot_s − g), with
+    G = dL/dout · m. Masked-out scores have g = 0 and get no gradient but the one-hot's.
+    """
+
+    @staticmethod
+    def forward(ctx, scores_TR, mult_T1, sel_T1, gates_TR, factor_T1):
+        ctx.save_for_backward(mult_T1, sel_T1, gates_TR)
+        return mult_T1 * factor_T1
+
+    @staticmethod
+    def backward(ctx, grad_T1):
+        mult_T1, sel_T1, gates_TR = ctx.saved_tensors
+        g_T1 = grad_T1 * mult_T1
+        grad_TR = (gates_TR * -g_T1).scatter_add(-1, sel_T1, g_T1)
+        return grad_TR, None, None, None, None
+
+
+def sparsemixer_train_picks(
+    logits_TR: torch.Tensor,
+    k_T: torch.Tensor,
+    eps: float,
+    *,
+    gumbel_TkR: torch.Tensor | None = None,
+    coin_Tk: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released training-time selection when `ignore_differentiable_router` is false
+    (SparseMixer): k_T experts per token, picked one at a time.
+
+    Pick j: among the experts not picked yet, mask those whose relative gap to the remaining
+    maximum, (max − l) / max(|l|, |max|), exceeds 2·eps; pick the argmax of the masked logits
+    plus Gumbel noise; its multiplier is its share g_s of the masked softmax, times 1 when the
+    pick is the unperturbed argmax (or with probability 1/4 otherwise) and 1/3 else; the
+    gradient is `_SparseMixerGrad`'s. Tokens with fewer picks than j skip pick j.
+
+    gumbel_TkR / coin_Tk: the noise (Gumbel(0, 1) and uniform [0, 1)) per pick, drawn from
+    torch's generator when None (tests pass their own). Returns (mult_TR multipliers in expert
+    order, 0 where not picked; mask_TR picked experts).
+    """
+    T, R = logits_TR.shape
+    k_max = int(k_T.max()) if T else 0
+    if gumbel_TkR is None:
+        u = torch.rand(T, k_max, R, device=logits_TR.device, dtype=torch.float32)
+        gumbel_TkR = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
+    if coin_Tk is None:
+        coin_Tk = torch.rand(T, k_max, device=logits_TR.device)
+    remaining_TR = logits_TR.detach().clone()
+    mult_TR = logits_TR.new_zeros(T, R)
+    mask_TR = torch.zeros(T, R, dtype=torch.bool, device=logits_TR.device)
+    for j in range(k_max):
+        active_T1 = (k_T > j)[:, None]
+        with torch.no_grad():
+            top_T1, argmax_T1 = remaining_TR.max(dim=-1, keepdim=True)
+            scale_TR = logits_TR.detach().abs().clamp(min=top_T1.abs())
+            far_TR = (top_T1 - logits_TR.detach()) / scale_TR > 2 * eps
+            masked_TR = remaining_TR.masked_fill(far_TR, NEG_INF)
+            sel_T1 = (masked_TR + gumbel_TkR[:, j].to(masked_TR.dtype)).argmax(dim=-1, keepdim=True)
+            gates_TR = masked_TR.softmax(dim=-1)
+            share_T1 = gates_TR.gather(-1, sel_T1)
+            one_T1 = (sel_T1 == argmax_T1) | (coin_Tk[:, j : j + 1] > 0.75)
+            factor_T1 = torch.where(one_T1, torch.ones_like(share_T1), torch.full_like(share_T1, 1 / 3))
+        m_T1 = _SparseMixerGrad.apply(logits_TR, share_T1, sel_T1, gates_TR, factor_T1)
+        m_T1 = torch.where(active_T1, m_T1, 0.0)
+        pick_TR = torch.zeros_like(mask_TR).scatter(-1, sel_T1, True) & active_T1
+        mult_TR = mult_TR + pick_TR * m_T1
+        mask_TR |= pick_TR
+        remaining_TR = remaining_TR.masked_fill(pick_TR, NEG_INF)
+    return mult_TR, mask_TR
 
 
 def capacity(num_tokens: int, num_dynamic: int, capacity_factor: float, min_capacity: int) -> int:
@@ -229,10 +303,15 @@ def route(
     sparsemixer_eps: float,
     token_capacity: int | None = None,
     valid_T: torch.Tensor | None = None,
+    differentiable: bool = False,
 ) -> Routing:
     """Select experts and combine weights from router logits. The softmax, the Top-P cumsum
     and the weights are computed in the logits' dtype (bf16 at inference, as released).
-    Under torch.inference_mode the aux loss is not computed (Routing.aux_loss is 0)."""
+    Under torch.inference_mode the aux loss is not computed (Routing.aux_loss is 0).
+
+    differentiable: the released training path with `ignore_differentiable_router: false`
+    (weighting "released" only): k from Top-P as always, the k experts picked by
+    `sparsemixer_train_picks` (Gumbel-perturbed, the 1/3-1 factor, its custom backward)."""
     logits_TR = logits_TE[:, :num_dynamic]
     probs_TR = logits_TR.softmax(dim=-1)
     ranked = _ranked(logits_TR)  # experts in the order the released code picks them
@@ -242,6 +321,11 @@ def route(
         keep_TR = _top_k_keep(logits_TR, top_k)
     else:
         raise ValueError(f"route(): mode {mode!r} has no router; use 'top_p' or 'top_k'")
+    if differentiable:
+        if weighting != "released":
+            raise ValueError("route(): the differentiable (SparseMixer) router needs weighting 'released'")
+        return _route_sparsemixer(logits_TE, probs_TR, keep_TR.sum(dim=-1), num_dynamic, sparsemixer_eps,
+                                  token_capacity, valid_T)
     mask_TR = _unsort(keep_TR, ranked.indices)
     # Under torch.inference_mode nothing trains: the aux loss (14 small ops) is a zero there.
     aux = (logits_TE.new_zeros(()) if torch.is_inference_mode_enabled()
@@ -266,3 +350,23 @@ def route(
         k_T=keep_TR.sum(dim=-1),
         aux_loss=aux,
     )
+
+
+def _route_sparsemixer(
+    logits_TE: torch.Tensor, probs_TR: torch.Tensor, k_T: torch.Tensor, num_dynamic: int, eps: float,
+    token_capacity: int | None, valid_T: torch.Tensor | None,
+) -> Routing:
+    """`route` in the released differentiable training mode: picks and multipliers from
+    `sparsemixer_train_picks`, then the released combine (multipliers renormalised, scaled by
+    the dynamic share of the masked full softmax; shared experts their own entries)."""
+    logits_TR = logits_TE[:, :num_dynamic]
+    mult_TR, mask_TR = sparsemixer_train_picks(logits_TR, k_T, eps)
+    aux = load_balancing_loss(probs_TR, mask_TR, valid_T)
+    if token_capacity is not None:
+        mask_TR = drop_over_capacity(mask_TR, paper_weights(probs_TR, mask_TR), token_capacity)
+        mult_TR = mult_TR * mask_TR
+    mult_TR = mult_TR / mult_TR.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mult_TR.dtype).tiny)
+    visible_TE = torch.cat([logits_TR.masked_fill(~mask_TR, NEG_INF), logits_TE[:, num_dynamic:]], dim=-1).softmax(-1)
+    weights_TR = mult_TR * visible_TE[:, :num_dynamic].sum(dim=-1, keepdim=True)
+    return Routing(mask_TR=mask_TR, weights_TR=weights_TR, shared_weights_TS=visible_TE[:, num_dynamic:],
+                   k_T=mask_TR.sum(dim=-1), aux_loss=aux)

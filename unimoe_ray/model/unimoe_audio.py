@@ -1,7 +1,7 @@
 """UniMoE-Audio: a Qwen2.5-VL-style decoder whose FFNs are DCMoE blocks, reading text tokens,
 DAC codec frames (one embedding table per codebook, summed, at <|AUDIO_PLACEHOLDER|>
 positions) and video (the Qwen2.5-VL vision tower at video-token positions), and writing
-12 × 1027 codec logits per position through one linear head (DESIGN.md §1).
+12 × 1027 codec logits per position through one linear head (docs/DESIGN.md §1).
 
 Module names follow the released checkpoint (decoder under `language_model.`; see
 unimoe_ray.checkpoint for the on-disk map).

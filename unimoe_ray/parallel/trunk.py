@@ -18,11 +18,12 @@ import torch
 from ray.actor import ActorHandle
 
 from unimoe_ray.config import ModelConfig
-from unimoe_ray.inference.generate import Prompt, SamplingConfig, generate
+from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.parallel.config import ExpertParallelConfig
 from unimoe_ray.parallel.deploy import attach_experts
 from unimoe_ray.parallel.resources import actor_options, load_device_backend
 from unimoe_ray.parallel.weights import build_trunk
+from unimoe_ray.text.prompt import Prompt
 
 
 class TrunkWorker:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-# _to_memory_layout: the checkpoint's on-disk tensor layouts (the 4-D patch embedding), in one place.
-from unimoe_ray.checkpoint import _to_memory_layout, shard_files, to_memory_name
+# to_memory_layout: the checkpoint's on-disk tensor layouts (the 4-D patch embedding), in one place.
+from unimoe_ray.checkpoint import shard_files, to_memory_layout, to_memory_name
 from unimoe_ray.config import ModelConfig
 from unimoe_ray.model.moe import DCMoE
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
@@ -113,6 +113,6 @@ def build_trunk(
             f"trunk weights do not match the model config: {len(missing)} missing (e.g. "
             f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    state = {k: _to_memory_layout(k, v, own[k].shape).to(own[k].dtype) for k, v in state.items()}
+    state = {k: to_memory_layout(k, v, own[k].shape).to(own[k].dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False)
     return model.eval()

@@ -16,30 +16,39 @@ Endpoints (OpenAI's audio contract where one exists; errors in OpenAI's shape
 import asyncio
 import base64
 import binascii
+import contextvars
 import json
-import os
+import logging
 import time
+import traceback
+import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from unimoe_ray.serve import formats
+from unimoe_ray.serve.uploads import UploadError, json_body_limit, read_body, read_form
 from unimoe_ray.serve.model import AudioModel
-from unimoe_ray.serve.runtime import AudioJob, SettingsError, _from_dict, sampling_overrides
-from unimoe_ray.serve.voices import VoiceStore, VoiceStoreError
+from unimoe_ray.serve.runtime import AudioJob, SettingsError, sampling_overrides, settings_from_dict
+from unimoe_ray.serve.auth import (CallerLimits, KeyRing, LimitExceeded, LimitPolicy, ResponseEndMiddleware,
+                                   on_response_end)
+from unimoe_ray.serve.voices import ANONYMOUS, LIBRARY, VoiceStore, VoiceStoreError
 from dataclasses import dataclass
 
 MODEL_ID = "unimoe-audio"
 # OpenAI's TTS model names, accepted so that clients written for OpenAI run unchanged.
 MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("unimoe_request_id", default="-")
+_LOG = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,10 +70,14 @@ class IngressSettings:
     api_keys_env: str | None = "UNIMOE_API_KEYS"  # comma-separated keys in this env variable
     api_keys_file: str | None = None  # one key per line
     retry_after_s: int = 2
+    # Per-API-key limits (serve/auth.py; per ingress replica; none with auth off; null: that limit off):
+    rate_limit_per_minute: float | None = 120.0  # token bucket refill
+    rate_limit_burst: int = 20  # requests a key may send at once before the rate paces it
+    max_concurrent_per_key: int | None = 4  # speech/music/voice uploads in flight (a stream until it ends)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "IngressSettings":
-        return _from_dict(cls, data, "ingress user_config")
+        return settings_from_dict(cls, data, "ingress user_config")
 
 
 class APIError(Exception):
@@ -86,9 +99,9 @@ class Sampling(BaseModel):
     """Sampling extensions shared by speech and music (None: the task's released default)."""
 
     model_config = ConfigDict(extra="forbid")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     guidance_scale: float | None = Field(None, ge=0, le=50)
-    temperature: float | None = Field(None, gt=0, le=5)
+    temperature: float | None = Field(None, ge=0, le=5)  # 0: greedy
     top_k: int | None = Field(None, ge=1, le=1024)
     top_p: float | None = Field(None, gt=0, le=1)
 
@@ -158,6 +171,7 @@ def _usage_headers(done: dict | None, samples: int) -> dict:
 
 
 app = FastAPI(title="UniMoE-Audio on Ray Serve", docs_url="/docs")
+app.add_middleware(ResponseEndMiddleware)  # frees a key's in-flight place when its response (or stream) ends
 
 
 @app.exception_handler(APIError)
@@ -165,9 +179,26 @@ async def _api_error(request: Request, err: APIError):
     return err.response()
 
 
+@app.middleware("http")
+async def _request_id(request: Request, call_next):
+    # Serve's proxy gives every HTTP request an id (header x-request-id, echoed as X-Request-ID
+    # in the response); 5xx bodies name it so a user's report finds the server-side log line.
+    _REQUEST_ID.set(request.headers.get("x-request-id") or uuid.uuid4().hex)
+    return await call_next(request)
+
+
+def _internal_error(err: BaseException, status: int = 500, what: str = "the request failed") -> APIError:
+    """A 5xx that carries the request id, never the exception's text (Ray errors hold
+    tracebacks, pids and node addresses): that goes to the replica's log under the same id."""
+    rid = _REQUEST_ID.get()
+    _LOG.error("request %s: %s: %s", rid, what, "".join(traceback.format_exception(err)).rstrip())
+    return APIError(status, f"internal error: {what} (request id {rid}); retry, and quote the id if it persists",
+                    code="internal_error")
+
+
 @app.exception_handler(Exception)
 async def _server_error(request: Request, err: Exception):
-    return APIError(500, f"internal error: {type(err).__name__}: {err}").response()
+    return _internal_error(err).response()
 
 
 @serve.deployment(name="APIIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
@@ -180,35 +211,46 @@ class APIIngress:
         self.store = VoiceStore(self.settings.voices_dir, max_voices=self.settings.max_voices)
         self._library_ready = False
         self._library_lock = asyncio.Lock()
-        self._keys: set[str] = set()
+        self.keyring = KeyRing()  # no key source: auth off until reconfigure reads the settings
+        self.limits = CallerLimits()
 
     def reconfigure(self, user_config: dict) -> None:
         s = IngressSettings.from_dict(user_config)
-        keys: set[str] = set()
-        if s.api_keys_env and os.environ.get(s.api_keys_env):
-            keys |= {k.strip() for k in os.environ[s.api_keys_env].split(",") if k.strip()}
-        if s.api_keys_file:
-            path = Path(s.api_keys_file)
-            if not path.is_file():
-                raise SettingsError(f"api_keys_file {path} does not exist")
-            keys |= {line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
+        # Both built before anything is swapped: a bad key file or limit fails the deploy (fail
+        # closed) and leaves a running replica as it was.
+        keyring = KeyRing.from_settings(api_keys_env=s.api_keys_env, api_keys_file=s.api_keys_file)
+        policy = LimitPolicy(per_minute=s.rate_limit_per_minute, burst=s.rate_limit_burst,
+                             max_in_flight=s.max_concurrent_per_key, retry_after_s=s.retry_after_s)
         if (s.voices_dir, s.voice_library, s.voice_root, s.ship_default_voice) != (
                 self.settings.voices_dir, self.settings.voice_library, self.settings.voice_root,
                 self.settings.ship_default_voice):
             self._library_ready = False
         self.store = VoiceStore(s.voices_dir, max_voices=s.max_voices)
-        self.settings, self._keys = s, keys
+        self.limits.apply(policy)  # counts and buckets carry over: streams in flight stay counted
+        self.settings, self.keyring = s, keyring
 
     # ---- helpers ----
 
-    def _auth(self, request: Request) -> None:
-        if not self._keys:
-            return
+    def _auth(self, request: Request, *, counted: bool = False) -> str | None:
+        """The caller's identity — its key's owner id (auth.key_owner), or None with auth off —
+        after charging the key's rate limit and, when `counted` (requests that generate or
+        encode), taking one of its in-flight places until the response has ended."""
+        if not self.keyring.enabled:
+            return None
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if token not in self._keys:
+        caller = self.keyring.identify(token)
+        if caller is None:
             raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
+        try:
+            release = self.limits.admit(caller, counted=counted)
+        except LimitExceeded as err:
+            raise APIError(429, str(err), code="rate_limit_exceeded",
+                           headers={"Retry-After": str(err.retry_after_s)}) from None
+        if release is not None:
+            on_response_end(request.scope, release)
+        return caller
 
     def _check_model(self, model: str) -> None:
         if model not in (MODEL_ID, *MODEL_ALIASES):
@@ -216,8 +258,15 @@ class APIIngress:
                            param="model", code="model_not_found")
 
     async def _json(self, request: Request, cls):
+        s = self.settings
+        # Room for one base64 file of max_upload_mb (inline reference_audio) and two texts.
+        limit = json_body_limit(file_bytes=int(s.max_upload_mb * 2**20), text_chars=s.max_input_chars)
         try:
-            body = await request.json()
+            raw = await read_body(request, limit=limit, hint=f" (max_upload_mb={s.max_upload_mb:g}, base64 included)")
+        except UploadError as err:
+            raise APIError(err.status, str(err), param=err.param, code=err.code) from None
+        try:
+            body = json.loads(raw)
         except Exception:
             raise APIError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -228,9 +277,9 @@ class APIIngress:
             raise _validation_error(err) from None
 
     def _bytes_limit(self, data: bytes, what: str, param: str) -> bytes:
-        limit = self.settings.max_upload_mb * 1024 * 1024
-        if len(data) > limit:
-            raise APIError(413, f"{what} is {len(data) / 1e6:.1f} MB: at most {self.settings.max_upload_mb} MB",
+        limit = self.settings.max_upload_mb * 2**20
+        if len(data) > limit:  # MB = 2^20 bytes here and in every upload limit
+            raise APIError(413, f"{what} is {len(data) / 2**20:.2f} MB: at most {self.settings.max_upload_mb:g} MB",
                            param=param, code="file_too_large")
         if not data:
             raise APIError(400, f"{what} is empty", param=param)
@@ -255,7 +304,7 @@ class APIIngress:
             s = self.settings
             path = s.voice_library
             if path is None and s.ship_default_voice:
-                from unimoe_ray.demo import reference_voice
+                from unimoe_ray.audio.synth import reference_voice
 
                 lib_dir = Path(s.voices_dir) / "_library"
                 lib_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +315,7 @@ class APIIngress:
             if path is not None:
                 library = VoiceLibrary.load(path, root=s.voice_root)
                 for name in library.names():
-                    if self.store.find(name) is not None:
+                    if self.store.find(name, owner=LIBRARY) is not None:
                         continue
                     voice = library.get(name)
                     wav, sr = read_audio(voice.audio_path)
@@ -304,11 +353,19 @@ class APIIngress:
             return APIError(503, "the server is at capacity (queue full): retry after the Retry-After delay",
                             code="server_overloaded", headers=retry)
         if type(cause).__name__ == "ModelBusyError":
-            return APIError(429, f"all decode slots are busy and the waiting queue is full ({cause}): retry later",
+            return APIError(429, "all decode slots are busy and the waiting queue is full: retry later",
                             code="rate_limit_exceeded", headers=retry)
-        if isinstance(cause, ValueError):
+        if isinstance(cause, TimeoutError):  # the engine's deadline (GenerationTimeout): our own message
+            return APIError(504, f"{cause}: ask for shorter audio or retry when the server is less busy",
+                            code="timeout")
+        if isinstance(cause, ValueError) and not isinstance(cause, RayError):
             return APIError(400, str(cause))
-        return APIError(500, f"generation failed: {type(cause).__name__}: {cause}")
+        if isinstance(err, (ActorDiedError, ActorUnavailableError)) or isinstance(
+                cause, (ActorDiedError, ActorUnavailableError)):
+            e = _internal_error(err, 503, "the model replica went away mid-request")
+            e.headers = retry
+            return e
+        return _internal_error(err, 500, "the generation failed")
 
     async def _respond(self, handle, job: AudioJob, *, fmt: str, speed: float, incremental: bool,
                        sse: bool, prefix: str) -> Response:
@@ -356,10 +413,13 @@ class APIIngress:
             except asyncio.CancelledError:
                 raise
             except Exception as err:
-                if sse:
-                    e = self._model_error(err)
-                    yield _sse({"type": "error", "error": {"message": e.message, "type": e.type}})
-                raise
+                # Headers are sent: the status cannot change. SSE ends with an error event (and
+                # no *.audio.done); a raw wav/pcm stream is cut without its chunked-encoding end,
+                # which HTTP clients report as an incomplete body (docs: README "Serving").
+                if not sse:
+                    raise
+                e = self._model_error(err)
+                yield _sse({"type": "error", "error": {"message": e.message, "type": e.type, "code": e.code}})
             finally:
                 gen.cancel()  # a client that went away cancels its engine row
 
@@ -390,9 +450,10 @@ class APIIngress:
         return {"speech": speech["status"], "music": music["status"], "speech_model": speech["model"],
                 "music_model": music["model"], "formats": list(formats.available_formats())}
 
-    @app.post("/v1/audio/speech")
+    @app.post("/v1/audio/speech", openapi_extra={"requestBody": {"required": True, "content": {  # the body is parsed by hand
+        "application/json": {"schema": SpeechRequest.model_json_schema()}}}})
     async def speech_endpoint(self, request: Request):
-        self._auth(request)
+        caller = self._auth(request, counted=True)
         r: SpeechRequest = await self._json(request, SpeechRequest)
         self._check_model(r.model)
         s = self.settings
@@ -421,11 +482,14 @@ class APIIngress:
             self._bytes_limit(voice_audio, "reference_audio", "reference_audio")
             if not (r.reference_text or "").strip():
                 raise APIError(400, "reference_audio needs reference_text (its transcript)", param="reference_text")
+            if len(r.reference_text) > s.max_input_chars:
+                raise APIError(400, f"reference_text is {len(r.reference_text)} characters: at most "
+                               f"{s.max_input_chars}", param="reference_text")
             voice_text = r.reference_text
         elif r.voice:
             await self._ensure_library()
             try:
-                v, codes = self.store.get(r.voice)
+                v, codes = self.store.get(r.voice, owner=caller or ANONYMOUS)
             except VoiceStoreError as err:
                 raise APIError(400, str(err), param="voice", code="voice_not_found") from None
             voice_codes, voice_text = codes.numpy().astype(np.int16), v.ref_text
@@ -433,29 +497,37 @@ class APIIngress:
             sampling = sampling_overrides(**r.model_dump(include=set(Sampling.model_fields)))
         except ValueError as err:
             raise APIError(400, str(err)) from None
+        if voice_audio is not None:
+            # Encoded as an uploaded voice is, under the same caps (max_voice_seconds, header checks).
+            try:
+                codes = await self.speech.encode_voice.remote(voice_audio, s.max_voice_seconds)
+            except Exception as err:
+                raise self._model_error(err) from None
+            voice_codes = np.asarray(codes, dtype=np.int16)
         job = AudioJob(task="speech", text=r.input, sampling=sampling, max_seconds=max_seconds,
-                       voice_codes=voice_codes, voice_text=voice_text, voice_audio=voice_audio)
+                       voice_codes=voice_codes, voice_text=voice_text)
         return await self._respond(self.speech, job, fmt=r.response_format, speed=r.speed,
                                    incremental=incremental, sse=sse, prefix="speech")
 
-    @app.post("/v1/audio/music")
+    @app.post("/v1/audio/music", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": MusicRequest.model_json_schema()},
+        "multipart/form-data": {"schema": {**MusicRequest.model_json_schema(), "properties": {
+            **MusicRequest.model_json_schema()["properties"], "video": {"type": "string", "format": "binary"}}}}}}})
     async def music_endpoint(self, request: Request):
-        self._auth(request)
+        self._auth(request, counted=True)
         video = None
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form()
-            fields: dict[str, Any] = {}
-            for key, value in form.multi_items():
-                if key == "video":
-                    if not hasattr(value, "read"):
-                        raise APIError(400, "video must be an uploaded file (multipart file field)", param="video")
-                    video = self._bytes_limit(await value.read(), "the video", "video")
-                elif hasattr(value, "read"):
-                    raise APIError(400, f"unexpected file field {key!r}: only 'video' is a file", param=key)
-                else:
-                    fields[key] = value
+            s = self.settings
+            try:  # parsed while read: no part past its cap, nothing spooled to disk
+                form = await read_form(request, files={"video": int(s.max_upload_mb * 2**20)},
+                                       field_bytes=4 * s.max_input_chars + 1024,
+                                       hint=f" (max_upload_mb={s.max_upload_mb:g})")
+            except UploadError as err:
+                raise APIError(err.status, str(err), param=err.param, code=err.code) from None
+            if "video" in form.files:
+                video = self._bytes_limit(form.files["video"].data, "the video", "video")
             try:
-                r = MusicRequest.model_validate(fields)
+                r = MusicRequest.model_validate(form.fields)
             except ValidationError as err:
                 raise _validation_error(err) from None
         else:
@@ -484,29 +556,43 @@ class APIIngress:
         return await self._respond(self.music, job, fmt=r.response_format, speed=1.0,
                                    incremental=incremental, sse=sse, prefix="music")
 
-    @app.post("/v1/audio/voices")
+    @app.post("/v1/audio/voices", openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": ["audio_sample", "name", "ref_text"], "properties": {
+            "audio_sample": {"type": "string", "format": "binary"}, "name": {"type": "string"},
+            "ref_text": {"type": "string"}}}}}}})
     async def add_voice(self, request: Request):
-        self._auth(request)
+        owner = self._auth(request, counted=True) or ANONYMOUS
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise APIError(400, "upload a voice as multipart/form-data: audio_sample (file), name, ref_text")
-        form = await request.form()
-        sample, name, ref_text = form.get("audio_sample"), form.get("name"), form.get("ref_text")
-        if sample is None or not hasattr(sample, "read"):
+        s = self.settings
+        try:  # parsed while read: no part past its cap, nothing spooled to disk
+            form = await read_form(request, files={"audio_sample": int(s.max_upload_mb * 2**20)},
+                                   field_bytes=4 * s.max_input_chars + 1024,
+                                   hint=f" (max_upload_mb={s.max_upload_mb:g})")
+        except UploadError as err:
+            raise APIError(err.status, str(err), param=err.param, code=err.code) from None
+        sample, name, ref_text = form.files.get("audio_sample"), form.fields.get("name"), form.fields.get("ref_text")
+        if sample is None:
             raise APIError(400, "audio_sample (a file field) is required", param="audio_sample")
-        if not name or not isinstance(name, str):
+        if not name:
             raise APIError(400, "name is required", param="name")
-        if not ref_text or not isinstance(ref_text, str) or not ref_text.strip():
+        if not ref_text or not ref_text.strip():
             raise APIError(400, "ref_text (the transcript of the audio sample) is required", param="ref_text")
-        data = self._bytes_limit(await sample.read(), "audio_sample", "audio_sample")
+        if len(ref_text) > s.max_input_chars:
+            raise APIError(400, f"ref_text is {len(ref_text)} characters: at most {s.max_input_chars}",
+                           param="ref_text")
+        data = self._bytes_limit(sample.data, "audio_sample", "audio_sample")
         await self._ensure_library()
-        if self.store.find(name) is not None:
-            raise APIError(409, f"a voice named {name!r} exists: delete it first or pick another name", param="name")
+        try:  # the name and the voice cap before the DAC encode (add checks them again)
+            self.store.check_can_add(name, owner=owner)
+        except VoiceStoreError as err:
+            raise APIError(err.status, str(err), param="name") from None
         try:
             codes = await self.speech.encode_voice.remote(data, self.settings.max_voice_seconds)
         except Exception as err:
             raise self._model_error(err) from None
         try:
-            v = self.store.add(name, ref_text, _tensor(codes))
+            v = self.store.add(name, ref_text, _tensor(codes), owner=owner)
         except VoiceStoreError as err:
             raise APIError(err.status, str(err), param="name") from None
         return {"success": True, "id": v.id, "name": v.name,
@@ -514,25 +600,25 @@ class APIIngress:
 
     @app.get("/v1/audio/voices")
     async def list_voices(self, request: Request):
-        self._auth(request)
+        owner = self._auth(request) or ANONYMOUS
         await self._ensure_library()
-        voices = self.store.list()
+        voices = self.store.list(owner=owner)
         return {"voices": [v.name for v in voices], "data": [v.public() for v in voices]}
 
     @app.get("/v1/audio/voices/{name}")
     async def get_voice(self, name: str, request: Request):
-        self._auth(request)
+        owner = self._auth(request) or ANONYMOUS
         await self._ensure_library()
-        v = self.store.find(name)
+        v = self.store.find(name, owner=owner)  # another key's voice: 404, as if it did not exist
         if v is None:
             raise APIError(404, f"voice {name!r} not found", param="name", code="voice_not_found")
         return v.public()
 
     @app.delete("/v1/audio/voices/{name}")
     async def delete_voice(self, name: str, request: Request):
-        self._auth(request)
+        owner = self._auth(request) or ANONYMOUS
         try:
-            v = self.store.delete(name)
+            v = self.store.delete(name, owner=owner)
         except VoiceStoreError as err:
             raise APIError(err.status, str(err), param="name") from None
         return {"success": True, "message": f"Voice {v.name!r} deleted successfully", "id": v.id}

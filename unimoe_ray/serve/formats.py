@@ -104,15 +104,3 @@ def change_speed(wav: np.ndarray, speed: float, *, n_fft: int = 2048, hop: int =
     y = torch.istft(torch.polar(mag_FS, phase_FS), n_fft, hop, window=window)
     y = torch.nn.functional.pad(y, (0, max(0, length - y.numel())))[:length]
     return y.numpy().astype(np.float32)
-
-
-def decode_upload(data: bytes) -> tuple[np.ndarray, int]:
-    """An uploaded audio file (any format libsndfile reads, any rate) → mono float32, rate.
-    Raises ValueError naming the cause for undecodable or empty data."""
-    try:
-        wav_NC, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as err:  # libsndfile's errors are not one class
-        raise ValueError(f"could not decode the audio ({err}); send wav, flac, ogg or mp3") from None
-    if wav_NC.shape[0] == 0:
-        raise ValueError("the audio holds no samples")
-    return wav_NC.mean(axis=1, dtype=np.float32), int(sr)

@@ -114,5 +114,10 @@ class AudioModel:
                 "vision": cfg.vision is not None, "status": rt.status(), "time": time.time()}
 
     def check_health(self) -> None:
-        if self.runtime is None or not self.runtime.loop._thread.is_alive():
-            raise RuntimeError("decode engine thread is not running")
+        """Serve's liveness probe: a dead loop thread, broken slot accounting or a stalled
+        engine (work and no step for stall_timeout_s) fail it, and Serve replaces the replica."""
+        if self.runtime is None:
+            raise RuntimeError("model not loaded: the deployment needs a user_config")
+        problem = self.runtime.health()
+        if problem is not None:
+            raise RuntimeError(problem)

@@ -10,7 +10,6 @@ import asyncio
 import fcntl
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,9 +22,10 @@ from unimoe_ray.inference.engine import DecodeEngine, EngineLoop, EngineOutput, 
 from unimoe_ray.inference.pipeline import AudioGenerator
 from unimoe_ray.inference.sampling import SamplingConfig, task_sampling
 from unimoe_ray.inference.streaming import StreamingDecoder, decode_whole
-from unimoe_ray.inference.video import load_video
+from unimoe_ray.inference.video import VideoSampling
 from unimoe_ray.model.quantize import EXPERT_DTYPES
-from unimoe_ray.serve.formats import SAMPLE_RATE, decode_upload
+from unimoe_ray.serve.formats import SAMPLE_RATE
+from unimoe_ray.serve.untrusted_media import VideoPlan, read_audio_upload, read_video_upload
 
 FRAME_RATE = 50
 
@@ -34,7 +34,15 @@ class SettingsError(ValueError):
     pass
 
 
-def _from_dict(cls, data: dict | None, what: str):
+class GenerationTimeout(TimeoutError):
+    """The request passed its deadline in the engine (HTTP 504)."""
+
+
+class EngineError(RuntimeError):
+    """The model or the engine failed, not the request (HTTP 500; the message stays server-side)."""
+
+
+def settings_from_dict(cls, data: dict | None, what: str):
     data = dict(data or {})
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
@@ -63,6 +71,8 @@ class ModelSettings:
     first_chunk_frames: int = 5
     chunk_frames: int = 25
     torch_threads: int | None = None
+    request_timeout_s: float = 240.0  # a request's deadline in the engine (queued + decoding): then 504
+    stall_timeout_s: float = 120.0  # the liveness check fails when the engine has work and no step ends for this long
     experts_group: str | None = None  # attach to this expert-actor group (None: in-process experts)
     experts_namespace: str | None = None
     experts_exchange: str | None = None  # "compiled" | "plain" (None: ExpertParallelConfig's default)
@@ -74,10 +84,13 @@ class ModelSettings:
         for name in ("max_rows", "max_len", "max_waiting", "first_chunk_frames", "chunk_frames"):
             if int(getattr(self, name)) < 1:
                 raise SettingsError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("request_timeout_s", "stall_timeout_s"):
+            if not float(getattr(self, name)) > 0:
+                raise SettingsError(f"{name}={getattr(self, name)}: must be > 0 seconds")
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "ModelSettings":
-        return _from_dict(cls, data, "model user_config")
+        return settings_from_dict(cls, data, "model user_config")
 
     def model_key(self) -> tuple:
         """The fields whose change needs a reload (the rest apply live)."""
@@ -90,7 +103,7 @@ def resolve_artifacts(s: ModelSettings) -> tuple[str, str, str]:
     several replicas start together; later starts reuse what the first wrote)."""
     if s.checkpoint and s.tokenizer and s.dac_path:
         return s.checkpoint, s.tokenizer, s.dac_path
-    from unimoe_ray.demo import DemoConfig, prepare_artifacts
+    from unimoe_ray.builders import ArtifactsConfig, prepare_artifacts
 
     out = Path(s.artifacts_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +113,7 @@ def resolve_artifacts(s: ModelSettings) -> tuple[str, str, str]:
         if marker.is_file():
             paths = json.loads(marker.read_text())
         else:
-            ckpt, tok, dac = prepare_artifacts(DemoConfig(
+            ckpt, tok, dac = prepare_artifacts(ArtifactsConfig(
                 out_dir=str(out), preset=s.preset, checkpoint=s.checkpoint, tokenizer=s.tokenizer, dac_path=s.dac_path))
             paths = {"checkpoint": str(ckpt), "tokenizer": str(tok), "dac_path": str(dac)}
             if not (s.checkpoint or s.tokenizer or s.dac_path):
@@ -119,7 +132,6 @@ class AudioJob:
     exact_seconds: bool = False  # music `duration`: EOS forbidden before, forced at the length
     voice_codes: np.ndarray | None = None  # (K, T) DAC codes of the voice prompt
     voice_text: str | None = None
-    voice_audio: bytes | None = None  # an inline reference recording (any format/rate)
     video: bytes | None = None  # an uploaded video (video-to-music)
 
 
@@ -138,7 +150,7 @@ class ModelRuntime:
         if before_start is not None:
             before_start(self.model)
         self.engine = DecodeEngine(self.model, max_rows=settings.max_rows, max_len=settings.max_len,
-                                   max_waiting=settings.max_waiting)
+                                   max_waiting=settings.max_waiting, timeout_s=settings.request_timeout_s)
         self.loop = EngineLoop(self.engine)
         self.model_name = Path(ckpt).name
 
@@ -146,6 +158,11 @@ class ModelRuntime:
         """Apply settings that need no reload."""
         self.settings = settings
         self.engine.max_waiting = settings.max_waiting
+        self.engine.timeout_s = settings.request_timeout_s
+
+    def health(self) -> str | None:
+        """None when the engine is live; else the reason (the replica's check_health raises it)."""
+        return self.loop.health(self.settings.stall_timeout_s)
 
     def stop(self) -> None:
         self.loop.stop()
@@ -153,9 +170,9 @@ class ModelRuntime:
     # ---- requests ----
 
     def encode_voice(self, audio: bytes, max_seconds: float) -> np.ndarray:
-        wav, sr = decode_upload(audio)
-        if len(wav) / sr > max_seconds:
-            raise ValueError(f"the audio sample is {len(wav) / sr:.1f} s long: at most {max_seconds} s")
+        """A client's audio bytes → (K, T) int16 DAC codes. The header is checked and the audio
+        decoded in a child process (serve/untrusted_media); ValueError names what is wrong."""
+        wav, sr = read_audio_upload(audio, max_seconds=max_seconds, target_rate=self.gen.codec.sample_rate)
         return self.gen.encode_voice(wav, sr).numpy().astype(np.int16)
 
     def engine_request(self, job: AudioJob) -> EngineRequest:
@@ -164,9 +181,7 @@ class ModelRuntime:
         overrides = {k: v for k, v in job.sampling.items() if v is not None}
         if job.task == "speech":
             codes = None
-            if job.voice_audio is not None:
-                codes = torch.as_tensor(self.encode_voice(job.voice_audio, 60.0)).long()
-            elif job.voice_codes is not None:
+            if job.voice_codes is not None:  # a stored voice, or inline reference audio the ingress had encoded
                 codes = torch.as_tensor(np.asarray(job.voice_codes)).long()
             if codes is not None and not (job.voice_text or "").strip():
                 raise ValueError("a reference voice needs its transcript (reference_text / ref_text)")
@@ -185,19 +200,17 @@ class ModelRuntime:
             raise ValueError(f"unknown task {job.task!r}")
         if sampling.min_frames > sampling.max_frames:
             sampling = sampling.replace(min_frames=sampling.max_frames)
-        return EngineRequest(prompt, negative if sampling.guidance_scale > 0 else None, sampling)
+        return EngineRequest(prompt, negative if sampling.guidance_scale > 0 else None, sampling,
+                             timeout_s=self.settings.request_timeout_s)
 
     def _video(self, data: bytes):
         if self.model.cfg.vision is None:
             raise ValueError("this model has no vision tower: it cannot take a video")
-        # The server writes the client's bytes to its own temporary file (decord reads paths).
-        with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
-            f.write(data)
-            f.flush()
-            try:
-                return load_video(f.name, self.model.cfg.vision)
-            except Exception as err:
-                raise ValueError(f"could not decode the uploaded video: {err}") from None
+        # A client's bytes: parsed by PyAV in a child process (serve/untrusted_media), never by
+        # decord; the same vision inputs as inference/video.load_video gives for a file.
+        plan = VideoPlan.of(self.model.cfg.vision, VideoSampling())
+        pixel_values, grid_thw = read_video_upload(data, plan)
+        return torch.from_numpy(pixel_values), torch.from_numpy(grid_thw)
 
     async def run(self, job: AudioJob, *, stream: bool) -> AsyncIterator[dict[str, Any]]:
         """Audio events for one job: {"type": "audio", "wav": float32 24 kHz chunk} ... then
@@ -228,8 +241,11 @@ class ModelRuntime:
                             yield {"type": "audio", "wav": chunk}
                 if out.done:
                     finished = True
+                    if out.finish_reason == "timeout":
+                        raise GenerationTimeout(out.error)
                     if out.finish_reason == "error":
-                        raise ValueError(out.error)
+                        # The request's own fault is a client error; the model's is a server one.
+                        raise (ValueError if out.error_kind == "invalid" else EngineError)(out.error)
                     if out.finish_reason == "cancelled":
                         return
                     break
@@ -257,12 +273,18 @@ class ModelRuntime:
     def status(self) -> dict:
         e = self.engine
         return {"running_requests": e.num_running, "running_rows": e.running_rows, "waiting": e.num_waiting,
-                "max_rows": e.cache.rows, "steps": e.stats.steps, "finished": e.stats.finished,
-                "cancelled": e.stats.cancelled, "experts_per_token": e.stats.experts_per_token}
+                "max_rows": e.cache.rows, "free_rows": e.cache.free, "steps": e.stats.steps,
+                "finished": e.stats.finished, "cancelled": e.stats.cancelled, "failed": e.stats.failed,
+                "timed_out": e.stats.timed_out, "experts_per_token": e.stats.experts_per_token,
+                "healthy": self.health() is None}
 
 
 def sampling_overrides(**knobs) -> dict:
-    """The API's sampling extensions, checked by SamplingConfig (ValueError names the knob)."""
+    """The API's sampling extensions, checked by SamplingConfig (ValueError names the knob).
+    temperature 0 means greedy decoding (as OpenAI's and the released do_sample=False)."""
     clean = {k: v for k, v in knobs.items() if v is not None}
+    if clean.get("temperature") == 0:
+        del clean["temperature"]
+        clean["greedy"] = True
     SamplingConfig(**clean)  # validate early, at the ingress
     return clean

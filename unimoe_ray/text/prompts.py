@@ -1,4 +1,4 @@
-"""Prompt formats (DESIGN.md §1 "Prompts"): ChatML with the UniMoE-Audio special tokens.
+"""Prompt formats (docs/DESIGN.md §1 "Prompts"): ChatML with the UniMoE-Audio special tokens.
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
     <|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n<|AUDIO_START|>
@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from unimoe_ray.audio.delay import DelayPattern
 from unimoe_ray.config import ModelConfig
-from unimoe_ray.inference.generate import Prompt
+from unimoe_ray.text.prompt import Prompt
 from unimoe_ray.text.tokenizer import special_token_ids
 
 SYSTEM_PROMPT = "You are a helpful assistant."

@@ -1,7 +1,7 @@
 """Text tokenizers: the real Qwen2.5 BPE and a tiny trained BPE for tests, same layout.
 
 UniMoE-Audio's text side is Qwen2.5's byte-level BPE plus eleven special tokens appended in a
-fixed order (DESIGN §1, "Prompts"); `<|AUDIO_PLACEHOLDER|>` marks where audio-code embeddings
+fixed order (docs/DESIGN.md §1 "Prompts"); `<|AUDIO_PLACEHOLDER|>` marks where audio-code embeddings
 go. Both builders here write a Hugging Face tokenizer folder (tokenizer.json +
 tokenizer_config.json) that `load_tokenizer` reads offline, so tests and production go through
 the same loading code:

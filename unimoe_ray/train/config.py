@@ -1,5 +1,5 @@
 """Training configuration: one frozen dataclass for the loop, and the three named curriculum
-stages (DESIGN.md §2, paper §4) as presets of it.
+stages (docs/DESIGN.md §2, paper §4) as presets of it.
 
 Stage            trains                          data                 lr     aux weight
 stage1 (dense)   everything                      one task, raw        1e-4   — (no router)
@@ -48,6 +48,9 @@ class TrainConfig:
     deepspeed_config: dict | None = None
     log_samples: bool = False  # write each step's sample ids (resume / equivalence tests)
     max_bad_steps: int = 3  # consecutive non-finite losses that stop the run
+    # Ranks per expert-parallel group: each holds 1/N of every layer's routed experts
+    # (unimoe_ray.model.expert_parallel); must divide the workers and the routed experts.
+    expert_parallel: int = 1
 
     def __post_init__(self) -> None:
         checks = [
@@ -65,6 +68,11 @@ class TrainConfig:
              f"precision={self.precision!r}: use 'auto', 'fp32' or 'bf16'"),
             (bool(self.tasks), "tasks is empty: name at least one of tts_zh, tts_en, t2m, v2m"),
             (self.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
+            (self.expert_parallel >= 1, f"expert_parallel={self.expert_parallel}: must be >= 1 (1: no expert parallelism)"),
+            (self.expert_parallel == 1 or not self.deepspeed_config,
+             f"expert_parallel={self.expert_parallel} with a DeepSpeed config: expert parallelism runs "
+             "on the plain torch backend (DeepSpeed's MoE gradient handling only knows its own MoE "
+             "layer); drop --deepspeed or use --expert-parallel 1"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -75,6 +83,23 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+    def check_expert_parallel(self, *, num_workers: int, num_routed: int | None) -> None:
+        """expert_parallel must divide the workers and the routed experts per layer (None: a
+        dense model, which has none to shard)."""
+        N = self.expert_parallel
+        if N == 1:
+            return
+        if num_routed is None:
+            raise TrainConfigError(
+                f"expert_parallel={N}: the model is dense (a stage-1 specialist) and has no routed "
+                "experts to shard; use --expert-parallel 1"
+            )
+        if num_workers % N or num_routed % N:
+            raise TrainConfigError(
+                f"expert_parallel={N} must divide both the {num_workers} workers (--num-workers) "
+                f"and the {num_routed} routed experts per layer; choose a common divisor"
+            )
 
 
 # Paper §4: learning rates 1e-4 / 3e-5 / 1e-5 for the three stages.

@@ -1,4 +1,4 @@
-"""Stage-2 MoE integration (DESIGN.md §2, paper §4): dense specialists → one DCMoE model.
+"""Stage-2 MoE integration (docs/DESIGN.md §2, paper §4): dense specialists → one DCMoE model.
 Pure functions of configs and state dicts (in-memory tensor names); no Ray, no files.
 
 Per decoder layer, specialist s's SwiGLU FFN (width F = per · f) is cut along its intermediate

@@ -25,10 +25,14 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from unimoe_ray.checkpoint import load_pretrained
+from unimoe_ray.model.expert_parallel import make_groups, shard_experts
 from unimoe_ray.text.prompts import PromptBuilder
 from unimoe_ray.text.tokenizer import load_tokenizer
 from unimoe_ray.train.batches import DataPosition, ExampleBuilder, batch_stream, collate, pack_by_tokens
 from unimoe_ray.train.config import TrainConfig
+from unimoe_ray.train.expert_parallel import (
+    ExpertParallelBackend, exchange_metrics, optimizer_order, restore_optimizer, save_sharded_checkpoint,
+)
 from unimoe_ray.train.integrate import apply_trainable
 from unimoe_ray.train.optim import DeepSpeedBackend, TorchBackend
 from unimoe_ray.train.state import load_train_state, read_meta, save_model_and_meta, save_train_state
@@ -104,12 +108,23 @@ def train_loop(config: dict) -> None:
     apply_trainable(model, tc.trainable)
     model.lm_head.weight.requires_grad_(False)  # no text loss: the text head is not trained
     cfg = model.cfg
+    ep_groups, full_order = None, []
+    if tc.expert_parallel > 1:
+        # The unsharded optimizer order: what a plain checkpoint's optimizer state refers to.
+        full_order = optimizer_order(LossModule(model), tc.weight_decay) if state is not None else []
+        ep_groups = make_groups(tc.expert_parallel)
+        shard_experts(model, ep_groups)  # this rank keeps 1/N of each layer's routed experts
     lm = LossModule(model).to(device)
 
     if tc.deepspeed_config:
         backend = DeepSpeedBackend(lm, tc, tc.deepspeed_config, world)
         if state is not None:
             backend.engine.load_checkpoint(str(d / "deepspeed"), tag="state", load_module_strict=True)
+    elif ep_groups is not None:
+        # No DDP: experts and replicated parameters reduce over different groups (in step()).
+        backend = ExpertParallelBackend(lm, tc, ep_groups)
+        if state is not None:
+            restore_optimizer(backend, state["backend"], d, full_order)
     else:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -121,7 +136,7 @@ def train_loop(config: dict) -> None:
             wrapped = lm
         backend = TorchBackend(wrapped, tc)
         if state is not None:
-            backend.load_state_dict(state["backend"])
+            restore_optimizer(backend, state["backend"], d, full_order)  # any EP size's checkpoint
 
     step = int(meta.get("step", 0))
     start = int(meta.get("data_consumed", 0))
@@ -199,6 +214,8 @@ def train_loop(config: dict) -> None:
             metrics["peak_rss_mb"] = _peak_rss_mb(world)
             if res.routing is not None:
                 metrics.update(res.routing.metrics())
+            if ep_groups is not None:
+                metrics.update(exchange_metrics(model, ep_groups))  # a collective: every rank
         if tc.val_every > 0 and val_batches and not res.skipped and (step % tc.val_every == 0 or step == tc.max_steps):
             val = evaluate(model, val_batches, autocast_dtype=autocast_dtype, device=device)
             metrics.update({f"val/{t}": v for t, v in val.items()})
@@ -235,13 +252,15 @@ def _save_checkpoint(backend, model, tc: TrainConfig, config: dict, step: int, p
         full_state = backend.engine._zero3_consolidated_16bit_state_dict()  # collective
     if is_ds:
         backend.engine.save_checkpoint(str(path / "deepspeed"), tag="state")
-    if rank != 0:
-        return str(path) if is_ds else None
     meta = {
         **config.get("meta", {}), "stage": tc.stage, "tasks": list(tc.tasks), "step": step,
         "data_consumed": position.consumed, "epoch": position.epoch, "world_size": world,
         "seed": tc.seed, "skipped_steps": skipped, "max_steps": tc.max_steps,
     }
+    if isinstance(backend, ExpertParallelBackend):  # every expert-holding rank writes its part
+        return save_sharded_checkpoint(backend, model, path, meta=meta, rngs=rngs)
+    if rank != 0:
+        return str(path) if is_ds else None
     if full_state is not None:  # ZeRO-3: this rank's model holds only its partition
         from unimoe_ray.model.unimoe_audio import UniMoEAudio
 

@@ -166,7 +166,10 @@ def process_group_backend(spec: RunSpec) -> str:
 
 def run_training(spec: RunSpec):
     """Run (or resume) one stage; returns Ray Train's Result. Raises InputError early."""
-    check_model_folder(spec.init, "initial weights")
+    init_cfg = check_model_folder(spec.init, "initial weights")
+    spec.train.check_expert_parallel(
+        num_workers=spec.num_workers, num_routed=None if init_cfg.moe.mode == "dense" else init_cfg.moe.num_routed,
+    )
     ds = spec.train.deepspeed_config
     if ds and int(ds.get("zero_optimization", {}).get("stage", 0)) == 3:
         try:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from unimoe_ray.checkpoint import load_pretrained, save_pretrained
+from unimoe_ray.checkpoint_hf import init_from_qwen2_5_vl
 from unimoe_ray.config import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.text.prompts import check_tokenizer, config_for_tokenizer
@@ -91,6 +92,15 @@ def common_from_args(args: argparse.Namespace) -> Common:
     )
 
 
+def add_expert_parallel_arg(p: argparse.ArgumentParser) -> None:
+    """--expert-parallel N (stages 2 and 3: the MoE stages)."""
+    p.add_argument(
+        "--expert-parallel", type=int, default=1, metavar="N",
+        help="ranks per expert-parallel group: each worker holds 1/N of every layer's routed experts, "
+        "tokens travel by all_to_all; N divides --num-workers and the routed experts (default 1: none)",
+    )
+
+
 def train_config_from_args(stage: str, args: argparse.Namespace, **extra) -> TrainConfig:
     ds = None
     if args.deepspeed:
@@ -122,16 +132,23 @@ def _summary(metrics: dict) -> dict:
 
 
 def stage1(common: Common, *, task: str, preset: str, train: TrainConfig, out: str, name: str,
-           num_specialists: int = 4) -> Path:
-    """Train one dense specialist on one task from random initial weights."""
+           num_specialists: int = 4, init_from: str | None = None) -> Path:
+    """Train one dense specialist on one task, from random initial weights or, with
+    `init_from`, from a local Qwen2.5-VL folder (unimoe_ray.checkpoint_hf: embeddings,
+    attention, norms, MLP → specialist FFN, vision tower; every specialist the same)."""
     if task not in ALL_TASKS:
         raise InputError(f"--task {task!r}: use one of {', '.join(ALL_TASKS)}")
     tok = load_tokenizer(common.tokenizer)
     cfg = specialist_config(config_for_tokenizer(get_preset(preset), tok), num_specialists)
     init = Path(common.storage_path) / name / "init"
     if not (init / "config.json").is_file():
-        save_pretrained(UniMoEAudio(cfg).init_weights(seed=train.seed), init)
+        model = UniMoEAudio(cfg).init_weights(seed=train.seed)
+        if init_from is not None:
+            print(f"[unimoe train] {task}: {init_from_qwen2_5_vl(model, init_from).summary()}")
+        save_pretrained(model, init)
     meta = {"task": task, "preset": preset, "num_specialists": num_specialists}
+    if init_from is not None:
+        meta["init_from"] = str(Path(init_from).resolve())
     result = run_training(common.spec(init=str(init), train=train.replace(tasks=(task,)), name=name, meta=meta))
     return _finish(result, Path(out))
 

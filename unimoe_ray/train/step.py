@@ -2,7 +2,7 @@
 Torch only (torch.distributed when a process group is up; never Ray): `train/loop.py` calls
 it, never the reverse.
 
-Loss (DESIGN.md §1): Σ over codebooks of the cross-entropy at that codebook's labelled
+Loss (docs/DESIGN.md §1): Σ over codebooks of the cross-entropy at that codebook's labelled
 positions + aux_weight · aux (the load-balancing loss, averaged over layers). The CE of
 codebook k is normalised by its labelled-token count over the *whole* window on *all*
 workers (all-reduced before backward), so W DDP workers × A micro-batches give the same

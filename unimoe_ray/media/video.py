@@ -1,6 +1,7 @@
 """Video frames -> Qwen2.5-VL vision-tower patches. numpy only (decord imported lazily).
 
-Shared by preprocessing (V2M rows) and serving, so both feed the vision tower identically.
+Shared by preprocessing (V2M rows), training batches and serving, so all three feed the vision
+tower identically; it sits in the core (not in the Ray data layer) because all three import it.
 
 Layout (transformers' Qwen2-VL image/video processors): frames are resized so H and W are
 multiples of patch_size * merge_size (28), rescaled to [0, 1] and normalised with the OpenAI

@@ -1,11 +1,11 @@
-"""Frames -> Qwen2.5-VL patch layout (unimoe_ray.data.video), checked against transformers."""
+"""Frames -> Qwen2.5-VL patch layout (unimoe_ray.media.video), checked against transformers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from unimoe_ray.data.video import (
+from unimoe_ray.media.video import (
     CLIP_MEAN,
     CLIP_STD,
     frames_to_patches,

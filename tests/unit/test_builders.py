@@ -1,0 +1,33 @@
+"""builders: a random-weight model for a preset and a tokenizer, and the artifacts a fresh
+clone runs on, through the same save/load code real weights use."""
+
+from __future__ import annotations
+
+import torch
+
+from unimoe_ray.builders import ArtifactsConfig, new_model, prepare_artifacts
+from unimoe_ray.checkpoint import load_pretrained
+from unimoe_ray.config import get_preset
+from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer, special_token_ids
+
+
+def test_new_model_follows_the_tokenizer_and_the_seed(tmp_path):
+    tok = load_tokenizer(build_test_tokenizer(tmp_path / "tok"))
+    a, b, c = new_model("tiny", tok, seed=3), new_model(get_preset("tiny"), tok, seed=3), new_model("tiny", tok, seed=4)
+    assert a.cfg.codec_placeholder_id == special_token_ids(tok)["<|AUDIO_PLACEHOLDER|>"]
+    assert a.cfg.vocab_size >= len(tok) and a.cfg == b.cfg
+    wa, wb, wc = (m.codec_head.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_prepare_artifacts_writes_what_load_reads_and_keeps_given_paths(tmp_path):
+    ckpt, tok, dac = prepare_artifacts(ArtifactsConfig(out_dir=str(tmp_path / "a"), preset="tiny", seed=1))
+    assert ckpt == tmp_path / "a" / "checkpoint_tiny" and dac.is_file() and (tok / "tokenizer.json").is_file()
+    model = load_pretrained(ckpt)
+    expected = new_model("tiny", load_tokenizer(tok), seed=1)
+    assert model.cfg == expected.cfg
+    assert torch.equal(model.codec_head.weight, expected.codec_head.weight)
+    # Paths given are used as they are; only the missing ones are made.
+    again = prepare_artifacts(ArtifactsConfig(out_dir=str(tmp_path / "b"), checkpoint=str(ckpt), tokenizer=str(tok),
+                                              dac_path=str(dac)))
+    assert again == (ckpt, tok, dac) and not (tmp_path / "b").exists()
