@@ -136,12 +136,15 @@ def replica_processes(app: str, session: int | None) -> dict[str, list[psutil.Pr
 
 class ReplicaWatch:
     """Samples the model replicas every `interval` s: pids seen (a pid that ends is a replica
-    lost; Serve's replacement is a new pid) and peak RSS of each replica with its children."""
+    lost; Serve's replacement is a new pid), peak RSS of each replica, and peak RSS of the
+    replica with its children (the upload decoders) at one sample."""
 
     def __init__(self, app: str, session: int | None, interval: float = 0.25) -> None:
         self.app, self.session, self.interval = app, session, interval
         self.seen: dict[str, set[int]] = {d: set() for d in DEPLOYMENTS}
         self.peak_mb: dict[str, float] = {d: 0.0 for d in DEPLOYMENTS}
+        self.peak_with_children_mb: dict[str, float] = {d: 0.0 for d in DEPLOYMENTS}
+        self.max_children: dict[str, int] = {d: 0 for d in DEPLOYMENTS}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -149,11 +152,15 @@ class ReplicaWatch:
         for d, procs in replica_processes(self.app, self.session).items():
             for p in procs:
                 try:
-                    rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+                    rss = p.memory_info().rss
+                    children = p.children(recursive=True)
+                    with_children = rss + sum(c.memory_info().rss for c in children)
                 except psutil.Error:
                     continue
                 self.seen[d].add(p.pid)
                 self.peak_mb[d] = max(self.peak_mb[d], rss / 2**20)
+                self.peak_with_children_mb[d] = max(self.peak_with_children_mb[d], with_children / 2**20)
+                self.max_children[d] = max(self.max_children[d], len(children))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -173,7 +180,9 @@ class ReplicaWatch:
     def report(self) -> dict:
         alive = {d: {p.pid for p in procs} for d, procs in replica_processes(self.app, self.session).items()}
         return {d: {"replicas_seen": len(self.seen[d]), "restarts": len(self.seen[d] - alive[d]),
-                    "peak_rss_mb": round(self.peak_mb[d], 1) if self.seen[d] else None} for d in DEPLOYMENTS}
+                    "peak_rss_mb": round(self.peak_mb[d], 1) if self.seen[d] else None,
+                    "peak_rss_with_children_mb": round(self.peak_with_children_mb[d], 1) if self.seen[d] else None,
+                    "max_children": self.max_children[d]} for d in DEPLOYMENTS}
 
 
 # ---- requests ----
@@ -341,7 +350,9 @@ def main() -> None:
                   f"p50/p99 TTFA {run['p50_ttfa_s']:.2f}/{run['p99_ttfa_s']:.2f} s "
                   f"hostile {run.get('hostile_requests', 0)} "
                   f"restarts {sum(r['restarts'] for r in run['replicas'].values())} "
-                  f"peak RSS MB {[r['peak_rss_mb'] for r in run['replicas'].values()]} load {run['load_after']}",
+                  f"peak RSS MB (speech, music) {[r['peak_rss_mb'] for r in run['replicas'].values()]} "
+                  f"with children {[r['peak_rss_with_children_mb'] for r in run['replicas'].values()]} "
+                  f"load {run['load_after']}",
                   flush=True)
         base, mixed = results["good_only"], results["with_hostile"]
         results["ratio"] = {k: round(mixed[k] / base[k], 3) if base[k] else None

@@ -31,10 +31,6 @@ from unimoe_ray.train.synthetic import write_synthetic_shards
 pytestmark = pytest.mark.ray
 
 
-class Stop(RuntimeError):
-    """Raised by the first run after step 5 (step 4's checkpoint reported a step earlier)."""
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     import ray
@@ -72,13 +68,16 @@ def _records(spec: RunSpec, rank: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(env):
-    def stop_after_5(*, step, rank, run_dir):  # nested: pickled by value for the workers
-        if step == 5:
-            raise Stop("stopping after step 5 (test)")
+    def stop_after_5(*, step, rank, run_dir):  # nested, builtins only: pickled by value for the workers
+        if step == 5:  # step 4's checkpoint was reported a step earlier
+            raise RuntimeError("stopping after step 5 (test)")
 
     sharded = _spec(env, expert_parallel=2)
     sharded.step_callback = stop_after_5
-    first = run_training(sharded)
+    with pytest.raises(Exception, match="stopping after step 5") as first:
+        result = run_training(sharded)
+        if result.error is not None:
+            raise result.error
     # The same run (name, storage) again at N=1: it resumes from N=2's step-4 checkpoint.
     resumed = _spec(env, expert_parallel=1)
     second = run_training(resumed)
@@ -120,7 +119,7 @@ def _replay(env, spec: RunSpec, records: list[list[dict]], metrics: list[dict]) 
 
 def test_sharded_then_resumed_unsharded_equal_one_process(runs, env):
     spec = runs["spec"]
-    assert isinstance(runs["first"].error, Exception) and "stopping after step 5" in str(runs["first"].error)
+    assert "stopping after step 5" in str(runs["first"].value)
     assert runs["second"].error is None and runs["second"].metrics["step"] == 6
     metrics = _metrics(spec)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 5, 6]  # step 5 at N=2, again at N=1

@@ -198,8 +198,10 @@ class ExpertParallelExperts:
             self.received_L += recv_GL.sum(0)
             if not x_ND.requires_grad:
                 # The reverse exchanges in backward are collectives too: every rank must run
-                # them, including a rank whose tokens do not require grad here (stage 2's first
-                # layer: frozen trunk) while its experts' other senders' tokens do.
+                # them, so the graph through them must not hang on whether this rank's rows
+                # need a gradient. That can differ between ranks (only ranks with video rows
+                # carry a trainable vision tower's output; a frozen trunk's first layer on one
+                # rank, trainable experts fed by another): always differentiable.
                 x_ND = x_ND.detach().requires_grad_()
         # 2. The rows themselves, variable splits: received grouped by source rank, then local
         # expert (each source sends its rows grouped by expert).

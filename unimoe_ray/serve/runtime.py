@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
-import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
