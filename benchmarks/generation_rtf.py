@@ -28,15 +28,12 @@ from pathlib import Path
 import torch
 
 from machine import machine_line, read_probe  # benchmarks/machine.py
+from unimoe_ray.audio.codec import FRAME_RATE
 from unimoe_ray.builders import ArtifactsConfig, prepare_artifacts
 from unimoe_ray.inference.generate import generate
+from unimoe_ray.inference.pipeline import AudioGenerator
 from unimoe_ray.inference.sampling import task_sampling
-from unimoe_ray.checkpoint import load_pretrained
-from unimoe_ray.model.quantize import convert_experts
-from unimoe_ray.text.prompts import PromptBuilder
-from unimoe_ray.text.tokenizer import load_tokenizer
 
-FRAME_RATE = 50
 
 
 def read_bandwidth(repeats: int = 5) -> float:
@@ -93,12 +90,11 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(machine_line())
     with tempfile.TemporaryDirectory() as d:
-        ckpt, tok_path, _ = prepare_artifacts(ArtifactsConfig(out_dir=d, preset="small"))
-        model = load_pretrained(ckpt)
-        # As AudioGenerator (CLI, batch, serving) sets a model up: weights in huge pages, this
-        # machine's measured expert kernels (UNIMOE_KERNELS / UNIMOE_HUGEPAGES switch them off).
-        convert_experts(model, None)
-        pb = PromptBuilder(load_tokenizer(tok_path), model.cfg)
+        # Set up as the CLI, batch generation and serving do (AudioGenerator.load): weights in huge
+        # pages, this machine's measured expert kernels (UNIMOE_KERNELS / UNIMOE_HUGEPAGES switch
+        # them off).
+        gen = AudioGenerator.load(*prepare_artifacts(ArtifactsConfig(out_dir=d, preset="small")))
+        model, pb = gen.model, gen.prompts
     bw = read_bandwidth()
     voice = torch.randint(0, 1024, (model.cfg.codec_channels, 150))  # a 3 s voice prompt
     text = "Welcome to the world of UniMoE Audio, where speech and music come from one model."

@@ -131,7 +131,26 @@ def replica_processes(app: str, session: int | None) -> dict[str, list[psutil.Pr
         for d in DEPLOYMENTS:
             if title.startswith(f"ray::ServeReplica:{app}:{d}"):
                 found[d].append(p)
+    # A replica's child between fork and exec (an upload decoder starting) still carries the
+    # replica's title: a process whose parent is a replica is not one.
+    pids = {p.pid for procs in found.values() for p in procs}
+    for d, procs in found.items():
+        found[d] = [p for p in procs if _ppid(p) not in pids]
     return found
+
+
+def _title(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def _ppid(p: psutil.Process) -> int | None:
+    try:
+        return p.ppid()
+    except psutil.Error:
+        return None
 
 
 class ReplicaWatch:
@@ -153,7 +172,9 @@ class ReplicaWatch:
             for p in procs:
                 try:
                     rss = p.memory_info().rss
-                    children = p.children(recursive=True)
+                    # A child not yet exec'd still maps (and counts as resident) the replica's
+                    # pages, shared copy-on-write: only exec'd children are the decoders' memory.
+                    children = [c for c in p.children(recursive=True) if not _title(c).startswith("ray::")]
                     with_children = rss + sum(c.memory_info().rss for c in children)
                 except psutil.Error:
                     continue

@@ -62,7 +62,7 @@ class StaticBatchModel:
         codes = await self._batch(job)
         wav = await asyncio.to_thread(decode_whole, self.rt.gen.codec, codes, SAMPLE_RATE)
         yield {"type": "audio", "wav": wav}
-        yield {"type": "done", "frames": int(codes.shape[1]), "seconds": codes.shape[1] / 50,
+        yield {"type": "done", "frames": int(codes.shape[1]), "seconds": codes.shape[1] / self.rt.gen.codec.frame_rate,
                "ttfa_s": time.monotonic() - t0}
 
 

@@ -26,13 +26,12 @@ from pathlib import Path
 import ray
 from machine import machine_line  # benchmarks/machine.py
 
+from unimoe_ray.builders import new_model
 from unimoe_ray.checkpoint import save_pretrained
 from unimoe_ray.config import get_preset
-from unimoe_ray.model.params import count_parameters
-from unimoe_ray.model.unimoe_audio import UniMoEAudio
-from unimoe_ray.text.prompts import config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 from unimoe_ray.train.config import stage_config
+from unimoe_ray.train.memory_plan import plan
 from unimoe_ray.train.run import RunSpec, run_training
 from unimoe_ray.train.synthetic import write_synthetic_shards
 
@@ -43,14 +42,11 @@ def record_rss(*, step, rank, run_dir):
     (Path(run_dir) / f"rss_rank{rank}.json").write_text(json.dumps({"step": step, "peak_rss_mb": peak}))
 
 
-def held_bytes(cfg, ep: int) -> dict:
-    """fp32 bytes one worker holds for parameters, gradients and AdamW's two moments: the
-    routed experts' share divided by the EP size, the rest whole."""
-    counts = count_parameters(cfg)
-    experts = counts.routed_expert * counts.num_routed
-    per_worker = counts.total - experts + experts // ep
-    return {"params": per_worker, "expert_params": experts // ep,
-            "param_grad_adam_mib": per_worker * 4 * 4 / 2**20}
+def held_bytes(cfg, ep: int, max_tokens: int) -> dict:
+    """The memory plan of one worker (unimoe_ray.train.memory_plan, fp32 activations as on CPU),
+    in MiB: parameters, gradients, AdamW state (the routed experts' part ≈ 1/N) and activations."""
+    m = plan(cfg, workers=2, expert_parallel=ep, seq_len=max_tokens, dtype="fp32", attention_probs=True)
+    return {k: v / 2**20 for k, v in m.as_dict().items() if k != "runs_in_trainer"}
 
 
 def main() -> None:
@@ -65,10 +61,12 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench_train_ep_"))
     tok = build_test_tokenizer(root / "tok")
-    cfg = config_for_tokenizer(get_preset(args.preset), load_tokenizer(tok))
+    cfg = get_preset(args.preset)
     if args.layers:
         cfg = cfg.replace(num_layers=args.layers)
-    save_pretrained(UniMoEAudio(cfg).init_weights(seed=0), root / "init")
+    model = new_model(cfg, load_tokenizer(tok), seed=0)
+    cfg = model.cfg  # sized to the tokenizer: the memory plan counts its embedding rows
+    save_pretrained(model, root / "init")
     write_synthetic_shards(root / "shards", {"tts_en": 48, "t2m": 24}, frames=(100, 400))
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -96,7 +94,7 @@ def main() -> None:
             "tokens_per_s_median": statistics.median(m["tokens_per_s"] for m in steady),
             "tokens_per_step_median": statistics.median(m["tokens"] for m in steady),
             "peak_rss_mb": [json.loads((spec.run_dir / f"rss_rank{r}.json").read_text())["peak_rss_mb"] for r in range(2)],
-            "held": held_bytes(cfg, ep), "wall_s": time.time() - t0,
+            "plan_mib": held_bytes(cfg, ep, args.max_tokens), "wall_s": time.time() - t0,
         }
         if ep > 1:
             row["exchange_share_median"] = [
@@ -105,7 +103,10 @@ def main() -> None:
             row["imbalance_median"] = statistics.median(m["ep/imbalance"] for m in steady)
         rows.append(row)
         print(f"expert_parallel={ep}: {row['tokens_per_s_median']:.0f} tokens/s, peak RSS "
-              f"{row['peak_rss_mb']} MiB, params+grads+AdamW {row['held']['param_grad_adam_mib']:.0f} MiB/worker"
+              f"{row['peak_rss_mb']} MiB, planned params+grads+AdamW "
+              f"{row['plan_mib']['params'] + row['plan_mib']['grads'] + row['plan_mib']['optimizer']:.0f} MiB "
+              f"(experts {row['plan_mib']['expert_params'] + row['plan_mib']['expert_grads'] + row['plan_mib']['expert_optimizer']:.0f}), "
+              f"activations {row['plan_mib']['activations']:.0f} MiB/worker"
               + (f", exchange share {row['exchange_share_median']}" if ep > 1 else ""))
     result = {
         "preset": args.preset, "layers": cfg.num_layers, "steps": args.steps, "max_tokens": args.max_tokens,

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import ray
 
+from unimoe_ray.builders import new_model
 from unimoe_ray.checkpoint import save_pretrained
 from unimoe_ray.config import get_preset
-from unimoe_ray.model.unimoe_audio import UniMoEAudio
-from unimoe_ray.text.prompts import config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 from unimoe_ray.train.config import stage_config
 from unimoe_ray.train.run import RunSpec, run_training
@@ -58,10 +57,10 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     tok = build_test_tokenizer(root / "tok")
-    cfg = config_for_tokenizer(get_preset(args.preset), load_tokenizer(tok))
+    cfg = get_preset(args.preset)
     if args.layers:
         cfg = cfg.replace(num_layers=args.layers)
-    save_pretrained(UniMoEAudio(cfg).init_weights(seed=0), root / "init")
+    save_pretrained(new_model(cfg, load_tokenizer(tok), seed=0), root / "init")
     write_synthetic_shards(root / "shards", {"tts_en": 48, "t2m": 24}, frames=(100, 400))
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -28,7 +28,9 @@ import numpy as np
 import pyarrow.dataset as pads
 import torch
 
+from unimoe_ray.builders import new_model
 from unimoe_ray.config import get_preset
+from unimoe_ray.tasks import DATA_TASKS
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.text.prompts import PromptBuilder, config_for_tokenizer
 from unimoe_ray.text.tokenizer import load_tokenizer
@@ -39,7 +41,7 @@ from unimoe_ray.train.optim import TorchBackend
 from unimoe_ray.train.run import shard_paths, split_rows
 from unimoe_ray.train.step import LossModule, evaluate, train_step
 
-TASKS = ("tts_zh", "tts_en", "t2m", "v2m")
+TASKS = DATA_TASKS
 
 
 def batches_forever(examples: list, max_tokens: int, rng: np.random.Generator, balanced: bool):
@@ -78,7 +80,7 @@ def train(model, examples, steps, *, stage, lr, max_tokens, seed, balanced=False
     return model
 
 
-def run_seed(seed, cfg, train_ex, val_batches, args) -> dict:
+def run_seed(seed, cfg, tok, train_ex, val_batches, args) -> dict:
     B, lr = args.budget_steps, args.lr
     kw = dict(max_tokens=args.max_tokens, seed=seed)
     results, walls = {}, {}
@@ -89,7 +91,7 @@ def run_seed(seed, cfg, train_ex, val_batches, args) -> dict:
     results["specialists"] = {}
     for i, t in enumerate(TASKS):
         torch.manual_seed(seed * 100 + i)
-        m = train(UniMoEAudio(spec_cfg).init_weights(seed=seed * 100 + i), by_task[t], B // 4, stage="stage1", lr=lr, **kw)
+        m = train(new_model(spec_cfg, tok, seed=seed * 100 + i), by_task[t], B // 4, stage="stage1", lr=lr, **kw)
         results["specialists"][t] = evaluate(m, val_batches)[t]
     walls["specialists"] = time.perf_counter() - t0
     print(f"seed {seed}: specialists done in {walls['specialists']:.0f} s", flush=True)
@@ -98,14 +100,14 @@ def run_seed(seed, cfg, train_ex, val_batches, args) -> dict:
     moe = cfg.moe
     dense_cfg = cfg.replace(moe=dict(mode="dense", dense_intermediate=moe.num_routed * moe.routed_intermediate + moe.num_shared * moe.shared_intermediate))
     torch.manual_seed(seed)
-    m = train(UniMoEAudio(dense_cfg).init_weights(seed=seed), train_ex, B, stage="stage1", lr=lr, **kw)
+    m = train(new_model(dense_cfg, tok, seed=seed), train_ex, B, stage="stage1", lr=lr, **kw)
     results["naive_dense"] = evaluate(m, val_batches)
     walls["naive_dense"] = time.perf_counter() - t0
     print(f"seed {seed}: naive_dense done in {walls['naive_dense']:.0f} s", flush=True)
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    m = train(UniMoEAudio(cfg.replace(moe=dict(mode="top_k", top_k=2))).init_weights(seed=seed), train_ex, B,
+    m = train(new_model(cfg.replace(moe=dict(mode="top_k", top_k=2)), tok, seed=seed), train_ex, B,
               stage="stage3", lr=lr, **kw)
     results["top2_moe"] = evaluate(m, val_batches)
     walls["top2_moe"] = time.perf_counter() - t0
@@ -115,7 +117,7 @@ def run_seed(seed, cfg, train_ex, val_batches, args) -> dict:
     states = {}
     for i, t in enumerate(TASKS):
         torch.manual_seed(seed * 100 + i)
-        m = train(UniMoEAudio(spec_cfg).init_weights(seed=seed * 100 + i), by_task[t], B // 8, stage="stage1", lr=lr, **kw)
+        m = train(new_model(spec_cfg, tok, seed=seed * 100 + i), by_task[t], B // 8, stage="stage1", lr=lr, **kw)
         states[t] = m.state_dict()
     merged_cfg, state = integrate_specialists(states, spec_cfg, seed=seed)
     m = UniMoEAudio(merged_cfg)
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     val_ex = [build(r) for r in rows if r["sample_id"] in val_ids]
     val_batches = [collate(b, cfg) for t in TASKS for b in pack_by_tokens([e for e in val_ex if e.task == t], args.max_tokens)]
     t0 = time.perf_counter()
-    runs = {seed: run_seed(seed, cfg, train_ex, val_batches, args) for seed in args.seeds}
+    runs = {seed: run_seed(seed, cfg, tok, train_ex, val_batches, args) for seed in args.seeds}
     out = {
         "args": vars(args), "rows": counts, "val_rows": {t: sum(e.task == t for e in val_ex) for t in TASKS},
         "train_rows": {t: sum(e.task == t for e in train_ex) for t in TASKS}, "runs": runs,

@@ -4,7 +4,7 @@
     python jobs/demo.py --quick          # only: random weights → a Ray actor generates 2 clips
     ray job submit --working-dir . -- python jobs/demo.py --quick --checkpoint /ckpt --tokenizer /tok --dac-path /dac.pth
 
-The full run (unimoe_ray/product.py) generates a mini corpus, preprocesses it with Ray Data,
+The full run (unimoe_ray/apps/product.py) generates a mini corpus, preprocesses it with Ray Data,
 trains the four stage-1 specialists, integrates them (stage 2) and trains everything (stage 3)
 with Ray Train at the `small` preset for a few steps each, serves the result with Ray Serve and
 sends one voice-cloned TTS, one text-to-music and one video-to-music request over HTTP: WAVs
@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from unimoe_ray.demo import DemoConfig, run_demo
+from unimoe_ray.apps.demo import DemoConfig, run_demo
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
                                       tokenizer=a.tokenizer, dac_path=a.dac_path, max_frames=a.max_frames, seed=a.seed))
         print(json.dumps(summary, indent=2))
         return
-    from unimoe_ray.product import ProductConfig, format_summary, run_product
+    from unimoe_ray.apps.product import ProductConfig, format_summary, run_product
 
     cfg = ProductConfig(out_dir=a.out_dir, preset=a.preset, seed=a.seed)
     if a.steps:

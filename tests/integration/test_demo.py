@@ -8,7 +8,7 @@ import pytest
 import ray
 import soundfile as sf
 
-from unimoe_ray.demo import DemoConfig, run_demo
+from unimoe_ray.apps.demo import DemoConfig, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_demo_writes_codes_and_audio(local_ray, tmp_path):
 def test_the_product_end_to_end_on_the_tiny_preset(local_ray, tmp_path, capsys):
     """`make demo` at tiny sizes: corpus → Ray Data shards → stage 1 (4 specialists) → 2 → 3 on
     Ray Train → Ray Serve → cloned TTS, T2M and V2M over HTTP → WAVs + summary."""
-    from unimoe_ray.product import ProductConfig, format_summary, run_product
+    from unimoe_ray.apps.product import ProductConfig, format_summary, run_product
 
     s = run_product(ProductConfig(out_dir=str(tmp_path), preset="tiny", steps=(1, 2, 2), corpus=(2, 2, 2, 2),
                                   seconds=0.5))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from unimoe_ray import cli
+from unimoe_ray.apps import cli
 from unimoe_ray.audio.io import write_wav
 from unimoe_ray.audio.synth import reference_voice
 from unimoe_ray.builders import ArtifactsConfig, prepare_artifacts

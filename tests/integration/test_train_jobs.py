@@ -106,7 +106,7 @@ def _submit(address: str, *args: str) -> str:
     return done.stdout
 
 
-@pytest.mark.timeout(900)  # three job submissions, four TorchTrainer runs
+@pytest.mark.timeout(900)  # three job submissions, four TorchTrainer runs (stages 2-3 on two workers)
 def test_curriculum_stage1_2_3_as_ray_jobs(head, tmp_path):
     shards = tmp_path / "shards"
     write_synthetic_shards(shards, {"tts_en": 8, "v2m": 6})
@@ -119,10 +119,12 @@ def test_curriculum_stage1_2_3_as_ray_jobs(head, tmp_path):
     _submit(head, "jobs/train_stage1.py", "--task", "tts_en", "v2m", "--num-specialists", "2",
             "--preset", "tiny", "--out", str(spec), *common)
     s2, s3 = tmp_path / "stage2", tmp_path / "stage3"
+    # Stages 2 and 3 expert-parallel: two workers, each holding 2 of the 4 routed experts.
+    ep = [*common[:-2], "--num-workers", "2", "--expert-parallel", "2"]
     _submit(head, "jobs/train_stage2.py", "--specialists", str(spec / "tts_en"), str(spec / "v2m"),
-            "--tasks", "tts_en", "v2m", "--out", str(s2), *common)
+            "--tasks", "tts_en", "v2m", "--out", str(s2), *ep)
     out = _submit(head, "jobs/train_stage3.py", "--init", str(s2), "--tasks", "tts_en", "v2m",
-                  "--out", str(s3), *common)
+                  "--out", str(s3), *ep)
     assert "final model" in out
 
     specialists = {t: load_pretrained(spec / t, dtype=torch.float32) for t in ("tts_en", "v2m")}
@@ -146,3 +148,5 @@ def test_curriculum_stage1_2_3_as_ray_jobs(head, tmp_path):
     metrics = [json.loads(x) for x in (tmp_path / "store" / "stage3" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [m["aux_weight"] for m in metrics] == pytest.approx([m3.cfg.moe.aux_weight(s) for s in range(3)])
     assert all("val/tts_en" in m for m in metrics if m["step"] == 3)
+    # Each rank reported its exchange: tokens it sent to every expert, per rank.
+    assert all(f"ep/rank{r}/sent_e0" in m for m in metrics for r in (0, 1)), sorted(metrics[0])

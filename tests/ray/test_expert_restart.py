@@ -22,7 +22,7 @@ import pytest
 import ray
 import torch
 
-from unimoe_ray.cli import main
+from unimoe_ray.apps.cli import main
 from unimoe_ray.config import get_preset
 from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model.unimoe_audio import UniMoEAudio

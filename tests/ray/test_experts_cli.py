@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from unimoe_ray.cli import build_parser, main
+from unimoe_ray.apps.cli import build_parser, main
 from unimoe_ray.config import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel import ActorResources, ExpertParallelConfig, launch_experts, shutdown_experts

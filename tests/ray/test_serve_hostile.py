@@ -11,9 +11,10 @@ In this order (the replica kills last, since each restart costs a model load):
 - the hand-made hostile files of tests/data/hostile (tests/data/make_hostile_files.py) uploaded
   as a voice, as inline reference audio and as a video: each refused with a 4xx while a good
   request decodes beside them;
-- a SpeechModel replica SIGKILLed in the middle of a whole-file request and of an SSE stream: the
-  client gets a clear error (a 5xx JSON naming the request id; an SSE error event), Serve starts
-  a new replica, the next requests succeed and the uploaded voices are all still there.
+- a SpeechModel replica SIGKILLed while it decodes a whole-file request, an SSE stream and a raw
+  PCM stream: each client gets a clear error (a 5xx JSON naming the request id; an SSE error
+  event; a chunked body that never ends cleanly, which the HTTP client reports), Serve starts a
+  new replica, the next requests succeed and the uploaded voices are all still there.
 
 Processes are stopped by session: the head and `serve run` each start in a new session, and
 every process Ray spawns for them keeps it, so killing that session's processes stops exactly
@@ -42,7 +43,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-pytestmark = pytest.mark.ray
+# 600 s, not the suite's 300: the first server test also pays the module's start (a Ray head,
+# `serve run`, two model loads), which on the shared 2-core machine took up to 145 s.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -286,7 +289,6 @@ def test_each_hostile_file_gets_a_4xx_and_a_good_request_beside_them_succeeds(ht
 
     worker = threading.Thread(target=good_stream)
     worker.start()
-    refused = {}
     for name, data in files.items():
         voice = http.post("/v1/audio/voices", files={"audio_sample": (name, data, "application/octet-stream")},
                           data={"name": f"h_{name.replace('.', '_')}", "ref_text": "Hostile words."})
@@ -295,7 +297,6 @@ def test_each_hostile_file_gets_a_4xx_and_a_good_request_beside_them_succeeds(ht
                                                       "reference_text": "Hostile words."})
         video = http.post("/v1/audio/music", files={"video": (name, data, "application/octet-stream")},
                           data={"prompt": "Music for this.", "duration": "0.2", "response_format": "wav"})
-        refused[name] = (voice.status_code, inline.status_code, video.status_code)
         for r in (video, *(() if name in ACCEPTED_VOICES else (voice, inline))):
             assert 400 <= r.status_code < 500, (name, r.request.url.path, r.status_code, r.text)
             _error(r, r.status_code)
@@ -306,7 +307,6 @@ def test_each_hostile_file_gets_a_4xx_and_a_good_request_beside_them_succeeds(ht
     assert len(beside[0].content) == 2 * RATE * 2  # 2 s of 16-bit PCM: not cut by its neighbours
     _slots_free(http)
     _good(http)
-    assert set(refused) == set(files)
 
 
 # ---- a model replica SIGKILLed mid-request ----

@@ -31,3 +31,23 @@ def test_prepare_artifacts_writes_what_load_reads_and_keeps_given_paths(tmp_path
     again = prepare_artifacts(ArtifactsConfig(out_dir=str(tmp_path / "b"), checkpoint=str(ckpt), tokenizer=str(tok),
                                               dac_path=str(dac)))
     assert again == (ckpt, tok, dac) and not (tmp_path / "b").exists()
+
+
+def test_an_in_memory_generator_matches_the_loaded_one(tmp_path, monkeypatch):
+    """`AudioGenerator(model, tokenizer, codec)` takes objects (no trip through disk);
+    `AudioGenerator.load` reads the same artifacts from their paths: same codes, same audio."""
+    monkeypatch.setenv("UNIMOE_KERNELS", "default")  # no kernel measurement in a unit test
+    from unimoe_ray.audio.codec import DACCodec
+    from unimoe_ray.inference.pipeline import AudioGenerator
+    from unimoe_ray.inference.sampling import task_sampling
+    from unimoe_ray.model.quantize import convert_experts
+
+    ckpt, tok_path, dac = prepare_artifacts(ArtifactsConfig(out_dir=str(tmp_path), preset="tiny", seed=2))
+    tok = load_tokenizer(tok_path)
+    model = convert_experts(new_model("tiny", tok, seed=2).eval(), None)
+    in_memory = AudioGenerator(model, tok, DACCodec.load(dac))
+    loaded = AudioGenerator.load(ckpt, tok_path, dac, dtype=torch.float32)
+    sampling = task_sampling("music", max_frames=4, min_frames=0, seed=5)
+    a, b = (g.music(["calm piano"], sampling=sampling)[0] for g in (in_memory, loaded))
+    assert a.codes_KT.shape[0] == model.cfg.codec_channels and a.codes_KT.shape[1] >= 1
+    assert torch.equal(a.codes_KT, b.codes_KT) and (a.wav == b.wav).all()

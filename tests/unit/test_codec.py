@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from unimoe_ray.audio.codec import DAC_PATH_ENV, DACCodec
+from unimoe_ray.audio.codec import DAC_PATH_ENV, FRAME_RATE, HOP_LENGTH, DACCodec
 from unimoe_ray.audio.io import resample
 
 # How far (in frames) the small DAC's encoder looks right: a batch item's codes can differ from
@@ -33,6 +33,8 @@ def test_layout(codec):
     assert codec.codebook_size == 1024
     assert codec.hop_length == 320
     assert codec.frame_rate == 50
+    # the constants that code without a loaded codec reads (request limits, stored voices)
+    assert (HOP_LENGTH, FRAME_RATE) == (codec.hop_length, codec.frame_rate)
 
 
 def test_encode_one_second(codec):

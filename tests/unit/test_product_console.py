@@ -15,7 +15,7 @@ def _run(tmp_path, body: str) -> subprocess.CompletedProcess:
     code = textwrap.dedent("""
         import subprocess, sys
         from pathlib import Path
-        from unimoe_ray.product import console_to_log
+        from unimoe_ray.apps.product import console_to_log
         log = Path(sys.argv[1])
         print("before", flush=True)
     """) + textwrap.dedent(body)

@@ -38,13 +38,19 @@ DAC_PATH_ENV = "UNIMOE_DAC_PATH"
 _SAMPLE_RATE = 16000
 _N_CODEBOOKS = 12
 _CODEBOOK_SIZE = 1024
+# Samples per frame: the product of the encoder strides (the released 16 kHz DAC's and the
+# random one's below alike), so FRAME_RATE frames per second. Code that needs the rate before a
+# codec is loaded (request limits, durations of stored codes) reads it here; with a codec at
+# hand, `DACCodec.frame_rate` says the same.
+HOP_LENGTH = 320
+FRAME_RATE = _SAMPLE_RATE // HOP_LENGTH  # 50
 
 # Small architecture with the real code layout (hop 2*4*4*10 = 320, 12 x 1024 codes): 2.2M
 # parameters, ~25 ms per second of audio on CPU. Even strides only: odd ones shorten the
 # decoded signal (docs/DESIGN.md §5).
 _RANDOM_DAC_KWARGS = dict(
     encoder_dim=16,
-    encoder_rates=[2, 4, 4, 10],
+    encoder_rates=[2, 4, 4, 10],  # product: HOP_LENGTH
     decoder_dim=128,
     decoder_rates=[10, 4, 4, 2],
     n_codebooks=_N_CODEBOOKS,

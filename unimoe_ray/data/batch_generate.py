@@ -28,6 +28,7 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 
+from unimoe_ray.audio.codec import FRAME_RATE
 from unimoe_ray.inference.tasks import TaskError, TaskRequest, read_task_file
 
 MANIFEST_COLUMNS = ("task_id", "task", "status", "output", "frames", "seconds_audio", "seconds_wall", "error")
@@ -61,8 +62,8 @@ class GenerateTasks:
 
         torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.cfg = cfg
-        self.gen = AudioGenerator(cfg.checkpoint, cfg.tokenizer or cfg.checkpoint, cfg.dac_path,
-                                  device=cfg.device, dtype=cfg.dtype, expert_dtype=cfg.expert_dtype)
+        self.gen = AudioGenerator.load(cfg.checkpoint, cfg.tokenizer or cfg.checkpoint, cfg.dac_path,
+                                       device=cfg.device, dtype=cfg.dtype, expert_dtype=cfg.expert_dtype)
         self.voices = VoiceLibrary.load(cfg.voice_library, root=cfg.voice_root) if cfg.voice_library else None
 
     def __call__(self, batch: dict) -> dict:
@@ -75,7 +76,7 @@ class GenerateTasks:
             if self.cfg.seed is not None:
                 defaults["seed"] = self.cfg.seed
             if self.cfg.max_seconds is not None:
-                defaults["max_frames"] = max(1, round(self.cfg.max_seconds * 50))
+                defaults["max_frames"] = max(1, round(self.cfg.max_seconds * FRAME_RATE))
             try:
                 rows.append(run_task(self.gen, TaskRequest(**item), self.voices, **defaults))
             except (ValueError, OSError) as err:  # TaskError, VoiceError, VideoError, AudioError

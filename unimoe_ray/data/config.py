@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# The four tasks of the paper (§4): Mandarin TTS, English TTS, text-to-music, video-to-music.
-TASKS = ("tts_zh", "tts_en", "t2m", "v2m")
-SPEECH_TASKS = ("tts_zh", "tts_en")
-MUSIC_TASKS = ("t2m", "v2m")
+from unimoe_ray.tasks import DATA_TASKS as TASKS  # the paper's four tasks (unimoe_ray/tasks.py)
+from unimoe_ray.tasks import MUSIC_TASKS, SPEECH_TASKS
+
 # Tasks whose row is useless without text: the transcript (TTS) or the caption (T2M). V2M is
 # conditioned on the video; its caption is optional.
 TEXT_TASKS = ("tts_zh", "tts_en", "t2m")

@@ -47,18 +47,18 @@ from unimoe_ray.eval import metrics
 from unimoe_ray.eval.judges import SIMPLIFIES_ZH, Judges
 from unimoe_ray.inference.generate import generate
 from unimoe_ray.inference.sampling import task_sampling
-from unimoe_ray.inference.tasks import SAMPLING_TASK, TaskError, TaskRequest, read_task_file
+from unimoe_ray.inference.tasks import TaskError, TaskRequest, read_task_file
 from unimoe_ray.inference.video import VideoSampling, load_video
 from unimoe_ray.inference.voices import VoiceLibrary
 from unimoe_ray.model.unimoe_audio import IGNORE_INDEX, UniMoEAudio
 from unimoe_ray.text.prompt import Prompt
 from unimoe_ray.text.prompts import PromptBuilder
-from unimoe_ray.train.batches import SPEECH_TASKS, ExampleBuilder, collate, pack_by_tokens
+from unimoe_ray.tasks import MUSIC_TASKS, SPEECH_TASKS, sampling_task
+from unimoe_ray.train.batches import ExampleBuilder, collate, pack_by_tokens
 from unimoe_ray.train.routing import RoutingTally
 from unimoe_ray.train.step import LossModule
 
 SPEECH_LANG = {"tts_en": "en", "tts_zh": "zh"}
-MUSIC_TASKS = ("t2m", "v2m")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 
 
@@ -290,7 +290,7 @@ def generate_items(model: UniMoEAudio, codec: DACCodec, items: list[EvalItem], c
                 # generate() seeds row c with seed + c: every row gets seed + start, so item i of
                 # a task samples with seed + i whatever the batch size.
                 over.setdefault("seed", cfg.seed + start)
-                configs.append(task_sampling(SAMPLING_TASK["tts" if task in SPEECH_TASKS else task], **over))
+                configs.append(task_sampling(sampling_task(task), **over))
             codes = generate(model, [it.prompt for it in chunk], [it.negative for it in chunk], configs)
             for it, c_KT, s in zip(chunk, codes, configs):
                 wav = codec.decode(c_KT) if c_KT.shape[1] else np.zeros(0, np.float32)

@@ -27,13 +27,7 @@ from unimoe_ray.inference.sampling import SamplingConfig, task_sampling
 from unimoe_ray.inference.video import VideoSampling
 from unimoe_ray.inference.voices import VoiceLibrary
 
-# Released task names, and the short ones of the CLI.
-TASK_ALIASES = {
-    "text_to_speech": "tts", "tts": "tts",
-    "text_to_music": "t2m", "t2m": "t2m",
-    "video_text_to_music": "v2m", "v2m": "v2m",
-}
-SAMPLING_TASK = {"tts": "speech", "t2m": "music", "v2m": "v2m"}
+from unimoe_ray.tasks import SAMPLING_TASK, TASK_ALIASES  # the task vocabulary: unimoe_ray/tasks.py
 
 
 class TaskError(ValueError):

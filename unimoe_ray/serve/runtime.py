@@ -19,14 +19,13 @@ import torch
 
 from unimoe_ray.inference.engine import DecodeEngine, EngineLoop, EngineOutput, EngineRequest
 from unimoe_ray.inference.pipeline import AudioGenerator
-from unimoe_ray.inference.sampling import SamplingConfig, task_sampling
+from unimoe_ray.inference.requests import assemble
+from unimoe_ray.inference.sampling import SamplingConfig
 from unimoe_ray.inference.streaming import StreamingDecoder, decode_whole
 from unimoe_ray.inference.video import VideoSampling
 from unimoe_ray.model.quantize import EXPERT_DTYPES
 from unimoe_ray.serve.formats import SAMPLE_RATE
 from unimoe_ray.serve.untrusted_media import VideoPlan, read_audio_upload, read_video_upload
-
-FRAME_RATE = 50
 
 
 class SettingsError(ValueError):
@@ -143,8 +142,8 @@ class ModelRuntime:
             torch.set_num_threads(settings.torch_threads)
         ckpt, tok, dac = resolve_artifacts(settings)
         self.paths = {"checkpoint": ckpt, "tokenizer": tok, "dac_path": dac}
-        self.gen = AudioGenerator(ckpt, tok, dac, device=settings.device, dtype=settings.dtype,
-                                  expert_dtype=settings.expert_dtype)
+        self.gen = AudioGenerator.load(ckpt, tok, dac, device=settings.device, dtype=settings.dtype,
+                                       expert_dtype=settings.expert_dtype)
         self.model = self.gen.model.eval()
         if before_start is not None:
             before_start(self.model)
@@ -175,30 +174,14 @@ class ModelRuntime:
         return self.gen.encode_voice(wav, sr).numpy().astype(np.int16)
 
     def engine_request(self, job: AudioJob) -> EngineRequest:
-        prompts = self.gen.prompts
-        frames = max(1, int(round(job.max_seconds * FRAME_RATE)))
-        overrides = {k: v for k, v in job.sampling.items() if v is not None}
-        if job.task == "speech":
-            codes = None
-            if job.voice_codes is not None:  # a stored voice, or inline reference audio the ingress had encoded
-                codes = torch.as_tensor(np.asarray(job.voice_codes)).long()
-            if codes is not None and not (job.voice_text or "").strip():
-                raise ValueError("a reference voice needs its transcript (reference_text / ref_text)")
-            kw = dict(prompt_text=job.voice_text, prompt_codes_KT=codes)
-            prompt, negative = prompts.tts(job.text, **kw), prompts.tts_negative(**kw)
-            sampling = task_sampling("speech", max_frames=frames, **overrides)
-        elif job.task == "music":
-            video = None
-            if job.video is not None:
-                video = self._video(job.video)
-            prompt, negative = prompts.music(job.text, video=video), prompts.music_negative(video=video)
-            task = "v2m" if video is not None else "music"
-            extra = {"min_frames": frames} if job.exact_seconds else {}
-            sampling = task_sampling(task, max_frames=frames, **{**extra, **overrides})
-        else:
-            raise ValueError(f"unknown task {job.task!r}")
-        if sampling.min_frames > sampling.max_frames:
-            sampling = sampling.replace(min_frames=sampling.max_frames)
+        frames = max(1, int(round(job.max_seconds * self.gen.codec.frame_rate)))
+        codes = None
+        if job.voice_codes is not None:  # a stored voice, or inline reference audio the ingress had encoded
+            codes = torch.as_tensor(np.asarray(job.voice_codes)).long()
+        video = self._video(job.video) if job.task == "music" and job.video is not None else None
+        prompt, negative, sampling = assemble(
+            self.gen.prompts, job.task, job.text, voice_text=job.voice_text, voice_codes_KT=codes, video=video,
+            max_frames=frames, exact_length=job.task == "music" and job.exact_seconds, overrides=job.sampling)
         return EngineRequest(prompt, negative if sampling.guidance_scale > 0 else None, sampling,
                              timeout_s=self.settings.request_timeout_s)
 
@@ -257,7 +240,7 @@ class ModelRuntime:
                 ttfa = ttfa if ttfa is not None else time.monotonic() - t0
                 yield {"type": "audio", "wav": tail}
             wall = time.monotonic() - t0
-            seconds = codes_KT.shape[1] / FRAME_RATE
+            seconds = codes_KT.shape[1] / codec.frame_rate
             yield {
                 "type": "done", "frames": int(codes_KT.shape[1]), "seconds": seconds,
                 "finish_reason": out.finish_reason, "ttfa_s": ttfa, "wall_s": wall,

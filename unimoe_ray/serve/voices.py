@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from unimoe_ray.audio.codec import FRAME_RATE
 from unimoe_ray.inference.voices import voice_key
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
@@ -63,7 +64,7 @@ class StoredVoice:
 
     def public(self) -> dict:
         return {"id": self.id, "name": self.name, "ref_text": self.ref_text, "origin": self.origin,
-                "created_at": self.created_at, "frames": self.frames, "seconds": self.frames / 50}
+                "created_at": self.created_at, "frames": self.frames, "seconds": self.frames / FRAME_RATE}
 
 
 class VoiceStore:

@@ -31,9 +31,8 @@ from unimoe_ray.config import ModelConfig
 from unimoe_ray.data.schema import codes_of, frames_of
 from unimoe_ray.media.video import frames_to_patches
 from unimoe_ray.model.unimoe_audio import IGNORE_INDEX, mrope_position_ids
+from unimoe_ray.tasks import SPEECH_TASKS
 from unimoe_ray.text.prompts import PromptBuilder
-
-SPEECH_TASKS = ("tts_zh", "tts_en")
 
 
 @dataclass(frozen=True)

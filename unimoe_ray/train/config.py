@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from unimoe_ray.tasks import DATA_TASKS
+
 Trainable = Literal["all", "router_and_shared"]
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -26,7 +28,7 @@ class TrainConfig:
     """Everything the train function needs besides the data and the initial weights."""
 
     stage: str = "stage3"
-    tasks: tuple[str, ...] = ("tts_zh", "tts_en", "t2m", "v2m")
+    tasks: tuple[str, ...] = DATA_TASKS
     trainable: Trainable = "all"
     lr: float = 1e-5
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from unimoe_ray.builders import new_model
 from unimoe_ray.checkpoint import load_pretrained, save_pretrained
 from unimoe_ray.checkpoint_hf import init_from_qwen2_5_vl
 from unimoe_ray.config import get_preset
+from unimoe_ray.tasks import DATA_TASKS
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.text.prompts import check_tokenizer, config_for_tokenizer
 from unimoe_ray.text.tokenizer import load_tokenizer
@@ -29,7 +31,7 @@ from unimoe_ray.train.integrate import check_compatible, integrate_specialists, 
 from unimoe_ray.train.run import InputError, RunSpec, export_model, run_training
 from unimoe_ray.train.state import META, check_model_folder, read_meta
 
-ALL_TASKS = ("tts_zh", "tts_en", "t2m", "v2m")
+ALL_TASKS = DATA_TASKS
 
 
 @dataclass(kw_only=True)
@@ -142,7 +144,7 @@ def stage1(common: Common, *, task: str, preset: str, train: TrainConfig, out: s
     cfg = specialist_config(config_for_tokenizer(get_preset(preset), tok), num_specialists)
     init = Path(common.storage_path) / name / "init"
     if not (init / "config.json").is_file():
-        model = UniMoEAudio(cfg).init_weights(seed=train.seed)
+        model = new_model(cfg, tok, seed=train.seed)
         if init_from is not None:
             print(f"[unimoe train] {task}: {init_from_qwen2_5_vl(model, init_from).summary()}")
         save_pretrained(model, init)

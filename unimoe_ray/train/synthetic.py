@@ -15,7 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from unimoe_ray.audio.codec import FRAME_RATE
 from unimoe_ray.data.mini_corpus import english_sentence, mandarin_sentence
+from unimoe_ray.tasks import DATA_TASKS
 from unimoe_ray.data.schema import N_CODEBOOKS, sample_id, shard_schema, source_id
 
 _CAPTIONS = (
@@ -30,7 +32,7 @@ def synthetic_rows(task: str, n: int, *, seed: int = 0, frames: tuple[int, int] 
                    video_thw: tuple[int, int, int] = (2, 28, 28)) -> list[dict]:
     """`n` shard rows of one task (all schema columns, no quality scores)."""
     rows = []
-    task_id = ("tts_zh", "tts_en", "t2m", "v2m").index(task)
+    task_id = DATA_TASKS.index(task)
     for i in range(n):
         rng = np.random.default_rng([seed, task_id, i])
         if task == "tts_en":
@@ -53,7 +55,7 @@ def synthetic_rows(task: str, n: int, *, seed: int = 0, frames: tuple[int, int] 
             video_frames = rng.integers(0, 256, size=(t, h, w, 3), dtype=np.uint8).tobytes()
         rows.append(dict(
             sample_id=sample_id(src, 0), source_id=src, task=task, audio=audio, video=video,
-            segment=0, start_s=0.0, duration_s=T / 50.0, text=text, speaker=f"spk{i % 3}",
+            segment=0, start_s=0.0, duration_s=T / FRAME_RATE, text=text, speaker=f"spk{i % 3}",
             language="zh" if task == "tts_zh" else "en", text_ids=[], n_frames=T,
             codes=codes_KT.reshape(-1).tolist(), video_frames=video_frames, video_thw=thw,
         ))

@@ -36,6 +36,19 @@ class DemoConfig:
     music_caption: str = "A calm piano piece in C major at 80 bpm."
 
 
+class _Generator:
+    """The demo's Ray actor: an AudioGenerator loaded inside the actor, from the paths."""
+
+    def __init__(self, checkpoint: str, tokenizer: str, dac_path: str) -> None:
+        self.gen = AudioGenerator.load(checkpoint, tokenizer, dac_path)
+
+    def tts(self, texts: list[str], **kw):
+        return self.gen.tts(texts, **kw)
+
+    def music(self, captions: list[str], **kw):
+        return self.gen.music(captions, **kw)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,7 +57,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         dac_path=cfg.dac_path, seed=cfg.seed))
     if not ray.is_initialized():
         ray.init(include_dashboard=False)  # joins RAY_ADDRESS when set, else starts a local Ray
-    worker = ray.remote(num_cpus=1)(AudioGenerator).remote(str(ckpt), str(tok), str(dac))
+    worker = ray.remote(num_cpus=1)(_Generator).remote(str(ckpt), str(tok), str(dac))
     sampling = dict(max_frames=cfg.max_frames, seed=cfg.seed)
     t0 = time.perf_counter()
     speech_ref = worker.tts.remote(

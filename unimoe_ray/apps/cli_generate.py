@@ -20,6 +20,7 @@ import time
 def _run(args: argparse.Namespace) -> None:
     import torch
 
+    from unimoe_ray.audio.codec import FRAME_RATE
     from unimoe_ray.inference.pipeline import AudioGenerator
     from unimoe_ray.inference.tasks import TaskRequest, run_task
     from unimoe_ray.inference.video import VideoSampling
@@ -30,7 +31,7 @@ def _run(args: argparse.Namespace) -> None:
         "guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "eos_factor": args.eos_factor, "min_frames": args.min_frames,
         "max_tokens": args.max_tokens, "seed": args.seed,
-        "max_frames": None if args.max_seconds is None else max(1, round(args.max_seconds * 50)),
+        "max_frames": None if args.max_seconds is None else max(1, round(args.max_seconds * FRAME_RATE)),
         "greedy": True if args.greedy else None,
     }
     req = TaskRequest(
@@ -44,8 +45,8 @@ def _run(args: argparse.Namespace) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    gen = AudioGenerator(args.checkpoint, args.tokenizer or args.checkpoint, args.dac_path,
-                         device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype)
+    gen = AudioGenerator.load(args.checkpoint, args.tokenizer or args.checkpoint, args.dac_path,
+                              device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype)
     t_load = time.perf_counter() - t0
     video_sampling = VideoSampling(fps=args.video_fps, max_frames=args.video_max_frames) if args.task == "v2m" else VideoSampling()
     row = run_task(gen, req, voices, video_sampling)

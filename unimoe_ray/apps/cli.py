@@ -6,7 +6,7 @@
 Ray token authentication: the CLI sends the cluster's token when one is configured on this
 machine (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; RAY_AUTH_MODE, if set, is
 honoured as is).
-    unimoe-ray generate tts|t2m|v2m ...      (unimoe_ray/cli_generate.py)
+    unimoe-ray generate tts|t2m|v2m ...      (unimoe_ray/apps/cli_generate.py)
 
 Each group adds itself in `build_parser` through an `add_<group>_parser(subparsers)` function
 and handles its commands with thin adapters over library functions. Library imports happen
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimoe-ray", description="UniMoE-Audio on Ray")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_experts_parser(subparsers)
-    from unimoe_ray.cli_generate import add_generate_parser
+    from unimoe_ray.apps.cli_generate import add_generate_parser
 
     add_generate_parser(subparsers)
     return parser

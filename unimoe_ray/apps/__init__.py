@@ -1,0 +1,1 @@
+"""Applications on top of the library: the `unimoe-ray` CLI, `make demo` (demo, product)."""
