@@ -1,4 +1,5 @@
-"""Qwen2.5-VL-style attention: RMSNorm, multimodal RoPE (M-RoPE), GQA attention, KV cache.
+"""Qwen2.5-VL-style attention: RMSNorm, multimodal RoPE (M-RoPE), GQA attention (its KV caches:
+model/kv_cache.py).
 
 Shape legend: B batch, L new tokens, S cached + new tokens, D model dim, H query heads,
 G key/value heads, Hd head dim.
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unimoe_ray.model import kernels
+from unimoe_ray.model.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -58,44 +60,6 @@ def apply_rope(x_BHLd: torch.Tensor, cos_B1LHd: torch.Tensor, sin_B1LHd: torch.T
     """x·cos + rotate_half(x)·sin, rotate_half(x) = [-x₂, x₁]: with `MRoPE`'s sin (first half
     negated) that is x·cos + roll(x, Hd/2)·sin — the same products, two small ops fewer."""
     return x_BHLd * cos_B1LHd + x_BHLd.roll(x_BHLd.shape[-1] // 2, -1) * sin_B1LHd
-
-
-class KVCache:
-    """Pre-allocated key/value buffers for all layers, plus which cached positions are real
-    (left padding) and the next RoPE position of each row."""
-
-    def __init__(
-        self, *, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
-        dtype: torch.dtype, device: torch.device | str = "cpu",
-    ) -> None:
-        shape = (batch, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.valid_BS = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.next_pos_B = torch.zeros(batch, dtype=torch.long, device=device)
-        self.length = 0
-        self.max_len = max_len
-
-    def check_room(self, new: int) -> None:
-        if self.length + new > self.max_len:
-            raise ValueError(
-                f"KV cache full: {self.length} cached + {new} new > max_len {self.max_len}; "
-                "allocate a larger cache (prompt length + max_frames + max delay + 1)"
-            )
-
-    def update(self, layer: int, k_BGLd: torch.Tensor, v_BGLd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this layer's new keys/values; returns all of them so far (k_BGSd, v_BGSd)."""
-        end = self.length + k_BGLd.shape[2]
-        self.k[layer][:, :, self.length : end] = k_BGLd
-        self.v[layer][:, :, self.length : end] = v_BGLd
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def advance(self, valid_BL: torch.Tensor, last_pos_B: torch.Tensor) -> None:
-        """After all layers ran on L new tokens."""
-        L = valid_BL.shape[1]
-        self.valid_BS[:, self.length : self.length + L] = valid_BL
-        self.next_pos_B = last_pos_B + 1
-        self.length += L
 
 
 class Attention(nn.Module):

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unimoe_ray.config import ModelConfig
-from unimoe_ray.model.attention import Attention, KVCache, MRoPE, RMSNorm, attention_mask
+from unimoe_ray.model.attention import Attention, MRoPE, RMSNorm, attention_mask
+from unimoe_ray.model.kv_cache import KVCache
 from unimoe_ray.model.moe import MoEStats, build_ffn
 
 IGNORE_INDEX = -100
