@@ -27,7 +27,7 @@ from unimoe_ray.text.prompts import PromptBuilder  # noqa: E402
 from unimoe_ray.text.tokenizer import load_tokenizer  # noqa: E402
 from unimoe_ray.train.batches import ExampleBuilder, collate, pack_by_tokens  # noqa: E402
 from unimoe_ray.train.routing import routing_by_task, routing_report  # noqa: E402
-from unimoe_ray.train.run import shard_paths  # noqa: E402
+from unimoe_ray.data.shards import shard_paths  # noqa: E402
 
 
 def plot(report: dict, out: Path) -> list[Path]:

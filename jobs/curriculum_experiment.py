@@ -38,7 +38,8 @@ from unimoe_ray.train.batches import ExampleBuilder, collate, pack_by_tokens
 from unimoe_ray.train.config import stage_config
 from unimoe_ray.train.integrate import apply_trainable, integrate_specialists, specialist_config
 from unimoe_ray.train.optim import TorchBackend
-from unimoe_ray.train.run import shard_paths, split_rows
+from unimoe_ray.data.shards import shard_paths
+from unimoe_ray.train.run import split_rows
 from unimoe_ray.train.step import LossModule, evaluate, train_step
 
 TASKS = DATA_TASKS

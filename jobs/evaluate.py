@@ -18,6 +18,7 @@ import json
 from unimoe_ray.audio.codec import DACCodec
 from unimoe_ray.checkpoint import load_pretrained
 from unimoe_ray.data.config import TASKS
+from unimoe_ray.data.shards import ShardPathError
 from unimoe_ray.eval.harness import EvalConfig, EvalError, run_eval
 from unimoe_ray.eval.judges import load_judges
 from unimoe_ray.eval.report import write_report
@@ -70,5 +71,5 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (EvalError, TaskError, FileNotFoundError) as err:
+    except (EvalError, ShardPathError, TaskError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -18,6 +18,7 @@ from unimoe_ray.audio.codec import DACCodec
 from unimoe_ray.audio.io import write_wav
 from unimoe_ray.checkpoint import load_pretrained, save_pretrained
 from unimoe_ray.config import get_preset
+from unimoe_ray.data.shards import ShardPathError
 from unimoe_ray.eval import metrics
 from unimoe_ray.eval.harness import EvalConfig, EvalError, read_rows, run_eval
 from unimoe_ray.eval.report import markdown_table, write_report
@@ -333,5 +334,5 @@ def test_bad_options_are_clear_errors(tmp_path):
         EvalConfig(sampling={"min_frame": 5})
     with pytest.raises(EvalError, match="length_slack=0.5"):
         EvalConfig(length_slack=0.5)
-    with pytest.raises(EvalError, match="holds no shard-"):
+    with pytest.raises(ShardPathError, match="holds no shard-"):
         read_rows([tmp_path], TASKS, 2)

@@ -48,6 +48,29 @@ from unimoe_ray.data.schema import (
 _META = ["sample_id", "source_id", "task", "status", "reason", "duration_s"]
 
 
+class ShardPathError(ValueError):
+    """A --shards argument names no shard files; the message says what to pass instead."""
+
+
+def shard_paths(shards: list[str | Path]) -> list[str]:
+    """Parquet files (absolute paths) from files or folders (a folder: its shard-*.parquet, as
+    `finalize` writes them). Training, the evaluation harness and the routing analysis read
+    their shards through this one function."""
+    paths: list[str] = []
+    for s in shards:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(p.glob("shard-*.parquet"))
+            if not found:
+                raise ShardPathError(f"{p} holds no shard-*.parquet files: point --shards at the output of jobs/preprocess.py")
+            paths += [str(f.resolve()) for f in found]
+        elif p.is_file():
+            paths.append(str(p.resolve()))
+        else:
+            raise ShardPathError(f"shard path {p} does not exist")
+    return paths
+
+
 def _write(table: pa.Table, path: Path) -> None:
     """Sorted by sample id, fixed writer settings: same rows -> same bytes."""
     table = table.sort_by("sample_id")

@@ -43,6 +43,7 @@ from unimoe_ray.audio.io import read_audio, resample
 from unimoe_ray.data.config import TASKS
 from unimoe_ray.data.quality import ClippingScorer, SilenceScorer
 from unimoe_ray.data.schema import codes_of
+from unimoe_ray.data.shards import shard_paths
 from unimoe_ray.eval import metrics
 from unimoe_ray.eval.judges import SIMPLIFIES_ZH, Judges
 from unimoe_ray.inference.generate import generate
@@ -96,28 +97,10 @@ class EvalConfig:
 # ---- inputs ----
 
 
-def shard_files(shards: list[str | Path]) -> list[Path]:
-    """Parquet files from files or folders (a folder: its shard-*.parquet, as preprocessing
-    writes them)."""
-    files: list[Path] = []
-    for s in shards:
-        p = Path(s)
-        if p.is_dir():
-            found = sorted(p.glob("shard-*.parquet"))
-            if not found:
-                raise EvalError(f"{p} holds no shard-*.parquet files: pass the output folder of jobs/preprocess.py")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise EvalError(f"shard path {p} does not exist")
-    return files
-
-
 def read_rows(shards: list[str | Path], tasks: tuple[str, ...], rows_per_task: int) -> dict[str, list[dict]]:
     """Per task, the first `rows_per_task` rows in sample-id order: the same rows training
     holds out for validation when it holds out as many (`train.run.split_rows`)."""
-    ds = pads.dataset([str(f) for f in shard_files(shards)], format="parquet")
+    ds = pads.dataset(shard_paths(shards), format="parquet")
     index = ds.to_table(columns=["sample_id", "task"]).to_pylist()
     chosen = {t: sorted(r["sample_id"] for r in index if r["task"] == t)[:rows_per_task] for t in tasks}
     ids = [i for v in chosen.values() for i in v]

@@ -20,6 +20,7 @@ import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from unimoe_ray.data.shards import shard_paths
 from unimoe_ray.train.config import TrainConfig
 from unimoe_ray.train.loop import train_loop
 from unimoe_ray.train.optim import check_zero3
@@ -66,23 +67,6 @@ class RunSpec:
     @property
     def run_dir(self) -> Path:
         return Path(self.storage_path) / self.name / "logs"
-
-
-def shard_paths(shards: list[str]) -> list[str]:
-    """Parquet files from files or folders (a folder: its shard-*.parquet)."""
-    paths: list[str] = []
-    for s in shards:
-        p = Path(s)
-        if p.is_dir():
-            found = sorted(p.glob("shard-*.parquet"))
-            if not found:
-                raise InputError(f"{p} holds no shard-*.parquet files: point --shards at the output of jobs/preprocess.py")
-            paths += [str(f.resolve()) for f in found]
-        elif p.is_file():
-            paths.append(str(p.resolve()))
-        else:
-            raise InputError(f"shard path {p} does not exist")
-    return paths
 
 
 def split_rows(index: list[dict], train: TrainConfig) -> tuple[dict[str, int], set[str]]:

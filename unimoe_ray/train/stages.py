@@ -28,6 +28,7 @@ from unimoe_ray.config import ConfigError
 from unimoe_ray.train.config import TrainConfig, TrainConfigError, stage_config
 from unimoe_ray.train.integrate import IntegrationError
 from unimoe_ray.train.integrate import check_compatible, integrate_specialists, specialist_config
+from unimoe_ray.data.shards import ShardPathError
 from unimoe_ray.train.run import InputError, RunSpec, export_model, run_training
 from unimoe_ray.train.state import META, check_model_folder, read_meta
 
@@ -217,7 +218,7 @@ def run_job(main) -> None:
 
     try:
         main()
-    except (InputError, IntegrationError, TrainConfigError, ConfigError, FileNotFoundError) as err:
+    except (InputError, ShardPathError, IntegrationError, TrainConfigError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:  # Ray Train's TrainingFailedError carries the worker's exception
