@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -384,6 +385,7 @@ def main() -> None:
     finally:
         if proc is not None:
             stop_server(proc)
+    shutil.rmtree(tmp, ignore_errors=True)  # kept only when the run failed: it holds serve run's log
     results["machine_after"] = machine()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -24,6 +24,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -173,6 +174,7 @@ def server(tmp_path_factory):
     finally:
         for sid in sessions:
             _kill_session(sid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -179,12 +179,24 @@ async def _api_error(request: Request, err: APIError):
     return err.response()
 
 
-@app.middleware("http")
-async def _request_id(request: Request, call_next):
-    # Serve's proxy gives every HTTP request an id (header x-request-id, echoed as X-Request-ID
-    # in the response); 5xx bodies name it so a user's report finds the server-side log line.
-    _REQUEST_ID.set(request.headers.get("x-request-id") or uuid.uuid4().hex)
-    return await call_next(request)
+class RequestIdMiddleware:
+    """Serve's proxy gives every HTTP request an id (header x-request-id, echoed as X-Request-ID
+    in the response); 5xx bodies name it so a user's report finds the server-side log line.
+    Pure ASGI on purpose: Starlette's BaseHTTPMiddleware (`@app.middleware`) ends a stream that
+    failed after its headers with a clean final chunk, so a cut wav/pcm stream would look
+    finished to the client."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            rid = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
+            _REQUEST_ID.set(rid or uuid.uuid4().hex)
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(RequestIdMiddleware)
 
 
 def _internal_error(err: BaseException, status: int = 500, what: str = "the request failed") -> APIError:
