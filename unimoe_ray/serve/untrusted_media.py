@@ -160,7 +160,11 @@ def audio_memory_mb(max_seconds: float) -> float:
 
 def read_audio_upload(data: bytes, *, max_seconds: float, target_rate: int,
                       timeout_s: float = AUDIO_TIMEOUT_S) -> tuple[np.ndarray, int]:
-    """decode_audio in a child process: (float32 (N,) mono, sample rate). ValueError for the client."""
+    """decode_audio in a child process: (float32 (N,) mono, sample rate). ValueError for the client.
+    The header checks run here first (libsndfile reads the header only, no sample is decoded):
+    a file they refuse costs no child process (~130 ms of CPU each), so a flood of bad uploads
+    takes little from the decode loop; the child runs them again before it decodes."""
+    probe_audio(data, max_seconds=max_seconds, target_rate=target_rate)
     out = run_isolated(f"{__name__}:decode_audio",
                        {"data": data, "max_seconds": max_seconds, "target_rate": target_rate},
                        memory_mb=audio_memory_mb(max_seconds), timeout_s=timeout_s, what="the audio")
@@ -289,7 +293,10 @@ def _av_reason(err: Exception) -> str:
 
 def read_video_upload(data: bytes, plan: VideoPlan, *, timeout_s: float = VIDEO_TIMEOUT_S
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """decode_video in a child process: (pixel_values, grid_thw). ValueError for the client."""
+    """decode_video in a child process: (pixel_values, grid_thw). ValueError for the client.
+    The container is recognised by its first bytes here first: a playlist or a non-video costs
+    no child process."""
+    sniff_container(data)
     out = run_isolated(f"{__name__}:decode_video", {"data": data, "plan": plan}, memory_mb=VIDEO_MEMORY_MB,
                        timeout_s=timeout_s, what="the video", imports=("av",))
     return out["pixel_values"], out["grid_thw"]
