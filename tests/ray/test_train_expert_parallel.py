@@ -159,3 +159,15 @@ def test_sharded_checkpoint_is_one_released_folder(runs, env):
     start = load_pretrained(env["root"] / "init", dtype=torch.float32)
     assert not torch.equal(model.language_model.layers[1].mlp.routed_experts[3].up_proj.weight,
                            start.language_model.layers[1].mlp.routed_experts[3].up_proj.weight)
+    # What `launch_experts` reads for each expert actor and the trunk: the same tensors, from
+    # whichever rank's shard holds them.
+    from unimoe_ray.parallel.weights import expert_state, load_expert_state, load_trunk_state, trunk_state
+
+    for k in range(4):
+        got, want = load_expert_state(ckpt, k), expert_state(model, k)
+        assert sorted(got) == sorted(want) and all(torch.equal(got[n].float(), want[n]) for n in want)
+    trunk, want = load_trunk_state(ckpt), trunk_state(model)
+    assert sorted(trunk) == sorted(want)
+    # (the vision patch embedding keeps its on-disk 4-D conv layout here: the trunk builder
+    # applies checkpoint.to_memory_layout, a reshape)
+    assert [n for n in want if not torch.equal(trunk[n].float().reshape(want[n].shape), want[n])] == []
