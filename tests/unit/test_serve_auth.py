@@ -368,3 +368,20 @@ def test_a_library_voice_added_after_an_upload_of_its_name_shadows_it_by_name_on
         store.add("narr", "Twice.", CODES, origin="library")  # library names stay unique
     assert store.find("narr", owner=A).id == lib.id and store.find(upload.id, owner=A).id == upload.id
     assert store.delete(upload.id, owner=A).id == upload.id
+
+
+def test_request_ids_reach_errors_only_as_plain_tokens():
+    import asyncio
+
+    from unimoe_ray.serve import app as app_module
+
+    seen = []
+
+    async def inner(scope, receive, send):
+        seen.append(app_module._REQUEST_ID.get())
+
+    mw = app_module.RequestIdMiddleware(inner)
+    for rid in (b"abc-123_x.y:z", b"forged\nERROR request 1: owned", b"x" * 129, b""):
+        asyncio.run(mw({"type": "http", "headers": [(b"x-request-id", rid)]}, None, None))
+    assert seen[0] == "abc-123_x.y:z"
+    assert all(len(r) == 32 and r.isalnum() for r in seen[1:])  # replaced by a fresh uuid hex

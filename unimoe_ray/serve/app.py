@@ -19,6 +19,7 @@ import binascii
 import contextvars
 import json
 import logging
+import re
 import time
 import traceback
 import uuid
@@ -49,6 +50,7 @@ MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 _REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("unimoe_request_id", default="-")
 _LOG = logging.getLogger("ray.serve")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,8 +193,10 @@ class RequestIdMiddleware:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
+            # The proxy keeps a client's own x-request-id: it reaches our error bodies and log
+            # lines only if it is a plain token (no newlines or markup to forge log entries).
             rid = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
-            _REQUEST_ID.set(rid or uuid.uuid4().hex)
+            _REQUEST_ID.set(rid if _SAFE_ID.fullmatch(rid) else uuid.uuid4().hex)
         await self.app(scope, receive, send)
 
 
@@ -287,6 +291,17 @@ class APIIngress:
             return cls.model_validate(body)
         except ValidationError as err:
             raise _validation_error(err) from None
+
+    async def _form(self, request: Request, file_field: str):
+        """A multipart body parsed while it is read: `file_field` (the one file part) up to
+        max_upload_mb, text fields up to 4 bytes per max_input_chars, nothing spooled to disk."""
+        s = self.settings
+        try:
+            return await read_form(request, files={file_field: int(s.max_upload_mb * 2**20)},
+                                   field_bytes=4 * s.max_input_chars + 1024,
+                                   hint=f" (max_upload_mb={s.max_upload_mb:g})")
+        except UploadError as err:
+            raise APIError(err.status, str(err), param=err.param, code=err.code) from None
 
     def _bytes_limit(self, data: bytes, what: str, param: str) -> bytes:
         limit = self.settings.max_upload_mb * 2**20
@@ -529,13 +544,7 @@ class APIIngress:
         self._auth(request, counted=True)
         video = None
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            s = self.settings
-            try:  # parsed while read: no part past its cap, nothing spooled to disk
-                form = await read_form(request, files={"video": int(s.max_upload_mb * 2**20)},
-                                       field_bytes=4 * s.max_input_chars + 1024,
-                                       hint=f" (max_upload_mb={s.max_upload_mb:g})")
-            except UploadError as err:
-                raise APIError(err.status, str(err), param=err.param, code=err.code) from None
+            form = await self._form(request, "video")
             if "video" in form.files:
                 video = self._bytes_limit(form.files["video"].data, "the video", "video")
             try:
@@ -577,12 +586,7 @@ class APIIngress:
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise APIError(400, "upload a voice as multipart/form-data: audio_sample (file), name, ref_text")
         s = self.settings
-        try:  # parsed while read: no part past its cap, nothing spooled to disk
-            form = await read_form(request, files={"audio_sample": int(s.max_upload_mb * 2**20)},
-                                   field_bytes=4 * s.max_input_chars + 1024,
-                                   hint=f" (max_upload_mb={s.max_upload_mb:g})")
-        except UploadError as err:
-            raise APIError(err.status, str(err), param=err.param, code=err.code) from None
+        form = await self._form(request, "audio_sample")
         sample, name, ref_text = form.files.get("audio_sample"), form.fields.get("name"), form.fields.get("ref_text")
         if sample is None:
             raise APIError(400, "audio_sample (a file field) is required", param="audio_sample")
