@@ -12,7 +12,7 @@ demo: setup
 	$(PY) jobs/demo.py
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
