@@ -1,6 +1,5 @@
-"""Serving under hostile traffic: good speech requests from `--good-clients` threads for a
-bounded time, once alone and once beside `--hostile-clients` threads sending a seeded mix of the
-requests that once broke the service (issue 18), side by side in one run:
+"""Serving beside hostile requests (issue 18): the same seeded good speech requests, once alone
+and once mixed with the requests that once broke the service, side by side in one run:
 
     seed_2_64         /v1/audio/speech with "seed": 2**64
     temperature_tiny  /v1/audio/speech with "temperature": 1e-300
@@ -11,23 +10,35 @@ requests that once broke the service (issue 18), side by side in one run:
     unknown_voice     /v1/audio/speech with a voice that does not exist
     bad_json          /v1/audio/speech with a body that is not JSON
 
-    python benchmarks/serve_faults.py --preset small --seconds 60
+    python benchmarks/serve_faults.py --preset small --seconds 60              # the mix (default)
+    python benchmarks/serve_faults.py --preset small --seconds 60 --mode flood # closed-loop flood
     python benchmarks/serve_faults.py --url http://127.0.0.1:8000   # a server already running
+
+Two traffic shapes:
+- `mix` (the issue's benchmark): `--clients` (8) closed-loop clients, each sending a seeded
+  sequence in which a request is hostile with probability `--hostile-share` (each class
+  equally likely) and otherwise good. The run without hostile traffic sends the same sequences
+  with the hostile requests left out. This measures whether a bad request harms the others.
+- `flood`: `--good-clients` good clients beside `--hostile-clients` clients sending only hostile
+  requests back to back, no pause, no rate limit (auth off): a denial-of-service load, which
+  only a rate limit in front of the service bounds; reported, not a target.
+
+Load on a shared machine drifts, so each shape runs `--rounds` times alternating (good only,
+with hostile, good only, ...) and the latencies of each condition are pooled.
 
 Without --url it starts `serve run` on serve_configs/local_cpu.yaml (its own local Ray:
 `--address local`; a free port, one replica per model so that a new replica process is a
-restart, voices in a temporary folder; everything else as shipped). The good load is the same
-in both runs (the same threads, seeds and lengths), so the ratio of their latencies is what the
-hostile traffic costs. A good request counts as a success only with status 200 and exactly the
-audio it asked for (speech cannot end before 2 s, so max_seconds <= 2 gives that length); a
-hostile one only with a 4xx in the API's error shape.
+restart, voices in a temporary folder; everything else as shipped). A good request counts as a
+success only with status 200 and exactly the audio it asked for (speech cannot end before 2 s,
+so max_seconds <= 2 gives that length); a hostile one only with a 4xx in the API's error shape.
 
 Reports: good-request success rate (target 100 %), p50/p99 latency and time to first audio of
-good requests in both runs and their ratio (target <= 1.3x), the hostile requests' statuses per
-class, replica restarts (replica processes that ended during a run) and peak RSS of each model
-replica with its children (the upload decoders run as child processes), sampled by psutil. The
-replicas are found by their process titles (`ray::ServeReplica:unimoe:SpeechModel`): with --url
-only on this machine. Writes benchmarks/results/serve_faults.json with the machine and its load.
+good requests in both conditions and their ratio (target <= 1.3x), the hostile requests'
+statuses per class, replica restarts (replica processes that ended during a run) and peak RSS of
+each model replica with its children (the upload decoders run as child processes), sampled by
+psutil. The replicas are found by their process titles (`ray::ServeReplica:unimoe:SpeechModel`):
+with --url only on this machine. Writes benchmarks/results/serve_faults.json with the machine
+and its load.
 """
 
 from __future__ import annotations
@@ -60,6 +71,8 @@ RATE = 24000
 FRAME_SAMPLES = RATE // 50
 DEPLOYMENTS = ("SpeechModel", "MusicModel")
 TEXT = "The quick brown fox jumps over the lazy dog."
+HOSTILE_KINDS = ("bad_json", "oversized_body", "playlist_video", "rate_bomb", "seed_2_64", "temperature_tiny",
+                 "truncated_wav", "unknown_voice")  # the classes of the module docstring
 
 
 # ---- the server ----
@@ -237,7 +250,7 @@ def hostile_payloads(max_upload_mb: float) -> dict:
     if missing:
         raise SystemExit(f"{HOSTILE} lacks {missing}: run python tests/data/make_hostile_files.py")
     big = b"\0" * int((max_upload_mb + 1) * 2**20)
-    return {
+    payloads = {
         "seed_2_64": ("json", "/v1/audio/speech", {"input": "Hi.", "seed": 2**64}),
         "temperature_tiny": ("json", "/v1/audio/speech", {"input": "Hi.", "temperature": 1e-300}),
         "rate_bomb": ("voice", (HOSTILE / "sample_rate_bomb.wav").read_bytes()),
@@ -247,9 +260,11 @@ def hostile_payloads(max_upload_mb: float) -> dict:
         "unknown_voice": ("json", "/v1/audio/speech", {"input": "Hi.", "voice": "nobody_has_this_voice"}),
         "bad_json": ("raw", "/v1/audio/speech", b'{"input": "Hi.", '),
     }
+    assert tuple(sorted(payloads)) == HOSTILE_KINDS
+    return payloads
 
 
-def send_hostile(c: httpx.Client, kind: str, payload: tuple, n: int) -> dict:
+def send_hostile(c: httpx.Client, kind: str, payload: tuple, n: str) -> dict:
     how = payload[0]
     try:
         if how == "json":
@@ -268,37 +283,65 @@ def send_hostile(c: httpx.Client, kind: str, payload: tuple, n: int) -> dict:
         return {"kind": kind, "status": f"{type(err).__name__}", "ok": False}
 
 
-def run_load(url: str, args, *, hostile: dict | None) -> dict:
-    """Good clients (and hostile ones when `hostile` is given) until the deadline."""
+def run_load(url: str, args, *, hostile: dict | None, round_: int = 0) -> dict:
+    """One run until the deadline. `mix`: each client's seeded sequence of good and hostile
+    requests (the hostile ones left out when `hostile` is None). `flood`: good clients beside
+    clients sending only hostile requests (none when `hostile` is None)."""
     good: list[dict] = []
     bad: list[dict] = []
     deadline = time.monotonic() + args.seconds
+    classes = HOSTILE_KINDS
+    # Every round draws fresh sequences (the same ones for both conditions of that round).
+    base_seed = args.seed * 1_000_000 + round_ * 10_000
+
+    def mix_client(i: int) -> None:
+        rng = random.Random(base_seed + i)
+        n = 0
+        with httpx.Client(base_url=url, timeout=args.request_timeout) as c:
+            while time.monotonic() < deadline:
+                body = good_request(rng)  # drawn in both conditions: the good sequence is the same
+                if rng.random() < args.hostile_share:
+                    kind = rng.choice(classes)
+                    if hostile is not None:
+                        bad.append(send_hostile(c, kind, hostile[kind], f"{round_}_{i}_{n}"))
+                        n += 1
+                    continue
+                good.append(send_good(c, body))
 
     def good_client(i: int) -> None:
-        rng = random.Random(args.seed * 1000 + i)  # the same sequence in both runs
+        rng = random.Random(base_seed + i)
         with httpx.Client(base_url=url, timeout=args.request_timeout) as c:
             while time.monotonic() < deadline:
                 good.append(send_good(c, good_request(rng)))
 
-    def hostile_client(i: int) -> None:
-        rng = random.Random(args.seed * 1000 + 500 + i)
-        kinds = sorted(hostile)
+    def flood_client(i: int) -> None:
+        rng = random.Random(base_seed + 500 + i)
         n = 0
         with httpx.Client(base_url=url, timeout=args.request_timeout) as c:
             while time.monotonic() < deadline:
-                kind = rng.choice(kinds)
-                bad.append(send_hostile(c, kind, hostile[kind], n))
+                kind = rng.choice(classes)
+                bad.append(send_hostile(c, kind, hostile[kind], f"{round_}_{i}_{n}"))
                 n += 1
 
-    threads = [threading.Thread(target=good_client, args=(i,)) for i in range(args.good_clients)]
-    if hostile is not None:
-        threads += [threading.Thread(target=hostile_client, args=(i,)) for i in range(args.hostile_clients)]
+    if args.mode == "mix":
+        threads = [threading.Thread(target=mix_client, args=(i,)) for i in range(args.clients)]
+    else:
+        threads = [threading.Thread(target=good_client, args=(i,)) for i in range(args.good_clients)]
+        if hostile is not None:
+            threads += [threading.Thread(target=flood_client, args=(i,)) for i in range(args.hostile_clients)]
     t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - t0
+    return {"wall_s": time.monotonic() - t0, "good": good, "bad": bad, "load_after": round(os.getloadavg()[0], 2)}
+
+
+def summarise(runs: list[dict], hostile: bool) -> dict:
+    """Pooled figures of one condition's runs."""
+    good = [r for run in runs for r in run["good"]]
+    bad = [r for run in runs for r in run["bad"]]
+    wall = sum(run["wall_s"] for run in runs)
     ok = [r for r in good if r["error"] is None]
     lat = np.array([r["latency"] for r in ok]) if ok else np.full(1, np.nan)
     ttfa = np.array([r["ttfa"] for r in ok]) if ok else np.full(1, np.nan)
@@ -309,9 +352,9 @@ def run_load(url: str, args, *, hostile: dict | None) -> dict:
         "good_req_per_s": round(len(ok) / wall, 3),
         "p50_latency_s": round(float(np.percentile(lat, 50)), 3), "p99_latency_s": round(float(np.percentile(lat, 99)), 3),
         "p50_ttfa_s": round(float(np.percentile(ttfa, 50)), 3), "p99_ttfa_s": round(float(np.percentile(ttfa, 99)), 3),
-        "load_after": round(os.getloadavg()[0], 2),
+        "load_after": [run["load_after"] for run in runs],
     }
-    if hostile is not None:
+    if hostile:
         per_kind: dict[str, dict] = {}
         for r in bad:
             k = per_kind.setdefault(r["kind"], {"sent": 0, "refused_4xx": 0, "statuses": {}})
@@ -320,6 +363,7 @@ def run_load(url: str, args, *, hostile: dict | None) -> dict:
             k["statuses"][str(r["status"])] = k["statuses"].get(str(r["status"]), 0) + 1
         out["hostile"] = dict(sorted(per_kind.items()))
         out["hostile_requests"] = len(bad)
+        out["hostile_refused_4xx"] = sum(bool(r["ok"]) for r in bad)
     return out
 
 
@@ -337,8 +381,12 @@ def main() -> None:
     p.add_argument("--expert-dtype", default=None, choices=["fp32", "bf16", "int8", "none"],
                    help="override the config's expert_dtype (none: as loaded)")
     p.add_argument("--seconds", type=float, default=60.0, help="length of each run")
-    p.add_argument("--good-clients", type=int, default=4)
-    p.add_argument("--hostile-clients", type=int, default=4)
+    p.add_argument("--mode", choices=["mix", "flood"], default="mix", help="traffic shape (module docstring)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating good-only / with-hostile runs per condition")
+    p.add_argument("--clients", type=int, default=8, help="mix: clients, each with its seeded good/hostile sequence")
+    p.add_argument("--hostile-share", type=float, default=0.25, help="mix: chance that a request is hostile")
+    p.add_argument("--good-clients", type=int, default=4, help="flood: good clients")
+    p.add_argument("--hostile-clients", type=int, default=4, help="flood: clients sending only hostile requests")
     p.add_argument("--max-upload-mb", type=float, default=None,
                    help="the server's max_upload_mb (default: the started config's; 10 with --url)")
     p.add_argument("--request-timeout", type=float, default=120.0, help="client timeout per request")
@@ -346,6 +394,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/serve_faults.json")
     args = p.parse_args()
+    if not 0.0 <= args.hostile_share < 1.0:
+        p.error(f"--hostile-share must be in [0, 1), got {args.hostile_share}")
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
 
     print(machine_line(), flush=True)
     results = {"machine_before": {**machine(), "cores": os.cpu_count()}, "args": vars(args)}
@@ -361,20 +413,36 @@ def main() -> None:
         with httpx.Client(base_url=url, timeout=args.request_timeout) as c:  # warm-up: voice library, first decode
             for i in range(3):
                 send_good(c, good_request(random.Random(10_000 + i)))
-        for name, mix in (("good_only", None), ("with_hostile", hostile)):
-            with ReplicaWatch(args.app, session) as watch:
-                run = run_load(url, args, hostile=mix)
-            run["replicas"] = watch.report()
-            run["slots_after"] = slots(url)
-            results[name] = run
-            print(f"{name:12s} good {run['good_ok']}/{run['good_requests']} ok "
-                  f"p50/p99 latency {run['p50_latency_s']:.2f}/{run['p99_latency_s']:.2f} s "
-                  f"p50/p99 TTFA {run['p50_ttfa_s']:.2f}/{run['p99_ttfa_s']:.2f} s "
-                  f"hostile {run.get('hostile_requests', 0)} "
-                  f"restarts {sum(r['restarts'] for r in run['replicas'].values())} "
-                  f"peak RSS MB (speech, music) {[r['peak_rss_mb'] for r in run['replicas'].values()]} "
-                  f"with children {[r['peak_rss_with_children_mb'] for r in run['replicas'].values()]} "
-                  f"load {run['load_after']}",
+        conditions = {"good_only": None, "with_hostile": hostile}
+        runs: dict[str, list[dict]] = {name: [] for name in conditions}
+        watches: dict[str, list[dict]] = {name: [] for name in conditions}
+        for round_ in range(args.rounds):
+            for name, mix in conditions.items():
+                with ReplicaWatch(args.app, session) as watch:
+                    run = run_load(url, args, hostile=mix, round_=round_)
+                runs[name].append(run)
+                watches[name].append(watch.report())
+                ok = sum(r["error"] is None for r in run["good"])
+                print(f"round {round_} {name:12s} good {ok}/{len(run['good'])} hostile {len(run['bad'])} "
+                      f"load {run['load_after']}", flush=True)
+        for name in conditions:
+            res = summarise(runs[name], hostile=conditions[name] is not None)
+            res["replicas"] = {d: {"restarts": sum(w[d]["restarts"] for w in watches[name]),
+                                   "peak_rss_mb": max((w[d]["peak_rss_mb"] or 0) for w in watches[name]),
+                                   "peak_rss_with_children_mb": max((w[d]["peak_rss_with_children_mb"] or 0)
+                                                                    for w in watches[name]),
+                                   "max_children": max(w[d]["max_children"] for w in watches[name])}
+                               for d in DEPLOYMENTS}
+            res["slots_after"] = slots(url)
+            results[name] = res
+            print(f"{name:12s} good {res['good_ok']}/{res['good_requests']} ok "
+                  f"p50/p99 latency {res['p50_latency_s']:.2f}/{res['p99_latency_s']:.2f} s "
+                  f"p50/p99 TTFA {res['p50_ttfa_s']:.2f}/{res['p99_ttfa_s']:.2f} s "
+                  f"hostile {res.get('hostile_requests', 0)} (4xx {res.get('hostile_refused_4xx', 0)}) "
+                  f"restarts {sum(r['restarts'] for r in res['replicas'].values())} "
+                  f"peak RSS MB (speech, music) {[r['peak_rss_mb'] for r in res['replicas'].values()]} "
+                  f"with children {[r['peak_rss_with_children_mb'] for r in res['replicas'].values()]} "
+                  f"slots after {res['slots_after']}",
                   flush=True)
         base, mixed = results["good_only"], results["with_hostile"]
         results["ratio"] = {k: round(mixed[k] / base[k], 3) if base[k] else None
