@@ -47,9 +47,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from machine import machine_line, read_probe  # benchmarks/machine.py
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.inference.generate import SamplingConfig, generate
-from unimoe_ray.model import hugepages, kernels
+from unimoe_ray.model import autotune, hugepages, kernel_cache, kernel_plans
 from unimoe_ray.model.quantize import convert_experts
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.text.prompt import Prompt
@@ -296,7 +296,7 @@ def main() -> None:
     print(f"# huge pages: THP {hugepages.mode() or 'unknown'}, AnonHugePages {hugepages.huge_bytes() / 2**20:.0f} MiB",
           flush=True)
     del base
-    sel = kernels.plans()
+    sel = kernel_plans.plans()
     for key, plan in sorted(sel.items(), key=lambda kv: str(kv[0])):
         runs, last = [], None
         for n, name in zip(plan.limits, plan.names):
@@ -305,7 +305,7 @@ def main() -> None:
                 last = name
         print(f"#   kernels {key} ({plan.source}): {', '.join(runs)}")
     if not sel:
-        print(f"#   kernels: defaults ({kernels.ENV_MODE}={kernels.mode()})")
+        print(f"#   kernels: defaults ({autotune.ENV_MODE}={autotune.mode()})")
 
     buf_N = read_probe()
     read_gb = buf_N.numel() * 4 / 1e9
@@ -357,7 +357,7 @@ def main() -> None:
                                                  for k, v in q.items()))
         print(machine_line())
     if args.json:
-        env = {"machine": kernels.machine("cpu"), "loadavg_end": os.getloadavg(), "args": vars(args),
+        env = {"machine": kernel_cache.machine("cpu"), "loadavg_end": os.getloadavg(), "args": vars(args),
                "kernels": {str(k): {"source": p.source, "limits": p.limits, "names": p.names} for k, p in sel.items()}}
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": [asdict(r) for r in rows], **extra}, f, indent=1)

@@ -31,7 +31,7 @@ from pathlib import Path
 import ray
 import torch
 
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel import ActorResources, ExpertParallelConfig, attach_experts, launch_experts, shutdown_experts

@@ -34,7 +34,7 @@ from typing import Callable
 import ray
 import torch
 
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.model.params import count_parameters
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel import (

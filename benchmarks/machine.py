@@ -1,19 +1,19 @@
 """The machine line every benchmark prints: processor, ISA, torch, threads, load (what the
-kernel choice is keyed by: unimoe_ray.model.kernels.machine)."""
+kernel choice is keyed by: unimoe_ray.model.kernel_cache.machine)."""
 
 from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING
 
-from unimoe_ray.model import kernels
+from unimoe_ray.model import kernel_cache
 
 if TYPE_CHECKING:  # torch is imported where the probe is built, not when the line is printed
     import torch
 
 
 def machine_line() -> str:
-    m = kernels.machine("cpu")
+    m = kernel_cache.machine("cpu")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return (
         f"# machine: {m['device']} | ISA {m['isa']} | torch {m['torch']} | {m['threads']} threads | "

@@ -42,7 +42,7 @@ touched all 8 for the benchmark's 2-token input (14% more bytes for the same k).
 
 Expert kernels (issue 12): our layers are set up as a loaded model is
 (``quantize.convert_experts``: gate and up in one buffer, weights moved into huge pages, then
-``kernels.select`` times the candidate formulations once per expert shape, or reads this
+``autotune.select`` times the candidate formulations once per expert shape, or reads this
 machine's cached choice); transformers' blocks get huge pages too, so that both sides read
 the same kind of memory. The
 choice and its timings are printed. ``--expert-dtypes`` adds bf16 and int8 copies of our
@@ -79,8 +79,9 @@ import torch
 from torch import nn
 
 from machine import machine_line, read_probe  # benchmarks/machine.py
-from unimoe_ray.config import MoEConfig, get_preset
-from unimoe_ray.model import kernels
+from unimoe_ray.config import MoEConfig
+from unimoe_ray.presets import get_preset
+from unimoe_ray.model import autotune, kernel_cache, kernels
 from unimoe_ray.model.moe import DCMoE
 from unimoe_ray.model.hugepages import move_to_hugepages
 from unimoe_ray.model.quantize import convert_experts
@@ -496,9 +497,9 @@ def print_dtype_table(rows: list[Row]) -> None:
                   f"{r.dtype_frac_roof[d]:9.0%} {r.dtype_vs_fp32[d]:9.2f} {best_hf / ms:7.2f}")
 
 
-def print_kernels(selections: list[kernels.Selection]) -> None:
+def print_kernels(selections: list[autotune.Selection]) -> None:
     if not selections:
-        print(f"# expert kernels: dtype defaults {kernels.DEFAULT} ({kernels.ENV_MODE}={kernels.mode()})")
+        print(f"# expert kernels: dtype defaults {kernels.DEFAULT} ({autotune.ENV_MODE}={autotune.mode()})")
     for sel in selections:
         print(f"# expert kernels {sel.summary()}")
         for n, ms in sel.plan.ms.items():
@@ -557,7 +558,7 @@ def main() -> None:
             v.gate = layer.gate  # one router: the routing (and set_gate_scale) is shared
     t0 = time.perf_counter()
     for layers in [ours, *variants.values()]:
-        selections += kernels.select(nn.ModuleList(layers))
+        selections += autotune.select(nn.ModuleList(layers))
     print(f"# kernel selection {time.perf_counter() - t0:.1f} s", flush=True)
     print_kernels(selections)
     hf, hf_cfg = build_transformers(dim, cfg, args.layers, args.seed + 1)
@@ -622,7 +623,7 @@ def main() -> None:
         env = {
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "copy_gbs": copy_gbs, "peak_gflops": peak_flops / 1e9, "gate_scales": scales, "layers": args.layers,
-            "quick": args.quick, "machine": kernels.machine("cpu"), "loadavg_end": os.getloadavg(),
+            "quick": args.quick, "machine": kernel_cache.machine("cpu"), "loadavg_end": os.getloadavg(),
             "kernels": {str(s.key): {"source": s.plan.source, "limits": s.plan.limits, "names": s.plan.names,
                                      "ms": s.plan.ms} for s in selections},
         }

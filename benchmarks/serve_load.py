@@ -35,7 +35,7 @@ from ray import serve
 
 from unimoe_ray.inference.generate import generate
 from unimoe_ray.inference.streaming import decode_whole
-from unimoe_ray.model import kernels
+from unimoe_ray.model import kernel_cache
 from unimoe_ray.serve.formats import SAMPLE_RATE
 from unimoe_ray.serve.model import AudioModel
 from unimoe_ray.serve.runtime import AudioJob, ModelRuntime, ModelSettings
@@ -67,9 +67,9 @@ class StaticBatchModel:
 
 
 def machine() -> dict:
-    """kernels.machine (CPU model, ISA, torch, threads: what the kernel choice is keyed by)
+    """kernel_cache.machine (CPU model, ISA, torch, threads: what the kernel choice is keyed by)
     plus the Python version and the load now."""
-    return {**kernels.machine("cpu"), "python": platform.python_version(),
+    return {**kernel_cache.machine("cpu"), "python": platform.python_version(),
             "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
 
 

@@ -28,7 +28,7 @@ from machine import machine_line  # benchmarks/machine.py
 
 from unimoe_ray.builders import new_model
 from unimoe_ray.checkpoint import save_pretrained
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 from unimoe_ray.train.config import stage_config
 from unimoe_ray.train.memory_plan import plan

@@ -3,10 +3,11 @@
     python jobs/analyze_routing.py outputs/stage3 --shards data/mini_shards \
         --tokenizer data/mini/assets/tokenizer --out outputs/routing
 
-Writes experts_per_token.png (per layer: share of tokens using k routed experts, and the
-mean), expert_share_by_task.png (per layer: each routed expert's share of a task's tokens)
-and routing.json with the numbers. Counts every real (unpadded) token of each row: prompt
-and audio. No Ray needed.
+Writes routing.json and, from it (unimoe_ray.eval.plots.plot_routing), experts_per_token.png
+(per layer: share of tokens using k routed experts, and the mean), experts_per_token_by_task.png
+(per layer and task: mean routed experts per token) and expert_share_by_task.png (per layer:
+each routed expert's share of a task's tokens). Counts every real (unpadded) token of each
+row: prompt and audio. No Ray needed.
 """
 
 from __future__ import annotations
@@ -15,52 +16,16 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
+import pyarrow.dataset as pads
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow.dataset as pads  # noqa: E402
-import torch  # noqa: E402
-
-from unimoe_ray.checkpoint import load_pretrained  # noqa: E402
-from unimoe_ray.text.prompts import PromptBuilder  # noqa: E402
-from unimoe_ray.text.tokenizer import load_tokenizer  # noqa: E402
-from unimoe_ray.train.batches import ExampleBuilder, collate, pack_by_tokens  # noqa: E402
-from unimoe_ray.train.routing import routing_by_task, routing_report  # noqa: E402
-from unimoe_ray.data.shards import shard_paths  # noqa: E402
-
-
-def plot(report: dict, out: Path) -> list[Path]:
-    layers, E = report["layers"], report["num_routed"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.6 * (E + 1)), max(3.0, 1.0 + 0.35 * len(layers))))
-    share = [lay["k_share"] for lay in layers]
-    im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    for y, lay in enumerate(layers):
-        ax.plot(lay["mean_routed_experts"], y, "w|", markersize=14, mew=2)
-    ax.set(xlabel="routed experts per token (| = mean)", ylabel="layer", xticks=range(E + 1),
-           title="Share of tokens by number of routed experts")
-    fig.colorbar(im, ax=ax, label="share of tokens")
-    f1 = out / "experts_per_token.png"
-    fig.tight_layout()
-    fig.savefig(f1, dpi=120)
-    plt.close(fig)
-
-    tasks = report["tasks"]
-    cols = min(4, len(layers))
-    rows = -(-len(layers) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.8 + 0.4 * len(tasks) * rows), squeeze=False)
-    for i, lay in enumerate(layers):
-        ax = axes[i // cols][i % cols]
-        im = ax.imshow([lay["expert_share_by_task"][t] for t in tasks], aspect="auto", cmap="magma", vmin=0, vmax=1)
-        ax.set(title=f"layer {i}", xticks=range(E), yticks=range(len(tasks)), yticklabels=tasks, xlabel="expert")
-    for j in range(len(layers), rows * cols):
-        axes[j // cols][j % cols].axis("off")
-    fig.colorbar(im, ax=axes.ravel().tolist(), label="share of the task's tokens")
-    fig.suptitle("Routed expert's share of each task's tokens")
-    f2 = out / "expert_share_by_task.png"
-    fig.savefig(f2, dpi=120)
-    plt.close(fig)
-    return [f1, f2]
+from unimoe_ray.checkpoint import load_pretrained
+from unimoe_ray.data.shards import shard_paths
+from unimoe_ray.eval.plots import plot_routing
+from unimoe_ray.text.prompts import PromptBuilder
+from unimoe_ray.text.tokenizer import load_tokenizer
+from unimoe_ray.train.batches import ExampleBuilder, collate, pack_by_tokens
+from unimoe_ray.train.routing import routing_by_task, routing_report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "routing.json").write_text(json.dumps(report, indent=1) + "\n")
-    for f in plot(report, out):
+    for f in plot_routing(report, out):
         print(f"wrote {f}")
     print(f"wrote {out / 'routing.json'}")
 

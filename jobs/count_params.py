@@ -5,7 +5,7 @@
 
 import argparse
 
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.model.params import count_parameters
 
 

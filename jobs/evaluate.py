@@ -13,19 +13,12 @@ given (never downloaded) and is otherwise listed as skipped, with the reason.
 from __future__ import annotations
 
 import argparse
-import json
 
-from unimoe_ray.audio.codec import DACCodec
-from unimoe_ray.checkpoint import load_pretrained
 from unimoe_ray.data.config import TASKS
-from unimoe_ray.data.shards import ShardPathError
-from unimoe_ray.eval.harness import EvalConfig, EvalError, run_eval
-from unimoe_ray.eval.judges import load_judges
-from unimoe_ray.eval.report import write_report
-from unimoe_ray.inference.tasks import TaskError
-from unimoe_ray.inference.voices import VoiceLibrary
-from unimoe_ray.text.prompts import PromptBuilder
-from unimoe_ray.text.tokenizer import load_tokenizer
+from unimoe_ray.eval.evaluate import INPUT_ERRORS, evaluate_checkpoint, sampling_options
+from unimoe_ray.eval.harness import EvalConfig
+
+JUDGES = ("asr", "speaker", "utmos", "clap")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,28 +41,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--voice-library", help="prompt_audios.json for task files that name voices")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="model dtype (default: the checkpoint's)")
-    for judge in ("asr", "speaker", "utmos", "clap"):
+    for judge in JUDGES:
         p.add_argument(f"--{judge}-model", help=f"local {judge} weights (see unimoe_ray/eval/judges.py)")
     a = p.parse_args(argv)
 
-    model = load_pretrained(a.checkpoint, dtype=a.dtype, device=a.device)
-    prompts = PromptBuilder(load_tokenizer(a.tokenizer or a.checkpoint), model.cfg)
-    judges = load_judges(asr=a.asr_model, speaker=a.speaker_model, utmos=a.utmos_model, clap=a.clap_model,
-                         device=a.device)
     cfg = EvalConfig(tasks=tuple(a.tasks), rows_per_task=a.rows_per_task, max_tokens=a.max_tokens,
                      generate=not a.no_generate, gen_batch=a.gen_batch, length_slack=a.length_slack,
-                     sampling=json.loads(a.sampling), seed=a.seed)
-    voices = VoiceLibrary.load(a.voice_library) if a.voice_library else None
-    report = run_eval(model, prompts, DACCodec.load(a.dac_path, device=a.device), judges, cfg,
-                      shards=a.shards, task_file=a.task_file, voices=voices)
-    report["checkpoint"] = a.checkpoint
-    for path in write_report(report, a.out):
+                     sampling=sampling_options(a.sampling), seed=a.seed)
+    written = evaluate_checkpoint(
+        a.checkpoint, cfg, a.out, shards=a.shards, task_file=a.task_file, tokenizer=a.tokenizer, dac_path=a.dac_path,
+        judge_paths={j: getattr(a, f"{j}_model") for j in JUDGES}, voice_library=a.voice_library, device=a.device,
+        dtype=a.dtype,
+    )
+    for path in written:
         print(f"wrote {path}")
-    print(open(path, encoding="utf-8").read())
+    print(written[-1].read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (EvalError, ShardPathError, TaskError, FileNotFoundError) as err:
+    except INPUT_ERRORS as err:
         raise SystemExit(f"error: {err}") from None

@@ -12,13 +12,11 @@ ZeRO with N > 1, which the trainer does not run.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 
-from unimoe_ray.config import ModelConfig, get_preset
-from unimoe_ray.train.memory_plan import plan
-
-GIB = 1024**3
+from unimoe_ray.config_hf import load_config
+from unimoe_ray.presets import get_preset
+from unimoe_ray.train.memory_plan import markdown_table, plan_grid
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,30 +35,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device-gib", type=float, default=80.0, help="memory per device, for the 'fits' column")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
     args = p.parse_args(argv)
-    cfg = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
-    rows = []
-    for W, N, Z in itertools.product(args.workers, args.expert_parallel, args.zero):
-        try:
-            m = plan(cfg, workers=W, expert_parallel=N, zero_stage=Z, seq_len=args.seq_len, dtype=args.dtype,
-                     trainable=args.trainable, routed_per_token=args.routed_per_token,
-                     attention_probs=args.attention_probs)
-        except ValueError:
-            continue
-        rows.append({"workers": W, "expert_parallel": N, "zero": Z, **m.as_dict()})
+    cfg = load_config(args.config) if args.config else get_preset(args.preset)
+    rows = plan_grid(cfg, workers=args.workers, expert_parallel=args.expert_parallel, zero_stages=args.zero,
+                     seq_len=args.seq_len, dtype=args.dtype, trainable=args.trainable,
+                     routed_per_token=args.routed_per_token, attention_probs=args.attention_probs)
     if args.json:
         print(json.dumps(rows, indent=1))
         return
     print(f"# {args.config or args.preset}: seq_len {args.seq_len}, {args.dtype} activations, trainable "
           f"{args.trainable}, {args.routed_per_token:g} routed experts/token; GiB per rank")
-    print("| W | N | ZeRO | params (experts) | grads | AdamW | activations | total | fits "
-          f"{args.device_gib:g} GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        fits = "yes" if r["total"] / GIB <= args.device_gib else "no"
-        note = "" if r["runs_in_trainer"] else " (what-if)"
-        print(f"| {r['workers']} | {r['expert_parallel']} | {r['zero']}{note} | {r['params'] / GIB:.1f} "
-              f"({r['expert_params'] / GIB:.1f}) | {r['grads'] / GIB:.1f} | {r['optimizer'] / GIB:.1f} | "
-              f"{r['activations'] / GIB:.1f} | {r['total'] / GIB:.1f} | {fits} |")
+    print(markdown_table(rows, device_gib=args.device_gib))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from unimoe_ray.train.stages import ALL_TASKS, add_common_args, common_from_args, run_job, stage1, train_config_from_args
+from unimoe_ray.train.stages import (
+    ALL_TASKS, add_common_args, common_from_args, run_job, stage1, train_config_from_args,
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from unimoe_ray.train.stages import (
-    ALL_TASKS, add_common_args, add_expert_parallel_arg, common_from_args, run_job, stage2, train_config_from_args,
+    ALL_TASKS, add_common_args, common_from_args, run_job, stage2, train_config_from_args,
 )
 
 
@@ -23,10 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--specialists", nargs="+", required=True, help="stage-1 outputs, one per task")
     p.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=ALL_TASKS)
     add_common_args(p, "stage2")
-    add_expert_parallel_arg(p)
     args = p.parse_args(argv)
     stage2(
-        common_from_args(args), specialists=args.specialists, train=train_config_from_args("stage2", args, expert_parallel=args.expert_parallel),
+        common_from_args(args), specialists=args.specialists, train=train_config_from_args("stage2", args),
         out=args.out, name=args.name or "stage2", tasks=tuple(args.tasks),
     )
 

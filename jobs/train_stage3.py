@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from unimoe_ray.train.stages import (
-    ALL_TASKS, add_common_args, add_expert_parallel_arg, common_from_args, run_job, stage3, train_config_from_args,
+    ALL_TASKS, add_common_args, common_from_args, run_job, stage3, train_config_from_args,
 )
 
 
@@ -23,10 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", required=True, help="the stage-2 output folder")
     p.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=ALL_TASKS)
     add_common_args(p, "stage3")
-    add_expert_parallel_arg(p)
     args = p.parse_args(argv)
     stage3(
-        common_from_args(args), init=args.init, train=train_config_from_args("stage3", args, expert_parallel=args.expert_parallel),
+        common_from_args(args), init=args.init, train=train_config_from_args("stage3", args),
         out=args.out, name=args.name or "stage3", tasks=tuple(args.tasks),
     )
 

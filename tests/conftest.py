@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 
 

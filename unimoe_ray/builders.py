@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from unimoe_ray.audio.codec import DACCodec
 from unimoe_ray.checkpoint import save_pretrained
-from unimoe_ray.config import ModelConfig, get_preset
+from unimoe_ray.config import ModelConfig
+from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.text.prompts import config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
@@ -23,9 +25,15 @@ from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 
 def new_model(preset: str | ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> UniMoEAudio:
     """A random-weight model of `preset` (a name, a config.json path or a ModelConfig) whose
-    vocabulary and special ids are the tokenizer's; the same seed gives the same weights."""
+    vocabulary and special ids are the tokenizer's; the same seed gives the same weights, every
+    tensor of them: `init_weights(seed)` draws the trunk's from its own generator, and the
+    vision tower, which transformers initialises as it builds it from torch's global generator,
+    is built with that generator seeded (and restored after, so the caller's stream is untouched)."""
     cfg = get_preset(preset) if isinstance(preset, str) else preset
-    return UniMoEAudio(config_for_tokenizer(cfg, tokenizer)).init_weights(seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UniMoEAudio(config_for_tokenizer(cfg, tokenizer))
+    return model.init_weights(seed=seed)
 
 
 @dataclass(frozen=True, kw_only=True)

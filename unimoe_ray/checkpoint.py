@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from unimoe_ray.config import ModelConfig
+from unimoe_ray.config_hf import load_config, save_config
 from unimoe_ray.model.moe import set_router_precision
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 
@@ -86,7 +86,7 @@ def save_pretrained(model: UniMoEAudio, path: str | Path, *, max_shard_bytes: in
     """Write config.json and safetensors shards (+ index when more than one shard)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.cfg.save_json(path / "config.json")
+    save_config(model.cfg, path / "config.json")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in model.state_dict().items():
@@ -174,13 +174,10 @@ def load_pretrained(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     router_precision: str | None = None,
-    expert_dtype: str | None = None,
 ) -> UniMoEAudio:
-    """Build the model from the folder's config.json and load its weights.
-
-    expert_dtype: "fp32" | "bf16" | "int8" stores the DCMoE experts in that dtype and picks
-    this machine's fastest expert kernels (measured once, cached; unimoe_ray.model.quantize.
-    convert_experts); None leaves the experts as loaded, on the default kernels.
+    """Build the model from the folder's config.json and load its weights, as stored (for
+    training, evaluation, or as the first step of `AudioGenerator.load`, which then prepares the
+    model for inference: `unimoe_ray.model.quantize.convert_experts`).
 
     dtype: default the checkpoint's `torch_dtype` (bf16 for the released model), as the
     released loader does; pass torch.float32 to compute in fp32 (e.g. training on CPU).
@@ -188,19 +185,14 @@ def load_pretrained(
     does (it computes the router in fp32 only in training); "fp32" always in fp32. Default:
     "model" for a bf16/fp16 model, "fp32" otherwise (the same thing in fp32).
     """
-    cfg = ModelConfig.from_json(path)
+    cfg = load_config(path)
     dtype = resolve_dtype(cfg.torch_dtype if dtype is None else dtype)
     model = UniMoEAudio(cfg).to(dtype)
     load_weights(model, path)
     if router_precision is None:
         router_precision = "model" if dtype in (torch.bfloat16, torch.float16) else "fp32"
     set_router_precision(model, router_precision)
-    model = model.to(device).eval()
-    if expert_dtype is not None:
-        from unimoe_ray.model.quantize import convert_experts
-
-        convert_experts(model, expert_dtype)
-    return model
+    return model.to(device).eval()
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

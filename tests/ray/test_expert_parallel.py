@@ -11,7 +11,7 @@ import pytest
 import ray
 import torch
 
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model.unimoe_audio import IGNORE_INDEX, UniMoEAudio
 from unimoe_ray.parallel import (

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from unimoe_ray.checkpoint import save_pretrained
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel.config import ExpertParallelConfig
 from unimoe_ray.parallel.expert_actor import ExpertWorker

@@ -23,7 +23,7 @@ import ray
 import torch
 
 from unimoe_ray.apps.cli import main
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel import (
@@ -280,7 +280,7 @@ def test_replica_dead_for_good_is_not_listed_and_is_replaced_in_its_bundle(contr
 HOLDER = textwrap.dedent(f"""
     import copy, sys, time
     import ray, torch
-    from unimoe_ray.config import get_preset
+    from unimoe_ray.presets import get_preset
     from unimoe_ray.model.unimoe_audio import UniMoEAudio
     from unimoe_ray.parallel import ActorResources, ExpertParallelConfig, attach_experts
 

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from unimoe_ray.apps.cli import build_parser, main
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel import ActorResources, ExpertParallelConfig, launch_experts, shutdown_experts
 

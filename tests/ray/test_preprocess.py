@@ -16,11 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from unimoe_ray.data.config import AudioConfig, BalanceConfig, EncodeConfig, PreprocessConfig
+from unimoe_ray.data.config import AudioConfig, BalanceConfig, EncodeConfig, PreprocessConfig, score_names
 from unimoe_ray.data.decode import segment_bounds
 from unimoe_ray.data.manifest import read_manifest
 from unimoe_ray.data.mini_corpus import MiniCorpusConfig, make_mini_corpus
-from unimoe_ray.data.quality import score_names
 from unimoe_ray.data.schema import codes_of, frames_of
 from unimoe_ray.data.shards import finalize
 from unimoe_ray.media.video import frames_to_patches

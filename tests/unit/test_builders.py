@@ -7,7 +7,7 @@ import torch
 
 from unimoe_ray.builders import ArtifactsConfig, new_model, prepare_artifacts
 from unimoe_ray.checkpoint import load_pretrained
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer, special_token_ids
 
 
@@ -18,6 +18,22 @@ def test_new_model_follows_the_tokenizer_and_the_seed(tmp_path):
     assert a.cfg.vocab_size >= len(tok) and a.cfg == b.cfg
     wa, wb, wc = (m.codec_head.weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_the_same_seed_gives_every_tensor_the_same_whatever_the_global_generator(tmp_path):
+    """The vision tower too (transformers initialises it from torch's global generator): the
+    four stage-1 specialists, built one after another in one process, start identical."""
+    tok = load_tokenizer(build_test_tokenizer(tmp_path / "tok"))
+    torch.manual_seed(0)
+    a = new_model("tiny", tok, seed=3).state_dict()
+    torch.rand(1000)  # another position of the global stream
+    after = torch.get_rng_state()
+    b = new_model("tiny", tok, seed=3).state_dict()
+    assert torch.equal(torch.get_rng_state(), after)  # the caller's stream is left where it was
+    assert any(k.startswith("visual.") for k in a) and a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    c = new_model("tiny", tok, seed=4).state_dict()
+    assert not torch.equal(a["visual.blocks.0.attn.qkv.weight"], c["visual.blocks.0.attn.qkv.weight"])
 
 
 def test_prepare_artifacts_writes_what_load_reads_and_keeps_given_paths(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from unimoe_ray import checkpoint as ckpt
-from unimoe_ray.config import get_preset
+from unimoe_ray.config_hf import save_config, to_hf_dict
+from unimoe_ray.presets import get_preset
 from unimoe_ray.model.params import count_parameters
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 
@@ -49,7 +50,7 @@ def test_missing_or_mismatched_weights_are_clear_errors(tiny_model, tiny_cfg, tm
         ckpt.load_pretrained(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ckpt.load_weights(tiny_model, tmp_path / "nope")
-    tiny_cfg.save_json(tmp_path / "config.json")
+    save_config(tiny_cfg, tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         ckpt.load_pretrained(tmp_path)
     ckpt.save_pretrained(tiny_model, tmp_path / "a", max_shard_bytes=300_000)
@@ -103,7 +104,7 @@ def test_released_layout_round_trip_is_exact(tiny_model, tmp_path):
 def test_released_config_reads_the_text_vocab_and_writes_back_unchanged(tmp_path):
     cfg = get_preset("preview")
     assert cfg.vocab_size == 151676 and cfg.hf_vocab_size == 151936
-    d = cfg.to_hf_dict()
+    d = to_hf_dict(cfg)
     assert d["vocab_size"] == 151936 and d["text_config"]["vocab_size"] == 151676
 
 

@@ -10,7 +10,7 @@ import torch
 
 from unimoe_ray.checkpoint import load_pretrained
 from unimoe_ray.checkpoint_hf import PretrainedInitError, init_from_qwen2_5_vl
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.train.integrate import specialist_config
 

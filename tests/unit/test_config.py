@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from unimoe_ray.config import PREVIEW_CONFIG_PATH, ConfigError, ModelConfig, get_preset
+from unimoe_ray.config import ConfigError
+from unimoe_ray.config_hf import from_hf_dict, load_config, save_config, to_hf_dict
+from unimoe_ray.presets import PREVIEW_CONFIG_PATH, get_preset
 
 from unimoe_ray.config import MoEConfig
 
@@ -30,15 +32,15 @@ def test_preview_is_the_reference_file_unchanged():
 @pytest.mark.parametrize("name", ["tiny", "small", "preview"])
 def test_hf_dict_round_trip(name, tmp_path):
     cfg = get_preset(name)
-    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
-    cfg.save_json(tmp_path / "config.json")
-    assert ModelConfig.from_json(tmp_path) == cfg
+    assert from_hf_dict(to_hf_dict(cfg)) == cfg
+    save_config(cfg, tmp_path / "config.json")
+    assert load_config(tmp_path) == cfg
 
 
 def test_config_json_without_optional_moe_keys_takes_the_dataclass_defaults():
     # A config.json that leaves out the optional MoE keys builds the model a preset builds
     # (jitter 0.01, aux weight 0.025 -> 0.001 over 10k steps), not a silently different one.
-    d = get_preset("tiny").to_hf_dict()
+    d = to_hf_dict(get_preset("tiny"))
     optional = [
         "unimoe_moe_mode", "mlp_dynamic_top_k", "unimoe_weighting", "fp32_gate",
         "input_jitter_noise", "router_jitter_noise", "l_aux_weight", "min_l_aux_weight",
@@ -46,7 +48,7 @@ def test_config_json_without_optional_moe_keys_takes_the_dataclass_defaults():
     ]
     for key in optional:
         del d["text_config"][key]
-    moe = ModelConfig.from_hf_dict(d).moe
+    moe = from_hf_dict(d).moe
     assert moe == get_preset("tiny").moe
     assert (moe.input_jitter, moe.router_jitter) == (0.01, 0.01)
     assert (moe.aux_weight_start, moe.aux_weight_end, moe.aux_weight_decay_steps) == (
@@ -72,7 +74,7 @@ def test_every_moe_field_is_written_to_config_json():
     assert unchanged == [], f"the test must change every field; unchanged: {unchanged}"
     for m in (moe, sparsemixer):
         cfg = get_preset("tiny").replace(moe=m)
-        assert ModelConfig.from_hf_dict(cfg.to_hf_dict()).moe == m
+        assert from_hf_dict(to_hf_dict(cfg)).moe == m
     with pytest.raises(ConfigError, match="weighting='released'"):
         MoEConfig(ignore_differentiable_router=False, weighting="paper")
 
@@ -90,10 +92,10 @@ def test_top_p_outside_unit_interval_is_rejected(p):
     cfg = get_preset("tiny")
     with pytest.raises(ConfigError, match=r"\(0, 1\]"):
         cfg.replace(moe={"top_p": p})
-    bad = cfg.to_hf_dict()
+    bad = to_hf_dict(cfg)
     bad["text_config"]["mlp_dynamic_top_p"] = p
     with pytest.raises(ConfigError, match="top_p"):
-        ModelConfig.from_hf_dict(bad)
+        from_hf_dict(bad)
 
 
 def test_other_bad_configs_name_the_field(tmp_path):
@@ -102,11 +104,11 @@ def test_other_bad_configs_name_the_field(tmp_path):
         dataclasses.replace(cfg, codec_delay_pattern=(0, 1))
     with pytest.raises(ConfigError, match="mrope_section"):
         dataclasses.replace(cfg, mrope_section=(2, 2, 2))
-    d = cfg.to_hf_dict()
+    d = to_hf_dict(cfg)
     del d["codec_channels"]
     with pytest.raises(ConfigError, match="codec_channels"):
-        ModelConfig.from_hf_dict(d)
+        from_hf_dict(d)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        ModelConfig.from_json(tmp_path / "nowhere")
+        load_config(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="unknown preset"):
         get_preset("huge")

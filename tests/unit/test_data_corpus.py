@@ -14,7 +14,13 @@ import pytest
 import soundfile as sf
 
 from unimoe_ray.data import music
-from unimoe_ray.data.mini_corpus import MiniCorpusConfig, ball_video_frames, make_mini_corpus
+from unimoe_ray.data.mini_corpus import (
+    MiniCorpusConfig,
+    ball_video_frames,
+    make_mini_corpus,
+    manifest_counts,
+    write_test_assets,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = "apt-get install -y espeak-ng ffmpeg"
@@ -125,6 +131,28 @@ def test_mini_corpus_is_deterministic_and_tags_broken_rows(tmp_path):
         "filtered:low_snr_db",
         "filtered:high_clipping_ratio",
     } <= expects
+
+
+def test_manifest_counts_rows_per_task_and_the_broken_ones(tmp_path):
+    rows = [{"task": "tts_en", "audio": "a.wav"}, {"task": "t2m", "audio": "b.wav", "expect": "quarantined:silent"},
+            {"task": "tts_en", "audio": "c.wav"}]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert manifest_counts(tmp_path / "manifest.jsonl") == ({"tts_en": 2, "t2m": 1}, 1)
+
+
+def test_test_assets_are_a_tokenizer_and_the_seeded_random_dac(tmp_path):
+    import torch
+
+    from unimoe_ray.audio.codec import DACCodec
+    from unimoe_ray.text.tokenizer import load_tokenizer
+
+    tokenizer, dac = write_test_assets(tmp_path / "assets", seed=3)
+    assert (tokenizer, dac) == (tmp_path / "assets" / "tokenizer", tmp_path / "assets" / "dac_random.pth")
+    assert len(load_tokenizer(tokenizer)) > 256
+    loaded = DACCodec.load(dac).model.state_dict()
+    same, other = (DACCodec.random(seed=seed).model.state_dict() for seed in (3, 0))
+    assert all(torch.equal(loaded[k], same[k]) for k in same)
+    assert not all(torch.equal(loaded[k], other[k]) for k in other)
 
 
 def test_missing_tools_fail_naming_the_install_command(tmp_path, monkeypatch):

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from unimoe_ray.data.config import SPEECH_TASKS, TASKS, ModelScorerSpec, QualityConfig, QualityRule
+from unimoe_ray.data.config import (
+    SIGNAL_SCORES,
+    SPEECH_TASKS,
+    TASKS,
+    ModelScorerSpec,
+    QualityConfig,
+    QualityRule,
+    check_rules,
+)
 from unimoe_ray.data.quality import (
     ClapScorer,
     ClippingScorer,
@@ -18,7 +26,6 @@ from unimoe_ray.data.quality import (
     SilenceScorer,
     SnrScorer,
     TorchModuleScorer,
-    check_rules,
     failed_rule,
     signal_scorers,
 )
@@ -32,6 +39,7 @@ def _tone(seconds: float, amp: float = 0.5, freq: float = 440.0) -> np.ndarray:
 
 def test_signal_scorers_follow_the_protocol():
     assert [s.name for s in signal_scorers()] == ["snr_db", "clipping_ratio", "silence_ratio"]
+    assert tuple(s.name for s in signal_scorers()) == SIGNAL_SCORES  # config's check_rules knows them
     assert all(isinstance(s, Scorer) for s in signal_scorers())
 
 

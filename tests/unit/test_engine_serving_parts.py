@@ -14,7 +14,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from unimoe_ray.serve import formats
-from unimoe_ray.serve.app import IngressSettings
+from unimoe_ray.serve.settings import IngressSettings
 from unimoe_ray.serve.runtime import ModelSettings, SettingsError
 from unimoe_ray.serve.voices import VoiceStore, VoiceStoreError
 

@@ -17,9 +17,10 @@ from torch import nn
 from unimoe_ray.audio.codec import DACCodec
 from unimoe_ray.audio.io import write_wav
 from unimoe_ray.checkpoint import load_pretrained, save_pretrained
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.data.shards import ShardPathError
 from unimoe_ray.eval import metrics
+from unimoe_ray.eval.evaluate import evaluate_checkpoint, sampling_options
 from unimoe_ray.eval.harness import EvalConfig, EvalError, read_rows, run_eval
 from unimoe_ray.eval.report import markdown_table, write_report
 from unimoe_ray.eval.judges import MODEL_METRICS, SIMPLIFIES_ZH, load_judges
@@ -141,6 +142,50 @@ def test_harness_end_to_end_weight_free(setup, capsys):
     assert table.splitlines()[0].startswith("| task | rows | CE |")
     assert sum(line.startswith(f"| {t} |") for t in TASKS for line in table.splitlines()) == 4
     assert "- wer: no --asr-model given" in table
+
+
+def test_evaluate_checkpoint_from_paths_is_the_harness_on_the_loaded_objects(setup):
+    s = setup
+    dac = DACCodec.random(seed=0).save(s["dir"] / "dac.pth")
+    cfg = EvalConfig(rows_per_task=1, generate=False, tasks=("tts_en", "t2m"))
+    json_path, md_path = evaluate_checkpoint(
+        s["dir"] / "ckpt", cfg, s["dir"] / "out_paths", shards=[s["dir"] / "shards"], tokenizer=s["dir"] / "tok",
+        dac_path=dac, judge_paths={"asr": None}, log=lambda _: None,
+    )
+    assert (json_path, md_path) == (s["dir"] / "out_paths" / "eval.json", s["dir"] / "out_paths" / "eval.md")
+    report = json.loads(json_path.read_text())
+    ref = run_eval(s["model"], s["prompts"], s["codec"], load_judges(), cfg, shards=[s["dir"] / "shards"],
+                   log=lambda _: None)
+    assert report["checkpoint"] == str(s["dir"] / "ckpt") and list(report["tasks"]) == ["tts_en", "t2m"]
+    for t in ("tts_en", "t2m"):
+        assert report["tasks"][t]["ce"] == pytest.approx(ref["tasks"][t]["ce"], rel=1e-6)
+    assert report["skipped"]["generation"] == "generation turned off (--no-generate)"
+
+
+def test_rows_the_caller_chose_are_evaluated_as_given(setup):
+    """`rows=` (e.g. a training run's validation split) instead of shards: those rows, no others."""
+    s = setup
+    rows = read_rows([s["dir"] / "shards"], TASKS, 3)
+    chosen = {"tts_en": rows["tts_en"][1:2], "t2m": rows["t2m"][:2], "v2m": []}
+    report = run_eval(s["model"], s["prompts"], s["codec"], load_judges(), EvalConfig(generate=False),
+                      rows=chosen, log=lambda _: None)
+    assert list(report["tasks"]) == ["tts_en", "t2m"]
+    assert [report["tasks"][t]["rows"] for t in ("tts_en", "t2m")] == [1, 2]
+    build = ExampleBuilder(s["prompts"], s["model"].cfg)
+    ref = evaluate(s["model"], [collate([build(r) for r in chosen[t]], s["model"].cfg) for t in ("tts_en", "t2m")])
+    for t in ("tts_en", "t2m"):
+        assert report["tasks"][t]["ce"] == pytest.approx(ref[t], rel=1e-5)
+    with pytest.raises(EvalError, match="exactly one"):
+        run_eval(s["model"], s["prompts"], s["codec"], load_judges(), EvalConfig(), rows=chosen,
+                 shards=[s["dir"] / "shards"])
+
+
+def test_sampling_option_is_a_json_object():
+    assert sampling_options('{"min_frames": 50}') == {"min_frames": 50}
+    with pytest.raises(EvalError, match="is not JSON"):
+        sampling_options("{min_frames: 50}")
+    with pytest.raises(EvalError, match="JSON object"):
+        sampling_options("[50]")
 
 
 def test_harness_on_a_task_file(setup):
@@ -320,7 +365,7 @@ def test_harness_with_every_judge(setup, judge_paths):
 def test_the_harness_imports_no_ray():
     """eval reads train's batches and loss, never Ray: a checkpoint evaluates without it."""
     code = (
-        "import sys, unimoe_ray.eval.harness, unimoe_ray.eval.judges, unimoe_ray.eval.metrics\n"
+        "import sys, unimoe_ray.eval.evaluate, unimoe_ray.eval.harness, unimoe_ray.eval.judges\n"
         "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
         "assert not bad, bad\n"
     )

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from unimoe_ray.checkpoint import load_pretrained, save_pretrained
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.model.expert_parallel import (
     ExpertElsewhere, ExpertParallelExperts, ExpertParallelGroups, make_groups, shard_experts,
 )
@@ -369,11 +369,10 @@ def test_bad_expert_parallel_sizes_are_named(tiny_cfg):
 def test_stage_jobs_take_expert_parallel():
     import argparse
 
-    from unimoe_ray.train.stages import add_common_args, add_expert_parallel_arg, train_config_from_args
+    from unimoe_ray.train.stages import add_common_args, train_config_from_args
 
     p = argparse.ArgumentParser()
     add_common_args(p, "stage3")
-    add_expert_parallel_arg(p)
     args = p.parse_args(["--shards", "s", "--tokenizer", "t", "--out", "o", "--expert-parallel", "2"])
-    assert train_config_from_args("stage3", args, expert_parallel=args.expert_parallel).expert_parallel == 2
+    assert train_config_from_args("stage3", args).expert_parallel == 2
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.model.attention import Attention, MRoPE, RMSNorm, apply_rope
 from unimoe_ray.model.moe import DCMoE
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from unimoe_ray.config import MoEConfig
-from unimoe_ray.model import kernels
+from unimoe_ray.model import autotune, kernel_cache, kernel_plans, kernels
 from unimoe_ray.model.experts import SwiGLU
 from unimoe_ray.model.moe import DCMoE
 from unimoe_ray.model.quantize import Int8SwiGLU, convert_experts
@@ -20,11 +20,11 @@ COUNTS = [1, 2, 3, 8, 9, 13, 64, 65, 2 * kernels.BLOCK_TOKENS + 7]
 
 @pytest.fixture(autouse=True)
 def _clean(monkeypatch, tmp_path):
-    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path / "kernels.json"))
-    monkeypatch.delenv(kernels.ENV_MODE, raising=False)
-    kernels.clear()
+    monkeypatch.setenv(kernel_cache.ENV_CACHE, str(tmp_path / "kernels.json"))
+    monkeypatch.delenv(autotune.ENV_MODE, raising=False)
+    kernel_plans.clear()
     yield
-    kernels.clear()
+    kernel_plans.clear()
 
 
 def reference(x, gate, up, down):
@@ -92,7 +92,7 @@ def test_fused_plan_still_runs_a_copied_module_whose_gate_and_up_split(name):
     import copy
 
     mlp, weights = expert("fp32")
-    kernels.register(mlp.expert_weights().key, kernels.Plan((1,), (name,), "measured"))
+    kernel_plans.register(mlp.expert_weights().key, kernel_plans.Plan((1,), (name,), "measured"))
     clone = copy.deepcopy(mlp)  # storage sharing between gate and up is not kept
     assert clone.expert_weights().gate_up_2FD is None
     x = torch.randn(5, DIM)
@@ -103,7 +103,7 @@ def test_fused_plan_still_runs_a_copied_module_whose_gate_and_up_split(name):
 
 
 def test_plan_routes_token_counts_to_the_measured_choice():
-    plan = kernels.Plan((1, 4, 16), ("wxt_pad2", "xwt_fused", "xwt"), "measured")
+    plan = kernel_plans.Plan((1, 4, 16), ("wxt_pad2", "xwt_fused", "xwt"), "measured")
     assert [plan.name_for(n) for n in (1, 2, 4, 5, 16, 17, 5000)] == [
         "wxt_pad2", "xwt_fused", "xwt_fused", "xwt", "xwt", "xwt", "xwt"]
 
@@ -118,7 +118,7 @@ def test_swiglu_runs_the_registered_candidate(monkeypatch):
         return real.fn(x, w, out)
 
     monkeypatch.setitem(kernels.CANDIDATES, "wxt_pad8", kernels.Candidate("wxt_pad8", spy, real.dtypes))
-    kernels.register(mlp.expert_weights().key, kernels.Plan((4, 64), ("xwt", "wxt_pad8"), "measured"))
+    kernel_plans.register(mlp.expert_weights().key, kernel_plans.Plan((4, 64), ("xwt", "wxt_pad8"), "measured"))
     with torch.inference_mode():
         mlp(torch.randn(3, DIM))
         mlp(torch.randn(5, DIM))
@@ -133,60 +133,60 @@ def small_moe() -> DCMoE:
 
 
 def test_select_measures_caches_and_reads_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(kernels, "NOISY", float("inf"))  # a busy test machine must not skip the cache
+    monkeypatch.setattr(autotune, "NOISY", float("inf"))  # a busy test machine must not skip the cache
     moe = small_moe()
     convert_experts(moe, None, select=False)
-    first = kernels.select(moe, ladder=(1, 4, 32), rounds=2)
+    first = autotune.select(moe, ladder=(1, 4, 32), rounds=2)
     keys = {str(s.key) for s in first}
     assert keys == {f"cpu|fp32|{DIM}x{HIDDEN}", f"cpu|fp32|{DIM}x16"}
     assert all(s.plan.source == "measured" and s.plan.limits == (1, 4, 32) for s in first)
     assert all(set(s.plan.ms[1]) >= {"xwt", "xwt_fused", "wxt"} for s in first)
     data = json.loads((tmp_path / "kernels.json").read_text())
     (mkey, entries), = data["machines"].items()
-    assert mkey == kernels.machine_key("cpu") and "threads=1" in mkey and f"torch={torch.__version__}" in mkey
+    assert mkey == kernel_cache.machine_key("cpu") and "threads=1" in mkey and f"torch={torch.__version__}" in mkey
     assert set(entries) == keys
     # A new process (plans cleared) takes the cached choice without measuring.
-    kernels.clear()
-    again = kernels.select(moe, ladder=(1, 4, 32), rounds=2)
+    kernel_plans.clear()
+    again = autotune.select(moe, ladder=(1, 4, 32), rounds=2)
     assert all(s.plan.source == "cache" for s in again)
     assert {str(s.key): s.plan.names for s in again} == {str(s.key): s.plan.names for s in first}
     # Another thread count is another machine: measured again.
-    kernels.clear()
+    kernel_plans.clear()
     torch.set_num_threads(2)
     try:
-        assert all(s.plan.source == "measured" for s in kernels.select(moe, ladder=(1,), rounds=1))
+        assert all(s.plan.source == "measured" for s in autotune.select(moe, ladder=(1,), rounds=1))
     finally:
         torch.set_num_threads(1)
     assert len(json.loads((tmp_path / "kernels.json").read_text())["machines"]) == 2
 
 
 def test_timings_disturbed_by_other_load_are_not_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(kernels, "NOISY", 0.0)  # every median round counts as disturbed
+    monkeypatch.setattr(autotune, "NOISY", 0.0)  # every median round counts as disturbed
     with pytest.warns(UserWarning, match="machine busy"):
-        sel = kernels.select(small_moe(), ladder=(1, 2), rounds=3)
+        sel = autotune.select(small_moe(), ladder=(1, 2), rounds=3)
     assert sel and all(s.plan.source == "noisy" for s in sel)
-    assert set(kernels.plans()) == {s.key for s in sel}  # used in this process
+    assert set(kernel_plans.plans()) == {s.key for s in sel}  # used in this process
     assert not (tmp_path / "kernels.json").exists()
 
 
 def test_corrupt_cache_is_measured_again(tmp_path, monkeypatch):
-    monkeypatch.setattr(kernels, "NOISY", float("inf"))
+    monkeypatch.setattr(autotune, "NOISY", float("inf"))
     (tmp_path / "kernels.json").write_text("{not json")
     moe = small_moe()
     with pytest.warns(UserWarning, match="unreadable"):
-        sel = kernels.select(moe, ladder=(2,), rounds=1)
+        sel = autotune.select(moe, ladder=(2,), rounds=1)
     assert sel and all(s.plan.source == "measured" for s in sel)
-    assert json.loads((tmp_path / "kernels.json").read_text())["version"] == kernels.CACHE_VERSION
+    assert json.loads((tmp_path / "kernels.json").read_text())["version"] == kernel_cache.CACHE_VERSION
 
 
 def test_default_mode_measures_nothing(monkeypatch, tmp_path):
-    monkeypatch.setenv(kernels.ENV_MODE, "default")
+    monkeypatch.setenv(autotune.ENV_MODE, "default")
     moe = small_moe()
-    assert kernels.select(moe) == [] and kernels.plans() == {}
+    assert autotune.select(moe) == [] and kernel_plans.plans() == {}
     assert not (tmp_path / "kernels.json").exists()
-    monkeypatch.setenv(kernels.ENV_MODE, "fastest")
+    monkeypatch.setenv(autotune.ENV_MODE, "fastest")
     with pytest.raises(ValueError, match="UNIMOE_KERNELS='fastest'"):
-        kernels.select(moe)
+        autotune.select(moe)
 
 
 def test_a_candidate_that_computes_wrong_is_left_out(monkeypatch):
@@ -198,7 +198,7 @@ def test_a_candidate_that_computes_wrong_is_left_out(monkeypatch):
 
     monkeypatch.setitem(kernels.CANDIDATES, "wxt", kernels.Candidate("wxt", wrong, ("fp32",)))
     with pytest.warns(UserWarning, match="wxt left out"):
-        plan = kernels.measure([mlp.expert_weights()], ladder=(1, 8), rounds=1)
+        plan = autotune.measure([mlp.expert_weights()], ladder=(1, 8), rounds=1)
     assert "wxt" not in plan.names and "wxt" not in plan.ms[1]
 
 
@@ -206,12 +206,12 @@ def test_a_candidate_that_computes_wrong_is_left_out(monkeypatch):
 def test_cuda_selection_and_parity():
     moe = small_moe().cuda()
     convert_experts(moe, None, select=False)
-    sel = kernels.select(moe, ladder=(1, 16, 256), rounds=2)
-    assert {s.key.device for s in sel} == {"cuda"} and "capability=sm" in kernels.machine_key("cuda")
+    sel = autotune.select(moe, ladder=(1, 16, 256), rounds=2)
+    assert {s.key.device for s in sel} == {"cuda"} and "capability=sm" in kernel_cache.machine_key("cuda")
     x = torch.randn(16, DIM, device="cuda")
     with torch.inference_mode():
         got, _ = moe(x)
-    kernels.clear()
+    kernel_plans.clear()
     want, _ = moe(x)
     torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-5)
     w = moe.routed_experts[0].expert_weights()

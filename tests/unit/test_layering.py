@@ -28,13 +28,15 @@ CORE = {
     "config": set(),
     "tasks": set(),
     "media": set(),
+    "config_hf": {"config"},
+    "presets": {"config", "config_hf"},
     "audio": {"config"},
     "model": {"config"},
     "text": {"config", "audio"},
-    "checkpoint": {"config", "model"},
+    "checkpoint": {"config", "config_hf", "model"},
     "checkpoint_hf": {"config", "model", "checkpoint"},
     "inference": {"config", "tasks", "audio", "media", "model", "text", "checkpoint"},
-    "builders": {"config", "audio", "model", "text", "checkpoint"},
+    "builders": {"config", "presets", "audio", "model", "text", "checkpoint"},
 }
 # Ray layers: any core unit, plus the layers named here. `eval` imports no Ray itself, but it
 # reads data's row layout and train's batches and loss, so it sits beside them, not in the core.

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.model.expert_parallel import ExpertParallelGroups, shard_experts
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.train.integrate import apply_trainable
-from unimoe_ray.train.memory_plan import plan
+from unimoe_ray.train.memory_plan import GIB, markdown_table, plan, plan_grid
 
 
 def _nbytes(tensors) -> int:
@@ -54,3 +54,24 @@ def test_zero_and_expert_parallel_divide_their_parts():
     assert plan(cfg, workers=8, seq_len=2048).activations == 2 * base.activations
     with pytest.raises(ValueError, match="size 3 must divide the 8 workers and the 8 routed experts"):
         plan(cfg, workers=8, expert_parallel=3)
+
+
+def test_the_grid_leaves_out_layouts_that_do_not_divide(tiny_cfg):
+    assert tiny_cfg.moe.num_routed == 4
+    rows = plan_grid(tiny_cfg, workers=[2, 4, 6], expert_parallel=[1, 3, 4], zero_stages=[0, 2], seq_len=64)
+    assert [(r["workers"], r["expert_parallel"], r["zero"]) for r in rows] == [
+        (2, 1, 0), (2, 1, 2), (4, 1, 0), (4, 1, 2), (4, 4, 0), (4, 4, 2), (6, 1, 0), (6, 1, 2)]
+    assert rows[5] == {"workers": 4, "expert_parallel": 4, "zero": 2,
+                       **plan(tiny_cfg, workers=4, expert_parallel=4, zero_stage=2, seq_len=64).as_dict()}
+
+
+def test_the_table_shows_gib_what_fits_and_what_if():
+    row = dict(workers=8, expert_parallel=2, zero=2, params=3 * GIB, expert_params=GIB, grads=GIB // 2,
+               optimizer=2 * GIB, activations=GIB // 4, runs_in_trainer=False)
+    rows = [{**row, "total": 6 * GIB}, {**row, "zero": 0, "runs_in_trainer": True, "total": 5 * GIB}]
+    assert markdown_table(rows, device_gib=5).splitlines() == [
+        "| W | N | ZeRO | params (experts) | grads | AdamW | activations | total | fits 5 GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+        "| 8 | 2 | 2 (what-if) | 3.0 (1.0) | 0.5 | 2.0 | 0.2 | 6.0 | no |",
+        "| 8 | 2 | 0 | 3.0 (1.0) | 0.5 | 2.0 | 0.2 | 5.0 | yes |",
+    ]

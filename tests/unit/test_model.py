@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unimoe_ray.audio.delay import DelayPattern
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model.unimoe_audio import UniMoEAudio, mrope_position_ids
 from unimoe_ray.text.prompt import Prompt

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unimoe_ray.config import MoEConfig
-from unimoe_ray.model import kernels
+from unimoe_ray.model import autotune, kernel_plans, kernels
 from unimoe_ray.model.experts import SwiGLU, run_grouped, stack_experts
 from unimoe_ray.model.moe import DCMoE
 
@@ -17,9 +17,9 @@ FP32 = [name for name, c in kernels.CANDIDATES.items() if "fp32" in c.dtypes]
 
 @pytest.fixture(autouse=True)
 def _no_plans():
-    kernels.clear()
+    kernel_plans.clear()
     yield
-    kernels.clear()
+    kernel_plans.clear()
 
 
 @pytest.mark.parametrize("name", ["default", *FP32])
@@ -32,7 +32,7 @@ def test_swiglu_fast_paths_match_autograd_path(n, name):
     expected = mlp(x)  # parameters require grad: the plain autograd formula
     assert expected.requires_grad
     if name != "default":  # route every token count to this candidate
-        kernels.register(mlp.expert_weights().key, kernels.Plan((1,), (name,), "measured"))
+        kernel_plans.register(mlp.expert_weights().key, kernel_plans.Plan((1,), (name,), "measured"))
     with torch.inference_mode():
         got = mlp(x)
         out = torch.full((n + 3, DIM), float("nan"))
@@ -80,7 +80,7 @@ def _layer_with_stacked_experts(dtype=torch.float32):
     ref = copy.deepcopy(moe)
     stack_experts(moe.routed_experts, dtype)
     # As if this machine measured the layer-level kernel fastest at every count.
-    kernels.register(moe.routed_experts[0].expert_weights().key, kernels.Plan((1,), ("grouped",), "measured"))
+    kernel_plans.register(moe.routed_experts[0].expert_weights().key, kernel_plans.Plan((1,), ("grouped",), "measured"))
     return moe, ref
 
 
@@ -93,7 +93,7 @@ def test_grouped_layer_run_equals_the_expert_loop(dtype, counts):
     backend = moe.expert_backend
     w0 = moe.routed_experts[0].gate_proj.weight
     assert backend.stacked() is not None and backend.stacked()[0].data_ptr() == w0.data_ptr()
-    assert kernels.grouped_applies(moe.routed_experts[0].expert_weights(), counts)
+    assert kernel_plans.grouped_applies(moe.routed_experts[0].expert_weights(), counts)
     x = torch.randn(sum(counts), DIM)
     with torch.inference_mode():
         loop = run_grouped(moe.routed_experts, x, counts)
@@ -114,11 +114,11 @@ def test_grouped_path_follows_the_measured_choice_and_stale_stacks():
     moe, ref = _layer_with_stacked_experts()
     backend, w = moe.expert_backend, moe.routed_experts[0].expert_weights()
     # Where W·xᵀ was measured faster for some active count, the loop runs (the choice holds).
-    kernels.register(w.key, kernels.Plan((2, 4), ("grouped", "wxt_pad2"), "measured"))
-    assert kernels.grouped_applies(w, (1, 2, 0, 0))
-    assert not kernels.grouped_applies(w, (1, 3, 0, 0))
-    kernels.clear()  # no measured plan: never grouped (UNIMOE_KERNELS=default runs the loop)
-    assert not kernels.grouped_applies(w, (1, 2, 0, 0))
+    kernel_plans.register(w.key, kernel_plans.Plan((2, 4), ("grouped", "wxt_pad2"), "measured"))
+    assert kernel_plans.grouped_applies(w, (1, 2, 0, 0))
+    assert not kernel_plans.grouped_applies(w, (1, 3, 0, 0))
+    kernel_plans.clear()  # no measured plan: never grouped (UNIMOE_KERNELS=default runs the loop)
+    assert not kernel_plans.grouped_applies(w, (1, 2, 0, 0))
     # An expert whose weights moved out of the stack (re-fused, reloaded): no grouped views.
     gate = moe.routed_experts[2].gate_proj
     gate.weight = torch.nn.Parameter(gate.weight.detach().clone())
@@ -148,7 +148,7 @@ def test_stacked_layer_matches_the_unstacked_one_and_keeps_hooks():
 def test_shared_experts_in_one_grouped_call_match_their_loop(num_tokens):
     moe, ref = _layer_with_stacked_experts()
     stack_experts(moe.shared_experts)
-    kernels.register(moe.shared_experts[0].expert_weights().key, kernels.Plan((1,), ("grouped",), "measured"))
+    kernel_plans.register(moe.shared_experts[0].expert_weights().key, kernel_plans.Plan((1,), ("grouped",), "measured"))
     x = torch.randn(num_tokens, DIM)
     calls = []
     real = kernels.grouped_swiglu
@@ -165,14 +165,14 @@ def test_shared_experts_in_one_grouped_call_match_their_loop(num_tokens):
 
 def test_measure_times_the_grouped_candidate_only_over_stacked_experts():
     moe, _ = _layer_with_stacked_experts()
-    kernels.clear()
+    kernel_plans.clear()
     stacked = [m.expert_weights() for m in moe.routed_experts]
-    plan = kernels.measure(stacked, ladder=(1, 3), rounds=1)
+    plan = autotune.measure(stacked, ladder=(1, 3), rounds=1)
     assert all("grouped" in plan.ms[n] for n in (1, 3))
     loose = copy.deepcopy(moe.routed_experts)  # a deep copy: each expert's own storage again
     for m in loose:
         m.fuse_gate_up()
-    plan = kernels.measure([m.expert_weights() for m in loose], ladder=(1,), rounds=1)
+    plan = autotune.measure([m.expert_weights() for m in loose], ladder=(1,), rounds=1)
     assert "grouped" not in plan.ms[1]
 
 
@@ -189,7 +189,7 @@ def test_int8_layer_call_is_the_per_expert_loop_bit_for_bit(candidate, num_token
                     shared_intermediate=16, weighting="released")
     moe = convert_experts(DCMoE(dim=DIM, cfg=cfg).eval(), "int8", select=False, hugepages=False)
     for experts in (moe.routed_experts, moe.shared_experts):
-        kernels.register(experts[0].expert_weights().key, kernels.Plan((1,), (candidate,), "measured"))
+        kernel_plans.register(experts[0].expert_weights().key, kernel_plans.Plan((1,), (candidate,), "measured"))
     x = torch.randn(num_tokens, DIM)
     calls = []
     real = kernels.int8_layer

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompts import MUSIC_NEGATIVE, PromptBuilder, check_tokenizer, config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unimoe_ray.config import MoEConfig
-from unimoe_ray.model import kernels
+from unimoe_ray.model import autotune, kernel_cache, kernel_plans
 from unimoe_ray.model.experts import SwiGLU
 from unimoe_ray.model.moe import DCMoE
 from unimoe_ray.model.quantize import Int8SwiGLU, convert_experts, expert_dtype, quantize_int8
@@ -17,8 +17,8 @@ from unimoe_ray.model.unimoe_audio import UniMoEAudio
 
 @pytest.fixture(autouse=True)
 def _default_kernels(monkeypatch):
-    monkeypatch.setenv(kernels.ENV_MODE, "default")  # selection is tested in test_kernels.py
-    kernels.clear()
+    monkeypatch.setenv(autotune.ENV_MODE, "default")  # selection is tested in test_kernels.py
+    kernel_plans.clear()
 
 
 def test_quantize_int8_by_hand():
@@ -33,7 +33,7 @@ def test_quantize_int8_by_hand():
 
 
 def tiny_model() -> UniMoEAudio:
-    from unimoe_ray.config import get_preset
+    from unimoe_ray.presets import get_preset
 
     return UniMoEAudio(get_preset("tiny")).init_weights(seed=0).eval()
 
@@ -134,24 +134,25 @@ def test_int8_expert_pickles_without_its_kernel_cache():
         torch.testing.assert_close(q2(x), want, rtol=0, atol=0)
 
 
-def test_load_pretrained_expert_dtype(tmp_path, monkeypatch):
-    """`load_pretrained(..., expert_dtype=...)`: the same loading code as real weights, experts
-    converted and kernels picked (measured on this machine, cached in a temp file)."""
+def test_a_loaded_checkpoint_prepared_for_inference(tmp_path, monkeypatch):
+    """What `AudioGenerator.load(..., expert_dtype=...)` does: the same loading code as real
+    weights, then experts converted and kernels picked (measured on this machine, cached in a
+    temp file)."""
     from unimoe_ray import checkpoint as ckpt
 
-    monkeypatch.setenv(kernels.ENV_MODE, "auto")
-    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path / "kernels.json"))
-    monkeypatch.setattr(kernels, "LADDER", (1, 8))
+    monkeypatch.setenv(autotune.ENV_MODE, "auto")
+    monkeypatch.setenv(kernel_cache.ENV_CACHE, str(tmp_path / "kernels.json"))
+    monkeypatch.setattr(autotune, "LADDER", (1, 8))
     ref = tiny_model()
     ckpt.save_pretrained(ref, tmp_path / "m")
     ids = torch.randint(0, 400, (1, 6), generator=torch.Generator().manual_seed(3))
     want = logits(ref, ids)
     plain = ckpt.load_pretrained(tmp_path / "m", dtype=torch.float32)
-    assert expert_dtype(plain) == "fp32" and kernels.plans() == {}  # None: as loaded, defaults
-    model = ckpt.load_pretrained(tmp_path / "m", dtype=torch.float32, expert_dtype="int8")
+    assert expert_dtype(plain) == "fp32" and kernel_plans.plans() == {}  # None: as loaded, defaults
+    model = convert_experts(ckpt.load_pretrained(tmp_path / "m", dtype=torch.float32), "int8")
     assert expert_dtype(model) == "int8"
-    assert {k.dtype for k in kernels.plans()} == {"int8"}
+    assert {k.dtype for k in kernel_plans.plans()} == {"int8"}
     got = logits(model, ids)
     assert (got - want).abs().max() / want.abs().max() < 3e-2
     with pytest.raises(ValueError, match="expert_dtype='int4'"):
-        ckpt.load_pretrained(tmp_path / "m", expert_dtype="int4")
+        convert_experts(ckpt.load_pretrained(tmp_path / "m"), "int4")

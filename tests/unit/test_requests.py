@@ -4,7 +4,7 @@ sampling, for AudioGenerator and the Serve runtime alike."""
 import pytest
 import torch
 
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.inference.requests import VOICE_NEEDS_TRANSCRIPT, assemble
 from unimoe_ray.inference.sampling import task_sampling
 from unimoe_ray.text.prompts import MUSIC_NEGATIVE, PromptBuilder, config_for_tokenizer

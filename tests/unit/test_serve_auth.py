@@ -114,7 +114,8 @@ def test_env_keys_survive_a_file_reload(tmp_path):
 
 
 def test_the_ingress_fails_closed_on_a_bad_key_file_and_keeps_its_state(tmp_path):
-    from unimoe_ray.serve.app import APIIngress, IngressSettings
+    from unimoe_ray.serve.app import APIIngress
+    from unimoe_ray.serve.settings import IngressSettings
 
     reconfigure = APIIngress.func_or_class.reconfigure  # the class Serve wraps; Ray is not needed
     ingress = SimpleNamespace(settings=IngressSettings(), keyring=KeyRing(), limits=CallerLimits(),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unimoe_ray.audio.delay import DelayPattern
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.data.schema import codes_of
 from unimoe_ray.model.unimoe_audio import IGNORE_INDEX
 from unimoe_ray.text.prompts import PromptBuilder, config_for_tokenizer

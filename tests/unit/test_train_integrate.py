@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.train.config import stage_config
 from unimoe_ray.train.integrate import (

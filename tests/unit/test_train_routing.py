@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from unimoe_ray.checkpoint import save_pretrained
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.model.moe import MoEStats
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.text.prompts import config_for_tokenizer

@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 from starlette.requests import Request
 
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.data.mini_corpus import write_mp4
 from unimoe_ray.inference.video import VideoSampling, load_video
 from unimoe_ray.serve.sandbox import run_isolated

@@ -1,15 +1,22 @@
-"""Configuration of the preprocessing pipeline: small frozen dataclasses.
-
-Built from the command line in `jobs/preprocess.py` only; the stages take these objects (never
+"""Configuration of the preprocessing pipeline: small frozen dataclasses, and `preprocess_config`,
+which builds and checks them from the options of `jobs/preprocess.py` (rules as SCORE=VALUE,
+scorers as KIND[:OUTPUT]=PATH, targets as TASK=ROWS). The stages take these objects (never
 dicts). Every field has a default that suits the real corpus; tests shrink windows and sizes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from unimoe_ray.tasks import DATA_TASKS as TASKS  # the paper's four tasks (unimoe_ray/tasks.py)
 from unimoe_ray.tasks import MUSIC_TASKS, SPEECH_TASKS
+
+
+class PreprocessConfigError(ValueError):
+    """A preprocessing option is malformed or could never apply; the message names the option
+    and the fix."""
+
 
 # Tasks whose row is useless without text: the transcript (TTS) or the caption (T2M). V2M is
 # conditioned on the video; its caption is optional.
@@ -104,6 +111,10 @@ class ModelScorerSpec:
     output_index: int | None = None  # which output of a multi-output module (Audiobox: 4 axes)
 
 
+# The signal scorers' score columns, in their order (unimoe_ray.data.quality.signal_scorers; a
+# unit test holds the two together). They need no weights, so every run has them.
+SIGNAL_SCORES = ("snr_db", "clipping_ratio", "silence_ratio")
+
 # Signal-level defaults (paper §4.1 uses UTMOS/aesthetics/CLAP, which need weights; these are the
 # offline stand-ins). Thresholds are set on the generated corpus: clean espeak speech has an SNR
 # estimate above 40 dB, speech under 0 dB white noise below 10 dB.
@@ -119,6 +130,31 @@ DEFAULT_RULES = (
 class QualityConfig:
     rules: tuple[QualityRule, ...] = DEFAULT_RULES
     model_scorers: tuple[ModelScorerSpec, ...] = ()
+
+
+def score_names(model_scorers: tuple[ModelScorerSpec, ...]) -> tuple[str, ...]:
+    """Score columns of a run, in order: the signal scorers, then the model scorers."""
+    return SIGNAL_SCORES + tuple(m.name or m.kind for m in model_scorers)
+
+
+def check_rules(cfg: QualityConfig) -> None:
+    """Raise PreprocessConfigError for a rule that could never apply: a score no scorer of the
+    run produces (a typo, or a model score without its --model-scorer) or an unknown task.
+    `quality.failed_rule` lets a missing score pass, so such a rule would silently keep every row."""
+    known = score_names(cfg.model_scorers)
+    for rule in cfg.rules:
+        if rule.scorer not in known:
+            raise PreprocessConfigError(
+                f"quality rule on score {rule.scorer!r}, which no scorer of this run produces; "
+                f"the known scores are {', '.join(known)}. A model score needs its scorer "
+                "(--model-scorer KIND=PATH, kinds utmos, aesthetics, clap)"
+            )
+        unknown_tasks = sorted(set(rule.tasks) - set(TASKS))
+        if unknown_tasks:
+            raise PreprocessConfigError(
+                f"quality rule on {rule.scorer!r} names unknown tasks {unknown_tasks}; "
+                f"tasks are {', '.join(TASKS)}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,3 +188,108 @@ class PreprocessConfig:
     light_cpus: float = 0.25
     light_tasks: int = 2  # concurrent tasks per light task stage
     keep_staging: bool = False
+
+
+# From the command line (jobs/preprocess.py): each repeated option is a list of NAME=VALUE texts.
+
+_VALUE_KIND = {float: "a number", int: "a whole number", str: "a path"}
+
+
+def parse_pairs(
+    items: Sequence[str], *, option: str, metavar: str, cast: Callable[[str], object] = str
+) -> tuple[tuple[str, object], ...]:
+    """["snr_db=15", ...] → (("snr_db", 15.0), ...) for the repeated `option`, whose `metavar`
+    (e.g. SCORE=VALUE) names the parts in the error."""
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not (key and sep and value):
+            raise PreprocessConfigError(f"{option} {item!r}: expected {metavar}")
+        try:
+            out.append((key, cast(value)))
+        except ValueError:
+            raise PreprocessConfigError(
+                f"{option} {item}: {value!r} is not {_VALUE_KIND.get(cast, 'valid')} ({metavar})"
+            ) from None
+    return tuple(out)
+
+
+def model_scorer_spec(item: str) -> ModelScorerSpec:
+    """"KIND[:OUTPUT]=PATH", e.g. "utmos=/w/utmos.pt" or "aesthetics:2=/w/audiobox.pt" (output 2
+    of a multi-output module). The scorer judges the tasks of MODEL_SCORER_TASKS[KIND]."""
+    ((kind_output, path),) = parse_pairs([item], option="--model-scorer", metavar="KIND[:OUTPUT]=PATH")
+    kind, _, output = kind_output.partition(":")
+    if kind not in MODEL_SCORER_TASKS:
+        raise PreprocessConfigError(
+            f"--model-scorer {item}: unknown kind {kind!r}; use one of {', '.join(MODEL_SCORER_TASKS)}"
+        )
+    if output and not output.isdigit():
+        raise PreprocessConfigError(
+            f"--model-scorer {item}: OUTPUT {output!r} must be a whole number (which output of the module)"
+        )
+    return ModelScorerSpec(
+        kind=kind, path=path, tasks=MODEL_SCORER_TASKS[kind], output_index=int(output) if output else None
+    )
+
+
+def quality_config(
+    *, model_scorers: Sequence[str] = (), mins: Sequence[str] = (), maxs: Sequence[str] = (),
+    default_rules: bool = True,
+) -> QualityConfig:
+    """The scorers (KIND[:OUTPUT]=PATH) and the rules: DEFAULT_RULES unless `default_rules` is
+    False, then one per SCORE=VALUE of `mins` / `maxs`, on the tasks the score's scorer judges
+    (a signal score: every task). Checked by `check_rules`: e.g. --min snr=15 (the score is
+    snr_db) must not silently do nothing."""
+    scorers = tuple(model_scorer_spec(item) for item in model_scorers)
+    tasks_of = {s.name or s.kind: s.tasks for s in scorers}
+    rules = list(DEFAULT_RULES) if default_rules else []
+    for option, bound, items in (("--min", "min_value", mins), ("--max", "max_value", maxs)):
+        rules += [
+            QualityRule(scorer=name, tasks=tasks_of.get(name, TASKS), **{bound: value})
+            for name, value in parse_pairs(items, option=option, metavar="SCORE=VALUE", cast=float)
+        ]
+    cfg = QualityConfig(rules=tuple(rules), model_scorers=scorers)
+    check_rules(cfg)
+    return cfg
+
+
+def balance_config(*, targets: Sequence[str] = (), total: int | None = None, seed: int = 0) -> BalanceConfig:
+    """Explicit rows per task (TASK=ROWS, each task at most once) or an equal split of `total`."""
+    pairs = parse_pairs(targets, option="--target", metavar="TASK=ROWS", cast=int)
+    tasks = [task for task, _ in pairs]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise PreprocessConfigError(f"--target names unknown tasks {unknown}; tasks are {', '.join(TASKS)}")
+    twice = sorted({t for t in tasks if tasks.count(t) > 1})
+    if twice:
+        raise PreprocessConfigError(f"--target names {twice} more than once: give each task one TASK=ROWS")
+    if any(rows < 0 for _, rows in pairs) or (total is not None and total < 0):
+        raise PreprocessConfigError("--target ROWS and --balance-total must be >= 0")
+    return BalanceConfig(targets=pairs, total=total, seed=seed)
+
+
+def preprocess_config(
+    *, tokenizer: str, dac_path: str | None = None, encode_actors: int = EncodeConfig.actors,
+    threads_per_actor: int = EncodeConfig.threads_per_actor, batch_rows: int = EncodeConfig.batch_rows,
+    max_encode_error_fraction: float = EncodeConfig.max_error_fraction,
+    music_window_s: float = AudioConfig.music_window_s, min_duration_s: float = AudioConfig.min_duration_s,
+    video_fps: float = VideoConfig.fps, model_scorers: Sequence[str] = (), mins: Sequence[str] = (),
+    maxs: Sequence[str] = (), default_rules: bool = True, targets: Sequence[str] = (),
+    balance_total: int | None = None, seed: int = BalanceConfig.seed,
+    rows_per_shard: int = PreprocessConfig.rows_per_shard,
+) -> PreprocessConfig:
+    """The PreprocessConfig of the preprocess job's options (one keyword per flag, e.g.
+    --encode-actors → encode_actors), checked before any work: PreprocessConfigError (a
+    ValueError) names the option at fault."""
+    return PreprocessConfig(
+        tokenizer_path=tokenizer,
+        audio=AudioConfig(music_window_s=music_window_s, min_duration_s=min_duration_s),
+        video=VideoConfig(fps=video_fps),
+        encode=EncodeConfig(
+            dac_path=dac_path, actors=encode_actors, threads_per_actor=threads_per_actor, batch_rows=batch_rows,
+            max_error_fraction=max_encode_error_fraction,
+        ),
+        quality=quality_config(model_scorers=model_scorers, mins=mins, maxs=maxs, default_rules=default_rules),
+        balance=balance_config(targets=targets, total=balance_total, seed=seed),
+        rows_per_shard=rows_per_shard,
+    )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,6 +279,25 @@ def make_mini_corpus(out_dir: str | Path, cfg: MiniCorpusConfig = MiniCorpusConf
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return manifest
+
+
+def manifest_counts(manifest: str | Path) -> tuple[dict[str, int], int]:
+    """Rows per task of a mini-corpus manifest, and how many of them are the deliberately broken
+    ones (those with an `expect`)."""
+    rows = [json.loads(line) for line in Path(manifest).read_text(encoding="utf-8").splitlines()]
+    return dict(Counter(r["task"] for r in rows)), sum("expect" in r for r in rows)
+
+
+def write_test_assets(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """What the corpus is preprocessed with when no real weights are at hand: a test BPE
+    tokenizer (out_dir/tokenizer) and a random-weight DAC (out_dir/dac_random.pth, from `seed`).
+    Returns (tokenizer folder, DAC file)."""
+    # Imported here: the corpus itself needs neither torch nor the tokenizer libraries.
+    from unimoe_ray.audio.codec import DACCodec
+    from unimoe_ray.text.tokenizer import build_test_tokenizer
+
+    out = Path(out_dir)
+    return build_test_tokenizer(out / "tokenizer"), DACCodec.random(seed=seed).save(out / "dac_random.pth")
 
 
 def _broken_rows(out: Path, cfg: MiniCorpusConfig, good_rows: list[dict]) -> list[dict]:

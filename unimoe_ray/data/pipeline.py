@@ -26,11 +26,10 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-from unimoe_ray.data.config import PreprocessConfig
+from unimoe_ray.data.config import PreprocessConfig, check_rules, score_names
 from unimoe_ray.data.decode import decode_row
 from unimoe_ray.data.encode import EncodeAudio
 from unimoe_ray.data.manifest import read_manifest
-from unimoe_ray.data.quality import check_rules, score_names
 from unimoe_ray.data.shards import check_replaceable, finalize, replace_outputs
 from unimoe_ray.data.stages import ScoreAudio, TokenizeText, attach_video, to_staging_table
 

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from unimoe_ray.data.config import TASKS, ModelScorerSpec, QualityConfig, QualityRule
+from unimoe_ray.data.config import ModelScorerSpec, QualityRule
 
 _FRAME_S = 0.02  # 20 ms analysis frames: one phoneme-ish, a few pitch periods
 
@@ -79,7 +79,7 @@ class SilenceScorer:
 
 
 def signal_scorers() -> tuple[Scorer, ...]:
-    """The offline defaults, in a fixed order (their names become shard columns)."""
+    """The offline defaults, in a fixed order; their names (config.SIGNAL_SCORES) become shard columns."""
     return (SnrScorer(), ClippingScorer(), SilenceScorer())
 
 
@@ -176,28 +176,3 @@ def failed_rule(
         if rule.max_value is not None and value > rule.max_value:
             return f"high_{rule.scorer}", f"{rule.scorer}={value:.4g} > {rule.max_value:g}"
     return "", ""
-
-
-def score_names(model_scorers: tuple[ModelScorerSpec, ...]) -> tuple[str, ...]:
-    """Score columns of a run, in order: the signal scorers, then the model scorers."""
-    return tuple(s.name for s in signal_scorers()) + tuple(m.name or m.kind for m in model_scorers)
-
-
-def check_rules(cfg: QualityConfig) -> None:
-    """Raise ValueError for a rule that could never apply: a score no scorer of the run
-    produces (a typo, or a model score without its --model-scorer) or an unknown task.
-    `failed_rule` lets a missing score pass, so such a rule would silently keep every row."""
-    known = score_names(cfg.model_scorers)
-    for rule in cfg.rules:
-        if rule.scorer not in known:
-            raise ValueError(
-                f"quality rule on score {rule.scorer!r}, which no scorer of this run produces; "
-                f"the known scores are {', '.join(known)}. A model score needs its scorer "
-                "(--model-scorer KIND=PATH, kinds utmos, aesthetics, clap)"
-            )
-        unknown_tasks = sorted(set(rule.tasks) - set(TASKS))
-        if unknown_tasks:
-            raise ValueError(
-                f"quality rule on {rule.scorer!r} names unknown tasks {unknown_tasks}; "
-                f"tasks are {', '.join(TASKS)}"
-            )

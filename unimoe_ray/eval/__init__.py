@@ -7,4 +7,5 @@ similarity, UTMOS, CLAP score, FAD). Torch only: `jobs/evaluate.py` is the entry
 - `judges.py`: the model-based judges, each loaded from a local path and optional;
 - `harness.py`: shard rows or a task file → teacher forcing, generation, judging → report;
 - `report.py`: the report as eval.json and an eval.md table.
+- `evaluate.py`: a checkpoint folder evaluated from paths (model, tokenizer, DAC, judges).
 """

@@ -359,18 +359,23 @@ def generation_summary(records: list[dict], items: list[EvalItem], judges: Judge
 
 def run_eval(model: UniMoEAudio, prompts: PromptBuilder, codec: DACCodec, judges: Judges, cfg: EvalConfig, *,
              shards: list[str | Path] | None = None, task_file: str | Path | None = None,
+             rows: dict[str, list[dict]] | None = None,
              voices: VoiceLibrary | None = None, log: Callable[[str], None] = print) -> dict:
     """Evaluate on shard rows (teacher forcing + generation) or a task file (generation only).
+    `rows` (task → shard rows, e.g. a training run's validation split) replaces `shards` when
+    the caller has chosen the rows itself (`cfg.rows_per_task` then does not apply).
     Returns the report (eval/report.py writes it): per-task metrics, per-item records, every
     skipped metric's reason and per-task notes."""
-    if (shards is None) == (task_file is None):
-        raise EvalError("give validation shards or a task file (exactly one)")
+    if sum(x is not None for x in (shards, task_file, rows)) != 1:
+        raise EvalError("give validation shards, shard rows or a task file (exactly one)")
     skipped = dict(judges.skipped)
     for metric, reason in skipped.items():
         log(f"[eval] skipping {metric}: {reason}")
     tasks: dict[str, dict] = {}
-    if shards is not None:
-        rows = read_rows(shards, cfg.tasks, cfg.rows_per_task)
+    if task_file is None:
+        if rows is None:
+            rows = read_rows(shards, cfg.tasks, cfg.rows_per_task)
+        rows = {t: r for t, r in rows.items() if t in cfg.tasks and r}
         for t in cfg.tasks:
             if t not in rows:
                 log(f"[eval] no rows of {t} in the shards: {t} is not evaluated")

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimoe_ray.model import kernels
+from unimoe_ray.model import kernel_plans, kernels
 
 
 class SwiGLU(nn.Module):
     """Qwen-style gated MLP: down(silu(gate(x)) * up(x)). Parameter names match the checkpoint.
 
-    Without autograd it runs this machine's chosen kernel (unimoe_ray.model.kernels) on its
+    Without autograd it runs this machine's chosen kernel (unimoe_ray.model.kernel_plans) on its
     weights in fp32 or bf16; int8 weights live in unimoe_ray.model.quantize.Int8SwiGLU.
     """
 
@@ -66,7 +66,7 @@ class SwiGLU(nn.Module):
             xw = x_nD.to(gate_FD.dtype)
             y_nD = F.linear(F.silu(F.linear(xw, gate_FD)) * F.linear(xw, up_FD), down_DF).to(x_nD.dtype)
             return y_nD if out_nD is None else out_nD.copy_(y_nD)
-        return kernels.swiglu(self.expert_weights(), x_nD, out_nD)
+        return kernel_plans.swiglu(self.expert_weights(), x_nD, out_nD)
 
     def __getstate__(self) -> dict:
         # The kernel-form cache holds views of this module's parameters: never pickle/copy it.
@@ -101,7 +101,7 @@ def run_grouped(experts: Sequence[SwiGLU], x_ND: torch.Tensor, counts: Sequence[
         if n:
             x_nD, out_nD = x_ND[start : start + n], y_ND[start : start + n]
             if direct and not (expert._forward_hooks or expert._forward_pre_hooks):
-                kernels.swiglu(expert.expert_weights(), x_nD, out_nD)
+                kernel_plans.swiglu(expert.expert_weights(), x_nD, out_nD)
             else:
                 expert(x_nD, out_nD=out_nD)
             start += n
@@ -170,8 +170,8 @@ class LocalExperts:
         if torch.is_grad_enabled() or not len(self.experts) or not hasattr(self.experts[0], "expert_weights"):
             return None
         w0 = self.experts[0].expert_weights()
-        grouped = kernels.grouped_applies(w0, counts)
-        act = None if grouped else kernels.int8_layer_dtype(w0, counts)
+        grouped = kernel_plans.grouped_applies(w0, counts)
+        act = None if grouped else kernel_plans.int8_layer_dtype(w0, counts)
         if not grouped and act is None:
             return None
         if any(m._forward_hooks or m._forward_pre_hooks for m in self.experts):

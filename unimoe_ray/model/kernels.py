@@ -1,68 +1,49 @@
 """Expert GEMM kernels: the ways this project knows to run one SwiGLU expert,
-down(silu(gate·x) * up·x), without autograd, and the start-up measurement that picks the
-fastest per device, weight dtype, expert shape and token count on the machine at hand.
+down(silu(gate·x) * up·x), without autograd, each computing the same function.
 
-Why measured instead of tuned: which formulation is fastest at a few tokens depends on the
-BLAS and the CPU. On 2 AVX2 cores of an AMD EPYC, MKL read expert weights 1.5-2x faster as
-W·xᵀ (weights as the left operand) than as nn.Linear's x·Wᵀ, and wanted the token columns in
-multiples of 8; on 2 AVX-512 cores of an Intel Xeon with the same torch build, W·xᵀ is ~2.5x
-*slower* than x·Wᵀ at 1-3 tokens (benchmarks/README.md, issue 12). Constants tuned on one box
-lost 2x on the other. So every candidate below computes the same function, `select` times them
-on the model's own weights at a ladder of token counts once per (device, dtype, D, F), and the
-choice is cached per machine (CPU model, ISA, torch version, thread count).
-
-Environment:
-  UNIMOE_KERNELS=auto     (default) `select` measures, or reads the machine's cached choice;
-  UNIMOE_KERNELS=default  no measurement: one fixed formulation per weight dtype (DEFAULT),
-                          the same kernels and rounding on every machine (reproducible runs);
-  UNIMOE_KERNEL_CACHE     the cache file (default $XDG_CACHE_HOME/unimoe_ray/kernels.json,
-                          without XDG_CACHE_HOME ~/.cache/unimoe_ray/kernels.json).
-Without a `select` call every expert runs its dtype's DEFAULT formulation.
+Why several: which formulation is fastest at a few tokens depends on the BLAS and the CPU. On 2
+AVX2 cores of an AMD EPYC, MKL read expert weights 1.5-2x faster as W·xᵀ (weights as the left
+operand) than as nn.Linear's x·Wᵀ, and wanted the token columns in multiples of 8; on 2 AVX-512
+cores of an Intel Xeon with the same torch build, W·xᵀ is ~2.5x *slower* than x·Wᵀ at 1-3
+tokens (benchmarks/README.md, issue 12). Constants tuned on one box lost 2x on the other. So the
+candidates (CANDIDATES) live here, the choice per expert shape and token count in
+`model/kernel_plans.py`, the measurement that makes it in `model/autotune.py`, and the machine
+fingerprint and cache it is kept under in `model/kernel_cache.py`.
 
 Shape legend: n tokens, c token columns after padding, D model dim, F expert FFN dim.
 """
 
 from __future__ import annotations
 
-import bisect
-import datetime
 import functools
 import itertools
-import json
-import os
-import platform
-import tempfile
 import threading
-import time
-import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-ENV_MODE = "UNIMOE_KERNELS"
-ENV_CACHE = "UNIMOE_KERNEL_CACHE"
-CACHE_VERSION = 2  # 2: the layer-level 'grouped' candidate
 
 # Above this many tokens the x·Wᵀ kernels go through in row blocks with one reused gate/up
 # buffer: GEMMs of ~1k rows already run at full speed, and the buffers stay in the heap and
 # the cache where whole-expert (n × F) temporaries are fresh mmap'd pages every call.
 BLOCK_TOKENS = 1024
-# Token counts at which `select` times the candidates; a count n uses the choice measured at
-# the smallest ladder point ≥ n (the last one beyond it). Decode sizes are dense, prefill blocks
-# sparse.
-LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 256, 1024)
-# A candidate replaces the dtype's default only when faster by this fraction: timing noise on a
-# shared machine must not flip the choice (and with it the rounding) from run to run.
-MARGIN = 0.03
-# A point whose median round is this much slower than its best was disturbed by other load.
-NOISY = 1.5
 
 
 # ---------------------------------------------------------------- weights in kernel form
+
+
+@dataclass(frozen=True)
+class PlanKey:
+    """What a kernel choice is made per: the weights' device type, dtype and shape."""
+
+    device: str
+    dtype: str
+    dim: int
+    hidden: int
+
+    def __str__(self) -> str:
+        return f"{self.device}|{self.dtype}|{self.dim}x{self.hidden}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,7 +76,7 @@ class ExpertWeights:
         return self.gate_FD.shape[1]
 
     @functools.cached_property
-    def key(self) -> "PlanKey":
+    def key(self) -> PlanKey:
         # Cached: swiglu looks the plan up on every expert call (a frozen dataclass still has
         # the instance __dict__ that cached_property writes to).
         return PlanKey(self.gate_FD.device.type, self.dtype, self.dim, self.hidden)
@@ -336,29 +317,6 @@ def int8_mm_bf16(x_nD, w: ExpertWeights, out_nD=None):
 
 # ---------------------------------------------------------------- a layer's experts at once
 
-def grouped_applies(w: ExpertWeights, counts) -> bool:
-    """Whether one `grouped_swiglu` call runs experts shaped like `w` with these token counts
-    instead of the per-expert loop: where this machine measured the "grouped" candidate the
-    fastest at every active count (`measure`). Never without a measured plan."""
-    plan = _PLANS.get(w.key)
-    return plan is not None and all(plan.name_for(n) == "grouped" for n in counts if n)
-
-
-# The per-expert int8 kernels a layer-level loop reproduces with its casts done once per layer.
-INT8_LAYER = {"int8_mm": torch.float32, "int8_mm_bf16": torch.bfloat16}
-
-
-def int8_layer_dtype(w: ExpertWeights, counts) -> torch.dtype | None:
-    """The activation dtype when every active count of int8 experts shaped like `w` runs one
-    torch int8 kernel (`int8_mm` or `int8_mm_bf16`, the same at all counts): then `int8_layer`
-    computes what the per-expert loop would, with one cast in and one out for the whole layer
-    instead of two per expert. Else None."""
-    plan = _PLANS.get(w.key)
-    if plan is None or w.dtype != "int8":
-        return None
-    names = {plan.name_for(n) for n in counts if n}
-    return INT8_LAYER.get(names.pop()) if len(names) == 1 else None
-
 
 def int8_layer(ws, x_ND: torch.Tensor, counts, act_dtype: torch.dtype) -> torch.Tensor:
     """A layer's int8 experts (`ws`, one per count) on their rows of x_ND with torch's int8
@@ -428,7 +386,7 @@ CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
     Candidate("wxt_pad8", wxt_pad8, FLOAT, doc="W·xᵀ, token columns padded to a multiple of 8"),
     Candidate("wxt_fused", wxt_fused, FLOAT, True, "W·xᵀ, one GEMM for gate and up, even columns"),
     Candidate("upcast", upcast, ("bf16", "fp16", "int8"), doc="dequantise into a reused fp32 buffer, fp32 x·Wᵀ"),
-    # A layer-level candidate: `measure` times all of a layer's stacked experts in one
+    # A layer-level candidate: `autotune.measure` times all of a layer's stacked experts in one
     # `grouped_swiglu` call (per expert: the call ÷ experts); where it wins, `LocalExperts` runs
     # the layer that way. An expert called on its own under it runs xwt_fused (same GEMMs).
     Candidate("grouped", xwt_fused, FLOAT, True, "a layer's experts in two torch._grouped_mm calls (x·Wᵀ)"),
@@ -443,345 +401,5 @@ CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
 # no `select` call): nn.Linear's x·Wᵀ; for int8 the dequantise-then-fp32 kernel, which takes
 # any shape on any device and is the int8 weights' exact value in fp32 arithmetic (torch's own
 # int8 matmul with fp32 activations measured 4-40x slower than it on an AVX-512 Xeon, the
-# bf16-activation one rounds activations; `select` picks either where it is faster).
+# bf16-activation one rounds activations; `autotune.select` picks either where it is faster).
 DEFAULT = {"fp32": "xwt", "bf16": "xwt", "fp16": "xwt", "int8": "upcast"}
-
-
-# ---------------------------------------------------------------- plans
-
-
-@dataclass(frozen=True)
-class PlanKey:
-    device: str
-    dtype: str
-    dim: int
-    hidden: int
-
-    def __str__(self) -> str:
-        return f"{self.device}|{self.dtype}|{self.dim}x{self.hidden}"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Which candidate runs n tokens: names[i] for n ≤ limits[i] (the last beyond)."""
-
-    limits: tuple[int, ...]
-    names: tuple[str, ...]
-    source: str  # "measured" | "noisy" (measured on a busy machine: not cached) | "cache"
-    ms: dict = field(default_factory=dict, compare=False)  # {n: {candidate: ms per expert}}
-    fns: tuple = field(default=(), compare=False, repr=False)
-
-    def name_for(self, n: int) -> str:
-        return self.names[min(bisect.bisect_left(self.limits, n), len(self.names) - 1)]
-
-
-_PLANS: dict[PlanKey, Plan] = {}
-
-
-def _fallback(w: ExpertWeights) -> Callable[..., torch.Tensor]:
-    return CANDIDATES[DEFAULT[w.dtype]].fn
-
-
-def swiglu(w: ExpertWeights, x_nD: torch.Tensor, out_nD: torch.Tensor | None = None) -> torch.Tensor:
-    """y_nD = down(silu(gate·x) * up·x) by this machine's chosen kernel (no autograd); written
-    into `out_nD` when given (then returned). y has x's dtype."""
-    plan = _PLANS.get(w.key)
-    if plan is None:
-        return _fallback(w)(x_nD, w, out_nD)
-    i = min(bisect.bisect_left(plan.limits, x_nD.shape[0]), len(plan.fns) - 1)
-    return plan.fns[i](x_nD, w, out_nD)
-
-
-def plans() -> dict[PlanKey, Plan]:
-    """The plans in force in this process."""
-    return dict(_PLANS)
-
-
-def clear() -> None:
-    """Forget every plan in this process (the defaults apply again)."""
-    _PLANS.clear()
-
-
-def register(key: PlanKey, plan: Plan) -> Plan:
-    unknown = [n for n in plan.names if n not in CANDIDATES]
-    if unknown:
-        raise ValueError(f"unknown kernel candidates {unknown}: known {sorted(CANDIDATES)}")
-    plan = Plan(plan.limits, plan.names, plan.source, plan.ms, tuple(CANDIDATES[n].fn for n in plan.names))
-    _PLANS[key] = plan
-    return plan
-
-
-def mode() -> str:
-    value = os.environ.get(ENV_MODE, "auto").strip().lower() or "auto"
-    if value not in ("auto", "default"):
-        raise ValueError(
-            f"{ENV_MODE}={value!r}: use 'auto' (measure the fastest kernels once per machine) or "
-            "'default' (fixed formulation, reproducible across machines)"
-        )
-    return value
-
-
-# ---------------------------------------------------------------- the machine and its cache
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# ISA flags that change which GEMM kernels a BLAS runs.
-_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
-              "asimd", "sve", "sve2")
-
-
-def _isa_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    have = set(line.split(":", 1)[1].split())
-                    return [f for f in _ISA_FLAGS if f in have]
-    except OSError:
-        pass
-    return []
-
-
-def machine(device: torch.device | str = "cpu") -> dict[str, str | int]:
-    """What a kernel choice depends on: processor, ISA, torch version, thread count."""
-    device = torch.device(device)
-    info: dict[str, str | int] = {"torch": torch.__version__}
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(idx)
-        info.update(device=props.name, capability=f"sm{props.major}{props.minor}", cuda=str(torch.version.cuda))
-    else:
-        info.update(
-            device=_cpu_model(), isa=" ".join([torch.backends.cpu.get_cpu_capability(), *_isa_flags()]),
-            threads=torch.get_num_threads(),
-        )
-    return info
-
-
-def machine_key(device: torch.device | str = "cpu") -> str:
-    return " | ".join(f"{k}={v}" for k, v in machine(device).items())
-
-
-def cache_path() -> Path:
-    if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "unimoe_ray" / "kernels.json"
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {"version": CACHE_VERSION, "machines": {}}
-    except (OSError, ValueError) as e:
-        warnings.warn(f"kernel cache {path} unreadable ({e}); measuring again and rewriting it")
-        return {"version": CACHE_VERSION, "machines": {}}
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("machines"), dict):
-        return {"version": CACHE_VERSION, "machines": {}}
-    return data
-
-
-def _write_cache(path: Path, mkey: str, entries: dict[str, dict]) -> None:
-    """Merge into the file (other processes may have written other shapes meanwhile), atomically."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = _read_cache(path)
-        data["machines"].setdefault(mkey, {}).update(entries)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as e:
-        warnings.warn(f"could not write the kernel cache {path} ({e}); the choice holds for this process only")
-
-
-def _cached_plan(entry: dict) -> Plan | None:
-    try:
-        limits, names = tuple(int(n) for n in entry["limits"]), tuple(str(n) for n in entry["names"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    if len(limits) != len(names) or not names or any(n not in CANDIDATES for n in names):
-        return None
-    return Plan(limits, names, "cache", {int(k): v for k, v in entry.get("ms", {}).items()})
-
-
-# ---------------------------------------------------------------- measuring
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _tolerance(dtype: str) -> tuple[float, float]:
-    # fp32 candidates differ by summation order only; bf16 / int8 activations round at 2⁻⁸.
-    return (1e-4, 1e-4) if dtype == "fp32" else (3e-2, 3e-2)
-
-
-def measure(
-    weights: list[ExpertWeights], *, ladder: Iterable[int] | None = None, act_dtype: torch.dtype = torch.float32,
-    rounds: int = 3, max_experts: int = 4,
-) -> Plan:
-    """Time every applicable candidate on these experts (same key) at each token count of the
-    ladder and pick the fastest (the dtype's default unless another beats it by MARGIN).
-
-    Each sample runs the candidate over up to `max_experts` distinct experts in turn, so
-    weights come from memory as they do in a decode step, not from the cache. Rounds
-    interleave the candidates (rotating order); a candidate's time is its best round (load
-    from other processes only ever adds time). A candidate that fails or disagrees with the
-    default's output is left out, with a warning.
-    """
-    w0 = weights[0]
-    device = w0.gate_FD.device
-    default = DEFAULT[w0.dtype]
-    names = [c.name for c in CANDIDATES.values() if c.applies(w0)]
-    # "grouped" needs experts stacked in memory: the longest such run at the front (≥ 2).
-    stack_n = max((k for k in range(2, min(len(weights), max_experts) + 1) if stacked_views(weights[:k])), default=0)
-    if not stack_n or not hasattr(torch, "_grouped_mm") or device.type != "cpu":
-        names = [n for n in names if n != "grouped"]
-    stack = stacked_views(weights[:stack_n]) if stack_n else None
-
-    def run_once(name: str, x_nD: torch.Tensor, ws: list[ExpertWeights]) -> tuple[torch.Tensor, int]:
-        """(expert 0's output, experts run), each expert on its own rows of one grouped input
-        and writing into its rows of one output, as a layer runs them (`experts.run_grouped`),
-        or all in one `grouped_swiglu` call."""
-        n = x_nD.shape[0]
-        if name == "grouped":
-            return grouped_swiglu(*stack, x_nD.repeat(stack_n, 1), (n,) * stack_n)[:n], stack_n
-        fn = CANDIDATES[name].fn
-        x_ND = x_nD.repeat(len(ws), 1)
-        y_ND = torch.empty_like(x_ND)
-        for e, w in enumerate(ws):
-            fn(x_ND[e * n : (e + 1) * n], w, y_ND[e * n : (e + 1) * n])
-        return y_ND[:n], len(ws)
-
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    limits, chosen, ms = [], [], {}
-    broken: set[str] = set()
-    noisy = 0
-    with torch.inference_mode():
-        for n in LADDER if ladder is None else ladder:
-            ws = weights[: max_experts if n <= 64 else 1]
-            x_nD = torch.randn(n, w0.dim, generator=gen).to(device=device, dtype=act_dtype)
-            ref = CANDIDATES[default].fn(x_nD, w0)
-            live = []
-            for name in names:
-                if name in broken:
-                    continue
-                try:
-                    y, _ = run_once(name, x_nD, [w0])
-                    _sync(device)
-                    rtol, atol = _tolerance(w0.dtype)
-                    torch.testing.assert_close(y.float(), ref.float(), rtol=rtol, atol=atol * float(ref.abs().max()))
-                except Exception as e:  # noqa: BLE001 - a kernel missing on this device is data here
-                    warnings.warn(f"kernel candidate {name} left out for {w0.key} at {n} tokens: {e}")
-                    broken.add(name)
-                    continue
-                live.append(name)
-            best = {name: float("inf") for name in live}
-            per_round: list[dict[str, float]] = []
-            for r in range(rounds if n <= 64 else max(2, rounds // 2)):
-                per_round.append({})
-                order = live[r % len(live):] + live[: r % len(live)]
-                for name in order:
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    _, ran = run_once(name, x_nD, ws)
-                    _sync(device)
-                    t = (time.perf_counter() - t0) / ran
-                    best[name] = min(best[name], t)
-                    per_round[-1][name] = t
-            fastest = min(best, key=best.get)
-            # Another candidate replaces the default only when its best round beats the
-            # default's by MARGIN *and* it was faster in most rounds (paired, same load).
-            wins = sum(r[fastest] < r[default] for r in per_round)
-            clear = best[fastest] * (1 + MARGIN) < best[default] and 2 * wins > len(per_round)
-            limits.append(n)
-            chosen.append(fastest if clear else default)
-            ms[n] = {name: round(t * 1e3, 4) for name, t in best.items()}
-            spread = sorted(r[default] for r in per_round)
-            noisy += spread[len(spread) // 2] > NOISY * best[default]
-    # Rounds of one candidate far apart: other processes took the cores meanwhile, and even the
-    # best rounds may be off. Such a choice serves this process but is not cached.
-    source = "noisy" if noisy * 3 > len(limits) else "measured"
-    if source == "noisy":
-        warnings.warn(
-            f"kernel timings for {w0.key} were disturbed at {noisy} of {len(limits)} token counts "
-            "(machine busy): using the choice in this process without caching it"
-        )
-    return Plan(tuple(limits), tuple(chosen), source, ms)
-
-
-@dataclass(frozen=True)
-class Selection:
-    """What `select` did for one expert shape (printed by the benchmarks)."""
-
-    key: PlanKey
-    plan: Plan
-    experts: int
-
-    def summary(self) -> str:
-        runs, last = [], None
-        for n, name in zip(self.plan.limits, self.plan.names):
-            if name != last:
-                runs.append(f"{name}@{n}")
-                last = name
-        return f"{self.key} ({self.experts} experts, {self.plan.source}): " + ", ".join(runs)
-
-
-def expert_modules(model: nn.Module) -> list[nn.Module]:
-    """Every module with expert weights in kernel form (SwiGLU and the quantised experts)."""
-    return [m for m in model.modules() if callable(getattr(m, "expert_weights", None))]
-
-
-def select(model: nn.Module, *, use_cache: bool = True, remeasure: bool = False, **measure_kw) -> list[Selection]:
-    """Pick the fastest kernel per expert shape of `model` on its device: from this machine's
-    cache, else by `measure` (then cached). Under UNIMOE_KERNELS=default: nothing (defaults)."""
-    if mode() == "default":
-        return []
-    groups: dict[PlanKey, list[ExpertWeights]] = {}
-    experts = expert_modules(model)
-    for m in experts:
-        w = m.expert_weights()
-        groups.setdefault(w.key, []).append(w)
-    # Time with the activations the model will feed its experts (its non-expert dtype).
-    expert_params = {id(p) for m in experts for p in m.parameters()}
-    act = [p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in expert_params]
-    measure_kw.setdefault("act_dtype", act[0] if act else torch.float32)
-    if not groups:
-        return []
-    out = []
-    by_device: dict[str, list[PlanKey]] = {}
-    for key in groups:
-        by_device.setdefault(key.device, []).append(key)
-    for dev_type, keys in by_device.items():
-        device = groups[keys[0]][0].gate_FD.device
-        mkey = machine_key(device)
-        path = cache_path()
-        cached = _read_cache(path)["machines"].get(mkey, {}) if use_cache else {}
-        new_entries = {}
-        for key in keys:
-            plan = None if remeasure else _cached_plan(cached.get(str(key), {}))
-            if plan is None:
-                plan = measure(groups[key], **measure_kw)
-            if plan.source == "measured":
-                new_entries[str(key)] = {
-                    "limits": list(plan.limits), "names": list(plan.names),
-                    "ms": {str(k): v for k, v in plan.ms.items()},
-                    "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                }
-            out.append(Selection(key, register(key, plan), len(groups[key])))
-        if new_entries and use_cache:
-            _write_cache(path, mkey, new_entries)
-    return out

@@ -1,5 +1,5 @@
 """Expert weights in fewer bytes for inference: int8 weight-only (per-output-channel scales) or
-bf16, chosen at load (`load_pretrained(..., expert_dtype=...)`, `--expert-dtype`).
+bf16, chosen at load (`AudioGenerator.load(..., expert_dtype=...)`, `--expert-dtype`).
 
 A decode step reads every touched expert's weights once per layer and does little arithmetic
 on them, so its time is bytes ÷ memory bandwidth: bf16 halves the expert bytes, int8 quarters
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unimoe_ray.model import kernels
+from unimoe_ray.model import autotune, kernel_plans, kernels
 from unimoe_ray.model.attention import fuse_qkv
 from unimoe_ray.model.experts import SwiGLU, stack_experts
 from unimoe_ray.model.hugepages import move_to_hugepages
@@ -84,7 +84,7 @@ class Int8SwiGLU(nn.Module):
                 "int8 experts are inference-only (no gradient through quantised weights): load "
                 "the model with expert_dtype='fp32' (or None) to train"
             )
-        return kernels.swiglu(self.expert_weights(), x_nD, out_nD)
+        return kernel_plans.swiglu(self.expert_weights(), x_nD, out_nD)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -106,13 +106,15 @@ def expert_lists(model: nn.Module) -> list[nn.ModuleList]:
 def convert_experts(
     model: nn.Module, dtype: str | torch.dtype | None, *, select: bool = True, hugepages: bool = True
 ) -> nn.Module:
-    """Store every DCMoE expert of `model` in `dtype` ("fp32" | "bf16" | "int8"; None keeps the
-    loaded dtype), each layer's experts stacked (gate and up in one buffer), each attention's
-    q/k/v in one buffer (`Attention.fuse_qkv`), move the model's CPU weights into huge pages
-    (`hugepages.move_to_hugepages`; UNIMOE_HUGEPAGES=0 turns it off), then pick this machine's
-    fastest expert kernels (`kernels.select`: measured once per shape on the model's device and
-    cached; skipped under UNIMOE_KERNELS=default). In place; returns the model. For inference:
-    int8 experts take no gradient, and a converted model's state dict holds the converted tensors.
+    """The one place a model is prepared for inference (`AudioGenerator.load` calls it after
+    `load_pretrained`). Store every DCMoE expert of `model` in `dtype` ("fp32" | "bf16" | "int8";
+    None keeps the loaded dtype), each layer's experts stacked (gate and up in one buffer), each
+    attention's q/k/v in one buffer (`Attention.fuse_qkv`), move the model's CPU weights into
+    huge pages (`hugepages.move_to_hugepages`; UNIMOE_HUGEPAGES=0 turns it off), then pick this
+    machine's fastest expert kernels (`autotune.select`: measured once per shape on the model's
+    device and cached; skipped under UNIMOE_KERNELS=default). In place; returns the model. For
+    inference: int8 experts take no gradient, and a converted model's state dict holds the
+    converted tensors.
     """
     if isinstance(dtype, torch.dtype):
         names = {v: k for k, v in EXPERT_DTYPES.items()}
@@ -143,7 +145,7 @@ def convert_experts(
     if hugepages:
         move_to_hugepages(model)
     if select:
-        kernels.select(model)
+        autotune.select(model)
     return model
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 from ray.actor import ActorHandle
 
-from unimoe_ray.config import ModelConfig
+from unimoe_ray.config_hf import load_config
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel.admin import get_controller
 from unimoe_ray.parallel.backend import RayExperts
@@ -58,7 +58,7 @@ def launch_experts(weights: UniMoEAudio | str | Path, cfg: ExpertParallelConfig)
         ray.get(keeper.refs.remote())  # the keeper owns the weights now
         source, routers = None, router_digest(weights)
     else:
-        model_cfg = ModelConfig.from_json(weights)
+        model_cfg = load_config(weights)
         source, routers = str(weights), checkpoint_router_digest(weights)
     controller = ray.remote(ExpertController).options(
         name=cfg.controller_name, namespace=cfg.namespace, lifetime="detached", num_cpus=0,

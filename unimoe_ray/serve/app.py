@@ -24,12 +24,11 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError
 from ray.serve.exceptions import BackPressureError
@@ -38,95 +37,19 @@ from ray.serve.handle import DeploymentHandle
 from unimoe_ray.serve import formats
 from unimoe_ray.serve.uploads import UploadError, json_body_limit, read_body, read_form
 from unimoe_ray.serve.model import AudioModel
-from unimoe_ray.serve.runtime import AudioJob, SettingsError, sampling_overrides, settings_from_dict
+from unimoe_ray.serve.runtime import AudioJob, SettingsError, sampling_overrides
+from unimoe_ray.serve.schemas import (MODEL_ALIASES, MODEL_ID, APIError, MusicRequest, Sampling, SpeechRequest,
+                                      validation_error)
+from unimoe_ray.serve.settings import IngressSettings
 from unimoe_ray.serve.auth import (CallerLimits, KeyRing, LimitExceeded, LimitPolicy, ResponseEndMiddleware,
                                    on_response_end)
-from unimoe_ray.serve.voices import ANONYMOUS, LIBRARY, VoiceStore, VoiceStoreError
-from dataclasses import dataclass
+from unimoe_ray.serve.voice_library import codes_tensor, ship_voices
+from unimoe_ray.serve.voices import ANONYMOUS, VoiceStore, VoiceStoreError
 
-MODEL_ID = "unimoe-audio"
-# OpenAI's TTS model names, accepted so that clients written for OpenAI run unchanged.
-MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 _REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("unimoe_request_id", default="-")
 _LOG = logging.getLogger("ray.serve")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class IngressSettings:
-    """The ingress's `user_config` (changes apply live)."""
-
-    max_input_chars: int = 4096
-    speech_max_seconds: float = 20.0  # the most a speech request may ask for (max_seconds)
-    speech_default_seconds: float = 10.0
-    music_max_seconds: float = 30.0
-    music_default_seconds: float = 10.0
-    max_upload_mb: float = 10.0  # voice samples, inline reference audio, videos
-    max_voice_seconds: float = 30.0
-    max_voices: int = 100
-    voices_dir: str = "outputs/serve_voices"
-    voice_library: str | None = None  # a prompt_audios.json-style file shipped with the deployment
-    voice_root: str | None = None
-    ship_default_voice: bool = True  # with no library: one generated voice named "default"
-    api_keys_env: str | None = "UNIMOE_API_KEYS"  # comma-separated keys in this env variable
-    api_keys_file: str | None = None  # one key per line
-    retry_after_s: int = 2
-    # Per-API-key limits (serve/auth.py; per ingress replica; none with auth off; null: that limit off):
-    rate_limit_per_minute: float | None = 120.0  # token bucket refill
-    rate_limit_burst: int = 20  # requests a key may send at once before the rate paces it
-    max_concurrent_per_key: int | None = 4  # speech/music/voice uploads in flight (a stream until it ends)
-
-    @classmethod
-    def from_dict(cls, data: dict | None) -> "IngressSettings":
-        return settings_from_dict(cls, data, "ingress user_config")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: str | None = None, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                             404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-                             429: "rate_limit_error", 503: "server_overloaded"}.get(status, "server_error")
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-class Sampling(BaseModel):
-    """Sampling extensions shared by speech and music (None: the task's released default)."""
-
-    model_config = ConfigDict(extra="forbid")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    guidance_scale: float | None = Field(None, ge=0, le=50)
-    temperature: float | None = Field(None, ge=0, le=5)  # 0: greedy
-    top_k: int | None = Field(None, ge=1, le=1024)
-    top_p: float | None = Field(None, gt=0, le=1)
-
-
-class SpeechRequest(Sampling):
-    model: str = MODEL_ID
-    input: str
-    voice: str | None = None
-    response_format: Literal["wav", "flac", "pcm", "mp3", "opus"] = "mp3"
-    speed: float = Field(1.0, ge=0.25, le=4.0)
-    stream_format: Literal["audio", "sse"] = "audio"
-    max_seconds: float | None = Field(None, gt=0)
-    reference_audio: str | None = None  # base64 audio bytes (any format libsndfile reads)
-    reference_text: str | None = None
-
-
-class MusicRequest(Sampling):
-    model: str = MODEL_ID
-    prompt: str
-    duration: float | None = Field(None, gt=0)
-    response_format: Literal["wav", "flac", "pcm", "mp3", "opus"] = "wav"
-    stream: bool = False
-    stream_format: Literal["audio", "sse"] = "audio"
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -134,26 +57,7 @@ def _cause(err: BaseException) -> BaseException:
     return getattr(err, "cause", None) or err
 
 
-def _validation_error(err: ValidationError) -> APIError:
-    first = err.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-    msg = first.get("msg", "invalid value")
-    if first.get("type") == "extra_forbidden":
-        msg = f"unknown parameter {param!r}"
-    elif first.get("type") == "literal_error":
-        msg = f"{param}: {msg}"
-    else:
-        msg = f"{param}: {msg}"
-    return APIError(400, msg, param=param, code="invalid_value")
-
-
 # Helpers above the ingress class: @serve.ingress serialises the class when it is decorated.
-def _tensor(codes):
-    import torch
-
-    return torch.as_tensor(np.array(codes)).long()  # a copy: Ray hands read-only arrays
-
-
 def _sse(obj: dict) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
@@ -290,7 +194,7 @@ class APIIngress:
         try:
             return cls.model_validate(body)
         except ValidationError as err:
-            raise _validation_error(err) from None
+            raise validation_error(err) from None
 
     async def _form(self, request: Request, file_field: str):
         """A multipart body parsed while it is read: `file_field` (the one file part) up to
@@ -325,34 +229,7 @@ class APIIngress:
         async with self._library_lock:
             if self._library_ready:
                 return
-            from unimoe_ray.audio.io import read_audio, write_wav
-            from unimoe_ray.inference.voices import VoiceLibrary
-
-            s = self.settings
-            path = s.voice_library
-            if path is None and s.ship_default_voice:
-                from unimoe_ray.audio.synth import reference_voice
-
-                lib_dir = Path(s.voices_dir) / "_library"
-                lib_dir.mkdir(parents=True, exist_ok=True)
-                write_wav(lib_dir / "default.wav", reference_voice(seconds=2.0), 16000)
-                (lib_dir / "voices.json").write_text(json.dumps(
-                    {"voices": {"default": {"audio_path": "default.wav", "prompt": "This is my voice."}}}))
-                path = str(lib_dir / "voices.json")
-            if path is not None:
-                library = VoiceLibrary.load(path, root=s.voice_root)
-                for name in library.names():
-                    if self.store.find(name, owner=LIBRARY) is not None:
-                        continue
-                    voice = library.get(name)
-                    wav, sr = read_audio(voice.audio_path)
-                    data = formats.encode(wav, "wav", sr)
-                    codes = await self.speech.encode_voice.remote(data, 600.0)
-                    try:
-                        self.store.add(voice.name, voice.transcript, _tensor(codes), origin="library")
-                    except VoiceStoreError as err:
-                        if err.status != 409:  # another replica stored it first
-                            raise
+            await ship_voices(self.store, self.settings, self.speech.encode_voice.remote)
             self._library_ready = True
 
     async def _events(self, handle: DeploymentHandle, job: AudioJob, stream: bool):
@@ -550,7 +427,7 @@ class APIIngress:
             try:
                 r = MusicRequest.model_validate(form.fields)
             except ValidationError as err:
-                raise _validation_error(err) from None
+                raise validation_error(err) from None
         else:
             r = await self._json(request, MusicRequest)
         self._check_model(r.model)
@@ -608,7 +485,7 @@ class APIIngress:
         except Exception as err:
             raise self._model_error(err) from None
         try:
-            v = self.store.add(name, ref_text, _tensor(codes), owner=owner)
+            v = self.store.add(name, ref_text, codes_tensor(codes), owner=owner)
         except VoiceStoreError as err:
             raise APIError(err.status, str(err), param="name") from None
         return {"success": True, "id": v.id, "name": v.name,

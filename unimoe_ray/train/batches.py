@@ -33,6 +33,7 @@ from unimoe_ray.media.video import frames_to_patches
 from unimoe_ray.model.unimoe_audio import IGNORE_INDEX, mrope_position_ids
 from unimoe_ray.tasks import SPEECH_TASKS
 from unimoe_ray.text.prompts import PromptBuilder
+from unimoe_ray.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,38 @@ class ExampleBuilder:
             sample_id=str(row["sample_id"]), task=str(row["task"]), ids_L=ids_L, codes_KL=codes_KL,
             labels_KL=labels_KL, pixel_values=prompt.pixel_values, grid_thw=grid,
         )
+
+
+def split_rows(index: list[dict], train: TrainConfig, *, val_fraction: float = 0.1) -> tuple[dict[str, int], set[str]]:
+    """Per-task row counts and the validation sample ids, by whole source clip (`source_id`):
+    a music clip's windows all fall on one side, so validation never scores a window of a clip
+    that training saw. Per task, clips in source-id order (a hash: a fixed random subset) join
+    validation until it holds min(val_max_rows, val_fraction of the task's rows, at least 1)
+    rows; a clip that would overshoot is skipped once validation holds a row, at least one
+    clip stays in training, and a task with a single clip gets no validation."""
+    by_task: dict[str, dict[str, list[str]]] = {}
+    for r in index:
+        if "source_id" not in r:
+            raise ValueError(
+                f"row {r.get('sample_id')} has no source_id: validation is split by source clip; use "
+                "shards written by jobs/preprocess.py (their schema carries it)"
+            )
+        by_task.setdefault(r["task"], {}).setdefault(r["source_id"], []).append(r["sample_id"])
+    counts = {t: sum(len(ids) for ids in clips.values()) for t, clips in by_task.items()}
+    val: set[str] = set()
+    if train.val_every > 0:
+        for t in train.tasks:
+            clips = by_task.get(t, {})
+            want = min(train.val_max_rows, max(1, int(counts.get(t, 0) * val_fraction + 1e-9)))
+            taken = 0
+            for src in sorted(clips)[: len(clips) - 1]:
+                if taken >= want:
+                    break
+                if taken and taken + len(clips[src]) > want:
+                    continue
+                val.update(clips[src])
+                taken += len(clips[src])
+    return counts, val
 
 
 def collate(examples: list[Example], cfg: ModelConfig) -> Batch:

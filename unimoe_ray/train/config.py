@@ -104,6 +104,45 @@ class TrainConfig:
             )
 
 
+# The stage jobs' training flags (unimoe_ray.train.stages.add_common_args), one per field a user
+# sets on the command line: field → help. The flag is the field's name with dashes (max_steps →
+# --max-steps); its type, choices and default (the stage's) come from the field itself.
+FLAG_HELP: dict[str, str] = {
+    "lr": "peak learning rate (paper §4: 1e-4 / 3e-5 / 1e-5 for stages 1 / 2 / 3)",
+    "min_lr_ratio": "the cosine schedule decays to lr × this",
+    "warmup_steps": "linear warm-up steps",
+    "max_steps": "optimizer steps of the run",
+    "weight_decay": "AdamW weight decay",
+    "betas": "AdamW betas (two numbers)",
+    "grad_clip": "clip the gradient norm to this (0: no clipping)",
+    "grad_accum": "micro-batches per optimizer step",
+    "max_tokens": "padded tokens per micro-batch and worker",
+    "shuffle_window": "rows shuffled and length-bucketed together",
+    "precision": "auto: bf16 autocast on CUDA/NPU with bf16, fp32 on CPU",
+    "val_every": "steps between validations (0: none)",
+    "val_max_rows": "validation rows per task",
+    "checkpoint_every": "steps between checkpoints",
+    "log_every": "steps between metric lines",
+    "seed": "seed of the new weights, the data order and each rank's torch RNG",
+    "max_bad_steps": "consecutive non-finite losses that stop the run",
+    "expert_parallel": "ranks per expert-parallel group, N: each worker holds 1/N of every layer's routed "
+    "experts, tokens travel by all_to_all; N divides --num-workers and the routed experts (1: none)",
+}
+# Flags of the MoE stages (2 and 3) only: stage 1 trains dense specialists, which have no routed
+# experts to shard.
+MOE_FLAGS = ("expert_parallel",)
+# The fields without a flag, and why (tests/unit/test_train_flags.py: every field is in FLAG_HELP
+# or here, so a new field cannot be forgotten).
+NO_FLAG: dict[str, str] = {
+    "stage": "each job is one stage (jobs/train_stage1.py, 2, 3)",
+    "tasks": "each job's own --task / --tasks (stage 1 trains one specialist per task)",
+    "trainable": "fixed by the stage (stage 2: router and shared experts only)",
+    "use_aux_loss": "fixed by the stage (stage 1 is dense: no router, no aux loss)",
+    "deepspeed_config": "read from the JSON file that --deepspeed PATH names",
+    "log_samples": "a test switch (resume and equivalence tests), not a user option",
+}
+
+
 # Paper §4: learning rates 1e-4 / 3e-5 / 1e-5 for the three stages.
 STAGES: dict[str, TrainConfig] = {
     "stage1": TrainConfig(stage="stage1", trainable="all", lr=1e-4, use_aux_loss=False),

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
+from unimoe_ray.config_hf import save_config
 from unimoe_ray.checkpoint import INDEX_FILE, to_disk
 from unimoe_ray.model.expert_parallel import (
     ExpertParallelGroups, clip_grad_norm, is_expert_param, reduce_gradients, take_exchange_stats,
@@ -206,7 +207,7 @@ def save_sharded_checkpoint(backend: ExpertParallelBackend, model: nn.Module, pa
     index = {"metadata": {"total_size": sum(b for _, b in maps)},
              "weight_map": {k: v for m, _ in maps for k, v in sorted(m.items())}}
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    model.cfg.save_json(path / "config.json")
+    save_config(model.cfg, path / "config.json")
     (path / META).write_text(json.dumps({**meta, "expert_parallel": G}, indent=2, sort_keys=True) + "\n")
     named["state"] = {n: s for n, s in named["state"].items() if not is_expert_param(n)}
     named["expert_files"] = G

@@ -33,6 +33,8 @@ kv KV-heads · head dim, K codebooks, V codec vocab, L sequence length.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,6 +44,7 @@ from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.train.integrate import is_stage2_trainable
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,13 @@ def activation_bytes(cfg: ModelConfig, *, seq_len: int, dtype: str, expert_paral
     return int(seq_len * (cfg.num_layers * per_token_layer + head + D * a))
 
 
+def layout_fits(cfg: ModelConfig, *, workers: int, expert_parallel: int) -> bool:
+    """Whether expert-parallel size N divides the workers and the routed experts per layer (a
+    dense model has none to divide)."""
+    N = expert_parallel
+    return workers % N == 0 and (cfg.moe.mode == "dense" or cfg.moe.num_routed % N == 0)
+
+
 def plan(cfg: ModelConfig, *, workers: int, expert_parallel: int = 1, zero_stage: int = 0, seq_len: int = 4096,
          dtype: str = "bf16", trainable: str = "all", routed_per_token: float = 4.0,
          attention_probs: bool = False) -> MemoryPlan:
@@ -108,7 +118,7 @@ def plan(cfg: ModelConfig, *, workers: int, expert_parallel: int = 1, zero_stage
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage={zero_stage}: use 0, 1, 2 or 3")
     N = expert_parallel
-    if workers % N or (cfg.moe.mode != "dense" and cfg.moe.num_routed % N):
+    if not layout_fits(cfg, workers=workers, expert_parallel=N):
         raise ValueError(
             f"expert-parallel size {N} must divide the {workers} workers and the "
             f"{cfg.moe.num_routed} routed experts per layer"
@@ -129,3 +139,34 @@ def plan(cfg: ModelConfig, *, workers: int, expert_parallel: int = 1, zero_stage
         expert_params=4 * exp_p, expert_grads=4 * exp_g, expert_optimizer=8 * exp_o,
         runs_in_trainer=N == 1 or zero_stage == 0,
     )
+
+
+def plan_grid(cfg: ModelConfig, *, workers: Sequence[int], expert_parallel: Sequence[int], zero_stages: Sequence[int],
+              **options) -> list[dict]:
+    """One row per (workers W, expert-parallel size N, ZeRO stage) the model can be laid out in
+    (layout_fits; the others are left out): `plan(cfg, ..., **options).as_dict()` with the three
+    sizes, in the order of the arguments."""
+    return [
+        {"workers": W, "expert_parallel": N, "zero": Z,
+         **plan(cfg, workers=W, expert_parallel=N, zero_stage=Z, **options).as_dict()}
+        for W, N, Z in itertools.product(workers, expert_parallel, zero_stages)
+        if layout_fits(cfg, workers=W, expert_parallel=N)
+    ]
+
+
+def markdown_table(rows: list[dict], *, device_gib: float) -> str:
+    """plan_grid's rows in GiB per rank, with whether each fits a device of `device_gib` GiB;
+    `what-if` marks ZeRO with N > 1, which the trainer does not run."""
+    lines = [
+        f"| W | N | ZeRO | params (experts) | grads | AdamW | activations | total | fits {device_gib:g} GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fits = "yes" if r["total"] / GIB <= device_gib else "no"
+        note = "" if r["runs_in_trainer"] else " (what-if)"
+        lines.append(
+            f"| {r['workers']} | {r['expert_parallel']} | {r['zero']}{note} | {r['params'] / GIB:.1f} "
+            f"({r['expert_params'] / GIB:.1f}) | {r['grads'] / GIB:.1f} | {r['optimizer'] / GIB:.1f} | "
+            f"{r['activations'] / GIB:.1f} | {r['total'] / GIB:.1f} | {fits} |"
+        )
+    return "\n".join(lines)

@@ -96,7 +96,8 @@ def routing_by_task(model, batches_by_task: dict) -> dict[str, RoutingTally]:
 
 def routing_report(tallies: dict[str, RoutingTally]) -> dict:
     """The numbers behind the plots: per layer, the share of tokens using k routed experts
-    (all tasks, paper Fig. 3) and each routed expert's share of a task's tokens (Fig. 5)."""
+    (all tasks, paper Fig. 3), the mean routed experts per token of each task, and each routed
+    expert's share of a task's tokens (Fig. 5)."""
     tasks = sorted(tallies)
     first = tallies[tasks[0]]
     layers = []
@@ -109,6 +110,9 @@ def routing_report(tallies: dict[str, RoutingTally]) -> dict:
             "k_share": (hist / max(tokens, 1.0)).tolist(),
             "mean_routed_experts": float(sum(t.routed_sum_Y[y] for t in tallies.values())) / max(tokens, 1.0),
             "null_share": float(sum(t.null_tokens_Y[y] for t in tallies.values())) / max(tokens, 1.0),
+            "mean_routed_experts_by_task": {
+                t: float(tallies[t].routed_sum_Y[y]) / max(float(tallies[t].tokens_Y[y]), 1.0) for t in tasks
+            },
             "expert_share_by_task": {
                 t: (tallies[t].per_expert_YE[y] / max(float(tallies[t].tokens_Y[y]), 1.0)).tolist() for t in tasks
             },

@@ -21,6 +21,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from unimoe_ray.data.shards import shard_paths
+from unimoe_ray.train.batches import split_rows
 from unimoe_ray.train.config import TrainConfig
 from unimoe_ray.train.loop import train_loop
 from unimoe_ray.train.optim import check_zero3
@@ -69,23 +70,6 @@ class RunSpec:
         return Path(self.storage_path) / self.name / "logs"
 
 
-def split_rows(index: list[dict], train: TrainConfig) -> tuple[dict[str, int], set[str]]:
-    """Per-task row counts and the validation sample ids: per task, the first
-    min(val_max_rows, 10%) rows in sample-id order (a hash: a fixed random subset), at least
-    one when the task has two or more rows."""
-    by_task: dict[str, list[str]] = {}
-    for r in index:
-        by_task.setdefault(r["task"], []).append(r["sample_id"])
-    counts = {t: len(v) for t, v in by_task.items()}
-    val: set[str] = set()
-    if train.val_every > 0:
-        for t in train.tasks:
-            ids = sorted(by_task.get(t, []))
-            n_val = min(train.val_max_rows, max(1, len(ids) // 10)) if len(ids) >= 2 else 0
-            val.update(ids[:n_val])
-    return counts, val
-
-
 def check_tasks(counts: dict[str, int], train: TrainConfig, shards: list[str]) -> None:
     missing = [t for t in train.tasks if counts.get(t, 0) == 0]
     if missing:
@@ -97,15 +81,15 @@ def check_tasks(counts: dict[str, int], train: TrainConfig, shards: list[str]) -
 
 
 def plan_data(spec: RunSpec) -> tuple[list[str], dict[str, int], set[str]]:
-    """Shard files, rows per task and the validation ids, checked before Ray starts (reads
-    only the sample_id and task columns)."""
+    """Shard files, rows per task and the validation ids (whole source clips, `split_rows`),
+    checked before Ray starts (reads only the sample_id, source_id and task columns)."""
     import pyarrow.dataset as pads
 
     paths = shard_paths(spec.shards)
     try:
-        index = pads.dataset(paths, format="parquet").to_table(columns=["sample_id", "task"]).to_pylist()
+        index = pads.dataset(paths, format="parquet").to_table(columns=["sample_id", "source_id", "task"]).to_pylist()
     except Exception as err:  # noqa: BLE001 (pyarrow raises several types)
-        raise InputError(f"cannot read the shards' sample_id/task columns ({err}): are they outputs of jobs/preprocess.py?") from None
+        raise InputError(f"cannot read the shards' sample_id/source_id/task columns ({err}): are they outputs of jobs/preprocess.py?") from None
     counts, val_ids = split_rows(index, spec.train)
     check_tasks(counts, spec.train, paths)
     n_train = sum(counts[t] for t in spec.train.tasks) - len(val_ids)

@@ -10,7 +10,9 @@ runs `run_training` and exports the final checkpoint folder for the next stage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +21,13 @@ import torch
 from unimoe_ray.builders import new_model
 from unimoe_ray.checkpoint import load_pretrained, save_pretrained
 from unimoe_ray.checkpoint_hf import init_from_qwen2_5_vl
-from unimoe_ray.config import get_preset
+from unimoe_ray.presets import get_preset
 from unimoe_ray.tasks import DATA_TASKS
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.text.prompts import check_tokenizer, config_for_tokenizer
 from unimoe_ray.text.tokenizer import load_tokenizer
 from unimoe_ray.config import ConfigError
-from unimoe_ray.train.config import TrainConfig, TrainConfigError, stage_config
+from unimoe_ray.train.config import FLAG_HELP, MOE_FLAGS, TrainConfig, TrainConfigError, stage_config
 from unimoe_ray.train.integrate import IntegrationError
 from unimoe_ray.train.integrate import check_compatible, integrate_specialists, specialist_config
 from unimoe_ray.data.shards import ShardPathError
@@ -37,7 +39,7 @@ ALL_TASKS = DATA_TASKS
 
 @dataclass(kw_only=True)
 class Common:
-    """Flags every stage takes."""
+    """The data, the outputs and the workers: what every stage takes besides its TrainConfig."""
 
     shards: list[str]
     tokenizer: str
@@ -62,61 +64,73 @@ class Common:
 
 
 def add_common_args(p: argparse.ArgumentParser, stage: str) -> None:
-    d = stage_config(stage)
+    """The flags every stage job takes: where the data and outputs are, the workers, and one flag
+    per TrainConfig field in FLAG_HELP (add_train_args)."""
     p.add_argument("--shards", nargs="+", required=True, help="shard files or folders from jobs/preprocess.py")
     p.add_argument("--tokenizer", required=True, help="the tokenizer folder used by jobs/preprocess.py")
     p.add_argument("--out", required=True, help="folder for the final model (the next stage's input)")
     p.add_argument("--storage-path", default="outputs/train", help="Ray Train storage (checkpoints, logs)")
     p.add_argument("--name", default=None, help="run name; re-running with the same name resumes")
-    p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--num-workers", type=int, default=Common.num_workers)
+    p.add_argument("--cpus-per-worker", type=float, default=Common.cpus_per_worker)
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl")
     p.add_argument("--npu", action="store_true", help="one Ascend NPU per worker (resource 'NPU'), hccl")
+    p.add_argument("--num-to-keep", type=int, default=Common.num_to_keep, help="checkpoints kept (the newest)")
+    p.add_argument("--max-failures", type=int, default=Common.max_failures,
+                   help="worker-group restarts (from the last checkpoint) before the run fails")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON, e.g. configs/zero2.json")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--max-steps", type=int, default=d.max_steps)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="padded tokens per micro-batch and worker")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision)
-    p.add_argument("--val-every", type=int, default=d.val_every)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--num-to-keep", type=int, default=2)
-    p.add_argument("--max-failures", type=int, default=1)
-    p.add_argument("--seed", type=int, default=d.seed)
+    add_train_args(p, stage)
+
+
+def train_flags(stage: str) -> tuple[str, ...]:
+    """The TrainConfig fields the jobs of `stage` take as flags."""
+    stage_config(stage)  # an unknown stage: TrainConfigError naming the stages
+    return tuple(name for name in FLAG_HELP if stage != "stage1" or name not in MOE_FLAGS)
+
+
+def add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
+    """One flag per TrainConfig field of train_flags(stage), typed by the field's annotation and
+    defaulting to the stage's value (stage_config(stage))."""
+    defaults = stage_config(stage)
+    hints = typing.get_type_hints(TrainConfig)
+    for name in train_flags(stage):
+        text = FLAG_HELP[name] + " (default: %(default)s)"
+        p.add_argument("--" + name.replace("_", "-"), default=getattr(defaults, name), help=text,
+                       **_flag_kwargs(name, hints[name]))
+
+
+def _flag_kwargs(name: str, hint) -> dict:
+    """argparse's type/choices/nargs for a field's annotation."""
+    if typing.get_origin(hint) is typing.Literal:
+        return {"choices": list(typing.get_args(hint))}
+    if typing.get_origin(hint) is tuple and Ellipsis not in typing.get_args(hint):
+        (item, *rest) = typing.get_args(hint)
+        if all(t is item for t in rest) and item in (int, float, str):
+            return {"type": item, "nargs": 1 + len(rest), "metavar": name.upper()}
+    if hint in (int, float, str):
+        return {"type": hint}
+    raise TypeError(
+        f"TrainConfig.{name}: no flag for a field of type {hint}; give it an int, float, str, Literal or "
+        "fixed tuple type, or list it in NO_FLAG (unimoe_ray/train/config.py) with the reason"
+    )
 
 
 def common_from_args(args: argparse.Namespace) -> Common:
-    return Common(
-        shards=args.shards, tokenizer=args.tokenizer, storage_path=args.storage_path,
-        num_workers=args.num_workers, use_gpu=args.use_gpu, npu=args.npu,
-        cpus_per_worker=args.cpus_per_worker, num_to_keep=args.num_to_keep, max_failures=args.max_failures,
-    )
+    return Common(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Common)})
 
 
-def add_expert_parallel_arg(p: argparse.ArgumentParser) -> None:
-    """--expert-parallel N (stages 2 and 3: the MoE stages)."""
-    p.add_argument(
-        "--expert-parallel", type=int, default=1, metavar="N",
-        help="ranks per expert-parallel group: each worker holds 1/N of every layer's routed experts, "
-        "tokens travel by all_to_all; N divides --num-workers and the routed experts (default 1: none)",
-    )
-
-
-def train_config_from_args(stage: str, args: argparse.Namespace, **extra) -> TrainConfig:
+def train_config_from_args(stage: str, args: argparse.Namespace) -> TrainConfig:
+    """The stage's TrainConfig with the parsed flags of add_common_args(p, stage) (and the
+    --deepspeed JSON) applied."""
     ds = None
     if args.deepspeed:
         path = Path(args.deepspeed)
         if not path.is_file():
             raise InputError(f"--deepspeed {path}: no such file (see configs/zero2.json, configs/zero3.json)")
         ds = json.loads(path.read_text())
-    return stage_config(
-        stage, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
-        grad_accum=args.grad_accum, grad_clip=args.grad_clip, max_tokens=args.max_tokens,
-        precision=args.precision, val_every=args.val_every, checkpoint_every=args.checkpoint_every,
-        seed=args.seed, deepspeed_config=ds, **extra,
-    )
+    values = {name: getattr(args, name) for name in train_flags(stage)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}  # nargs: lists
+    return stage_config(stage, deepspeed_config=ds, **values)
 
 
 def _finish(result, out: str | Path) -> Path:

@@ -16,6 +16,7 @@ import torch
 
 from unimoe_ray.checkpoint import save_pretrained
 from unimoe_ray.config import ModelConfig
+from unimoe_ray.config_hf import load_config
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 
 TRAIN_STATE = "train_state.pt"
@@ -58,4 +59,4 @@ def check_model_folder(path: str | Path, what: str) -> ModelConfig:
         )
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{what}: {path} holds no *.safetensors weights")
-    return ModelConfig.from_json(path)
+    return load_config(path)
