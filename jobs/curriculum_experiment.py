@@ -20,7 +20,9 @@ from unimoe_ray.presets import get_preset
 from unimoe_ray.eval.plots import plot_loss_curves, plot_routing
 from unimoe_ray.text.prompts import config_for_tokenizer
 from unimoe_ray.text.tokenizer import load_tokenizer
-from unimoe_ray.train.experiment import VARIANTS, ExperimentConfig, load_rows, markdown_table, run_experiment
+from unimoe_ray.train.experiment import (
+    VARIANTS, ExperimentConfig, load_rows, loss_curves, markdown_table, run_experiment,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,13 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    curves = {
-        v: {"train": [result["runs"][s][v]["curve"]["train"] for s in result["runs"]],
-            "val": [[(x, sum(val.values()) / len(val)) for x, val in result["runs"][s][v]["curve"]["val"]]
-                    for s in result["runs"]]}
-        for v in ecfg.variants
-    }
-    pngs = [plot_loss_curves(curves, ecfg.budget_flops, out.with_name(f"{out.stem}_loss_curves.png"))]
+    pngs = [plot_loss_curves(loss_curves(result), ecfg.budget_flops, out.with_name(f"{out.stem}_loss_curves.png"))]
     for v, report in result["routing"].items():
         pngs += plot_routing(report, out.parent, prefix=f"{out.stem}_{v}_")
     print(f"wrote {out} and {', '.join(p.name for p in pngs)}; wall {result['wall_s_total']:.0f} s")

@@ -59,3 +59,34 @@ def test_a_failure_names_the_log_and_restores_the_console(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[-2].endswith(f"failed; the full output is in {tmp_path / 'demo.log'}")
     assert lines[-1] == "console again: stage broke"
+
+
+def test_the_loss_means_take_the_first_and_last_few_steps():
+    from unimoe_ray.apps.product import _mean_ends
+
+    assert _mean_ends([9.0]) == (1, 9.0, 9.0)
+    assert _mean_ends([9.0, 7.0, 8.0]) == (1, 9.0, 8.0)
+    assert _mean_ends([9.0, 8.0, 7.0, 6.0, 5.0, 1.0]) == (3, 8.0, 4.0)
+    assert _mean_ends([float(i) for i in range(20, 0, -1)]) == (3, 19.0, 2.0)
+
+
+def test_the_summary_table_puts_each_stage_and_the_two_models_on_one_line():
+    from unimoe_ray.apps.product import format_summary
+
+    stage = {"steps": 6, "lr": 1e-3, "loss_first": 81.3, "loss_last": 80.1, "loss_first_mean": 81.2,
+             "loss_last_mean": 80.4, "val_ce_start_mean": 81.5, "val_ce_end_mean": 80.9, "experts_per_token": 2.5}
+    metrics = {"random_init": {"t2m": {"ce": 83.2, "accuracy": 0.001, "experts_per_token": 3.0}},
+               "stage3": {"t2m": {"ce": 80.9, "accuracy": 0.02, "eos_rate": 0.0, "experts_per_token": 2.5}}}
+    dense = {k: v for k, v in stage.items() if k != "experts_per_token"}  # a specialist has no router
+    s = {"stages": {"stage1_t2m": dense, "stage2": stage},
+         "eval": {"rows": {"t2m": 2}, "generation": "off", **metrics},
+         "requests": {"text_to_music": {"seconds_audio": 2.0, "ttfa_s": 0.5, "latency_s": 3.0, "wav": "music.wav"}}}
+    lines = format_summary(s).splitlines()
+    assert len(lines) == 8
+    assert lines[2].split()[:4] == ["stage2", "6", "0.001", "81.30"]
+    assert "81.20 →  80.40" in lines[2] and "81.50 →  80.90" in lines[2] and lines[2].endswith("2.5")
+    assert lines[1].endswith(" -")
+    t2m = next(line for line in lines if line.startswith("t2m "))
+    assert " 83.20 →  80.90" in t2m and "0.001 → 0.020" in t2m and "3.00 → 2.50" in t2m
+    assert " - " in t2m  # no EOS rate for the random-init model: a dash, not a number
+    assert lines[-1].startswith("text_to_music") and lines[-1].endswith("music.wav")

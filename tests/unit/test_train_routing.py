@@ -47,7 +47,7 @@ def test_analyze_routing_job_writes_plots_and_numbers(tmp_path):
     job = runpy.run_path(str(REPO / "jobs" / "analyze_routing.py"))  # the job's main(), in-process
     job["main"]([str(tmp_path / "ckpt"), "--shards", str(tmp_path / "shards"), "--tokenizer", str(tok),
                  "--out", str(tmp_path / "out")])
-    for png in ("experts_per_token.png", "expert_share_by_task.png"):
+    for png in ("experts_per_token.png", "experts_per_token_by_task.png", "expert_share_by_task.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((tmp_path / "out" / "routing.json").read_text())
     assert report["tasks"] == ["t2m", "tts_en", "v2m"] and len(report["layers"]) == 2
@@ -55,5 +55,10 @@ def test_analyze_routing_job_writes_plots_and_numbers(tmp_path):
         assert sum(layer["k_share"]) == pytest.approx(1.0)
         mean_from_hist = sum(k * s for k, s in enumerate(layer["k_share"]))
         assert layer["mean_routed_experts"] == pytest.approx(mean_from_hist)
+        # A task's mean routed experts per token is the sum of the experts' shares of its tokens.
+        by_task = layer["mean_routed_experts_by_task"]
+        assert set(by_task) == set(report["tasks"])
+        for t, shares in layer["expert_share_by_task"].items():
+            assert by_task[t] == pytest.approx(sum(shares))
         for shares in layer["expert_share_by_task"].values():
             assert len(shares) == 4 and all(0 <= s <= 1 for s in shares)

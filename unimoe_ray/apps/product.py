@@ -7,10 +7,17 @@ The console gets one line per stage; everything else this process and its Ray wo
 workers redraw many times a second) goes to `OUT/demo.log`.
 
 Every step is the library code users run (the same functions as jobs/make_mini_corpus.py,
-jobs/preprocess.py, jobs/train_stage{1,2,3}.py and serve_configs/): only the sizes are small
-(a few minutes on 2 CPU cores at the `small` preset). The weights start random and train for a
-few steps, so the audio is noise; the point is that every stage runs and hands its output to
-the next.
+jobs/preprocess.py, jobs/train_stage{1,2,3}.py, jobs/evaluate.py and serve_configs/): only the
+sizes are small (a few minutes on 2 CPU cores at the `small` preset). The four specialists
+start from the same random weights (`new_model` with the one seed) and train a few steps at
+learning rates chosen by measurement so that each stage's loss visibly falls (ProductConfig);
+the audio is still noise. What shows the learning:
+- per stage, the mean training loss of the first and last few steps, and the validation CE
+  (the rows every stage holds out, `train.batches.split_rows`) of the stage's initial and
+  final model;
+- the weight-free metrics (unimoe_ray.eval: teacher-forced CE and accuracy per codebook,
+  experts per token, EOS rate ...) of the stage-3 model beside those of a random-init model of
+  the same shapes and seed, on the same validation rows.
 """
 
 from __future__ import annotations
@@ -28,16 +35,26 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray
+import torch
 from ray import serve
 
 from unimoe_ray.audio.codec import DACCodec
 from unimoe_ray.audio.io import read_audio, write_wav
+from unimoe_ray.builders import new_model
+from unimoe_ray.checkpoint import load_pretrained
 from unimoe_ray.data.config import EncodeConfig, PreprocessConfig
 from unimoe_ray.data.mini_corpus import MiniCorpusConfig, make_mini_corpus
 from unimoe_ray.data.pipeline import run_preprocess
+from unimoe_ray.data.shards import shard_paths
+from unimoe_ray.eval.harness import EvalConfig, run_eval, teacher_forced
+from unimoe_ray.eval.judges import load_judges
 from unimoe_ray.serve.app import build_app
-from unimoe_ray.text.tokenizer import build_test_tokenizer
+from unimoe_ray.text.prompts import PromptBuilder
+from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
+from unimoe_ray.train.batches import split_rows
 from unimoe_ray.train.config import stage_config
 from unimoe_ray.train.stages import ALL_TASKS, Common, stage1, stage2, stage3
 
@@ -49,6 +66,15 @@ class ProductConfig:
     out_dir: str = "outputs/demo"
     preset: str = "small"
     steps: tuple[int, int, int] = (6, 6, 6)  # optimizer steps of stage 1 (each task), 2, 3
+    # Learning rates of stages 1, 2, 3 for these few steps, chosen by measurement (README, "make
+    # demo"): with the paper's 1e-4 / 3e-5 / 1e-5 (meant for its long runs) 6 steps of stage 2
+    # left the validation CE flat and stage 3 moved it by 0.3; 3e-3 in stage 2 raised v2m's.
+    lrs: tuple[float, float, float] = (3e-4, 1e-3, 1e-4)
+    warmup_steps: int = 1
+    # Frames per clip the evaluation generates (EOS allowed from frame 0) for its EOS rate,
+    # silence and clipping; 0: teacher-forced metrics only. Off by default: at `small` a clip of
+    # 50 frames (1 s) took 56-137 s on the busy 2-core machine, 8 clips would double the demo.
+    eval_frames: int = 0
     max_tokens: int = 2048  # tokens per training micro-batch
     corpus: tuple[int, int, int, int] = (6, 4, 4, 3)  # rows: tts_en, tts_zh, t2m, v2m
     seconds: float = 2.0  # audio per request
@@ -104,18 +130,86 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stage_summary(run_dir: Path) -> dict:
-    """Last trained step's losses and routing from a stage run's metrics.jsonl."""
+def _mean_ends(losses: list[float]) -> tuple[int, float, float]:
+    """(k, mean of the first k, mean of the last k) with k = min(3, half the steps, at least 1):
+    one step's loss on a tiny batch is noisy (its rows and their lengths change every step)."""
+    k = max(1, min(3, len(losses) // 2))
+    return k, float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+
+
+def _stage_summary(run_dir: Path, val_start: dict[str, float]) -> dict:
+    """A stage run's training losses (first/last step, and the means of the first and last few
+    steps), its routing at the last step and its validation CE per task at the start
+    (`val_start`, the initial model's) and the end (the run's own last validation)."""
     rows = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if not r.get("skipped")]
     first, last = rows[0], rows[-1]
+    k, head, tail = _mean_ends([r["loss"] for r in rows])
     out = {"steps": last["step"], "loss_first": round(first["loss"], 3), "loss_last": round(last["loss"], 3),
+           "loss_mean_steps": k, "loss_first_mean": round(head, 3), "loss_last_mean": round(tail, 3),
            "ce_last": round(last["ce"], 3), "aux_last": round(last["aux_loss"], 4)}
     ept = [v for k, v in last.items() if k.endswith("/experts_per_token")]
     if ept:
         out["experts_per_token"] = round(float(np.mean(ept)), 2)
         out["null_share"] = round(float(np.mean([v for k, v in last.items() if k.endswith("/null_share")])), 3)
-    out.update({k: round(v, 3) for k, v in last.items() if k.startswith("val/")})
+    val_end = {k.removeprefix("val/"): v for k, v in last.items() if k.startswith("val/")}
+    if val_start and val_end:
+        out["val_ce_start"] = {t: round(v, 3) for t, v in val_start.items()}
+        out["val_ce_end"] = {t: round(val_end[t], 3) for t in val_start}
+        out["val_ce_start_mean"] = round(float(np.mean(list(val_start.values()))), 3)
+        out["val_ce_end_mean"] = round(float(np.mean([val_end[t] for t in val_start])), 3)
+    return out
+
+
+def validation_rows(shards: list[str | Path], tasks: tuple[str, ...]) -> dict[str, list[dict]]:
+    """Per task, the shard rows every training stage holds out for validation when it
+    validates (`train.batches.split_rows`: by whole source clip, the same rows whatever other
+    tasks the stage trains), in sample-id order; a task with a single clip has none."""
+    ds = pads.dataset(shard_paths(shards), format="parquet")
+    index = ds.to_table(columns=["sample_id", "task", "source_id"]).to_pylist()
+    _, val_ids = split_rows(index, stage_config("stage3", tasks=tasks, val_every=1))
+    rows = ds.to_table(filter=pc.field("sample_id").isin(sorted(val_ids))).to_pylist()
+    return {t: sorted((r for r in rows if r["task"] == t), key=lambda r: r["sample_id"])
+            for t in tasks if any(r["task"] == t for r in rows)}
+
+
+def _val_ce(model_dir: Path, tokenizer, rows: dict[str, list[dict]], max_tokens: int) -> dict[str, float]:
+    """Teacher-forced validation CE per task of the model in `model_dir` (eval.harness's
+    `teacher_forced`: the training loss path's CE term, as the run's own validation)."""
+    if not (model_dir / "config.json").is_file():
+        raise RuntimeError(f"{model_dir} holds no model (config.json): the stage did not write its initial weights")
+    model = load_pretrained(model_dir, dtype=torch.float32)
+    prompts = PromptBuilder(tokenizer, model.cfg)
+    return {t: teacher_forced(model, prompts, r, max_tokens)["ce"] for t, r in rows.items()}
+
+
+# Weight-free metrics the summary keeps per task and model (eval.json's names).
+EVAL_KEYS = ("rows", "ce", "accuracy", "ce_per_codebook", "accuracy_per_codebook", "experts_per_token",
+             "null_share", "generated", "eos_rate", "mean_frames", "silence_ratio", "clipping_ratio")
+
+
+def compare_to_random_init(checkpoint: Path, tokenizer_dir: Path, dac: Path, rows: dict[str, list[dict]],
+                           cfg: "ProductConfig") -> dict:
+    """The stage-3 model's weight-free metrics (unimoe_ray.eval) beside a random-init model's of
+    the same config and seed, on the validation rows: teacher-forced CE and accuracy (per
+    codebook too), experts per token and null share; with `cfg.eval_frames` > 0 also the EOS
+    rate, silence and clipping of clips generated up to that many frames with EOS allowed from
+    frame 0 (the released min_frames, 2 s / 8 s, would cost minutes on CPU). The duration error
+    is left out: the cap, not the model, sets the length."""
+    tok = load_tokenizer(tokenizer_dir)
+    trained = load_pretrained(checkpoint, dtype=torch.float32)
+    models = {"random_init": new_model(trained.cfg, tok, seed=cfg.seed), "stage3": trained}
+    gen = cfg.eval_frames > 0
+    ecfg = EvalConfig(tasks=tuple(rows), max_tokens=max(cfg.max_tokens, 4096), generate=gen, gen_batch=4,
+                      seed=cfg.seed, sampling={"max_frames": cfg.eval_frames, "min_frames": 0} if gen else {})
+    codec = DACCodec.load(str(dac))
+    out: dict = {"rows": {t: len(r) for t, r in rows.items()},
+                 "generation": (f"≤ {cfg.eval_frames} frames, EOS from frame 0" if gen else
+                                "off: --eval-frames N for EOS rate, silence, clipping")}
+    for name, model in models.items():
+        report = run_eval(model.eval(), PromptBuilder(tok, model.cfg), codec, load_judges(), ecfg, rows=rows,
+                          log=print)
+        out[name] = {t: {k: m[k] for k in EVAL_KEYS if k in m} for t, m in report["tasks"].items()}
     return out
 
 
@@ -174,24 +268,49 @@ def _run_product(cfg: ProductConfig, out: Path, say: Callable[[str], None]) -> d
     say(f"   shards: {summary['preprocess']}")
 
     common = Common(shards=[str(out / "shards")], tokenizer=str(tokenizer), storage_path=str(out / "runs"))
+    tok = load_tokenizer(tokenizer)
+    val_rows = validation_rows(common.shards, ALL_TASKS)
+    summary["validation_rows"] = {t: len(r) for t, r in val_rows.items()}
     s1, s2, s3 = cfg.steps
-    train = dict(max_tokens=cfg.max_tokens, warmup_steps=1, val_every=0, seed=cfg.seed)
+    lr1, lr2, lr3 = cfg.lrs
+    # Each stage validates at its last step, which holds validation_rows() out of its training.
+    train = dict(max_tokens=cfg.max_tokens, warmup_steps=cfg.warmup_steps, seed=cfg.seed)
     summary["stages"] = {}
+
+    def run_stage(name: str, lr: float, init: Callable[[], Path], tasks: tuple[str, ...], fit: Callable[[], Path]) -> Path:
+        """fit() the stage; then its initial model (`init()`, once the stage has written it) is
+        scored on the validation rows of its tasks: the start of its validation CE."""
+        t0 = time.perf_counter()
+        model = fit()
+        start = _val_ce(init(), tok, {t: val_rows[t] for t in tasks if t in val_rows}, cfg.max_tokens)
+        summary["stages"][name] = {"lr": lr, **_stage_summary(out / "runs" / name, start),
+                                   "seconds": round(time.perf_counter() - t0, 1)}
+        return model
+
+    def stage_init(name: str) -> Callable[[], Path]:
+        return lambda: out / "runs" / name / "init"  # where stage1/stage2 write the weights they start from
+
     specialists = []
     for task in ALL_TASKS:
-        say(f"3/6 stage 1: dense specialist for {task} ({s1} steps, Ray Train) ...")
-        specialists.append(str(stage1(
-            common, task=task, preset=cfg.preset, name=f"stage1_{task}", out=str(out / "models" / f"stage1_{task}"),
-            train=stage_config("stage1", max_steps=s1, checkpoint_every=s1, **train))))
-        summary["stages"][f"stage1_{task}"] = _stage_summary(out / "runs" / f"stage1_{task}")
-    say(f"4/6 stage 2: specialists → DCMoE, router + shared experts warm up ({s2} steps) ...")
-    m2 = stage2(common, specialists=specialists, name="stage2", out=str(out / "models" / "stage2"),
-                train=stage_config("stage2", max_steps=s2, checkpoint_every=s2, **train))
-    summary["stages"]["stage2"] = _stage_summary(out / "runs" / "stage2")
-    say(f"5/6 stage 3: everything trains, aux-loss weight decaying ({s3} steps) ...")
-    m3 = stage3(common, init=str(m2), name="stage3", out=str(out / "models" / "stage3"),
-                train=stage_config("stage3", max_steps=s3, checkpoint_every=s3, **train))
-    summary["stages"]["stage3"] = _stage_summary(out / "runs" / "stage3")
+        say(f"3/6 stage 1: dense specialist for {task} ({s1} steps, lr {lr1:g}, Ray Train) ...")
+        name = f"stage1_{task}"
+        # Every specialist starts from the same weights: new_model(config, seed) in stage1.
+        specialists.append(str(run_stage(name, lr1, stage_init(name), (task,), lambda: stage1(
+            common, task=task, preset=cfg.preset, name=name, out=str(out / "models" / name),
+            train=stage_config("stage1", lr=lr1, max_steps=s1, checkpoint_every=s1, val_every=s1, **train)))))
+    say(f"4/6 stage 2: specialists → DCMoE, router + shared experts warm up ({s2} steps, lr {lr2:g}) ...")
+    m2 = run_stage("stage2", lr2, stage_init("stage2"), ALL_TASKS, lambda: stage2(
+        common, specialists=specialists, name="stage2", out=str(out / "models" / "stage2"),
+        train=stage_config("stage2", lr=lr2, max_steps=s2, checkpoint_every=s2, val_every=s2, **train)))
+    say(f"5/6 stage 3: everything trains, aux-loss weight decaying ({s3} steps, lr {lr3:g}) ...")
+    m3 = run_stage("stage3", lr3, lambda: m2, ALL_TASKS, lambda: stage3(
+        common, init=str(m2), name="stage3", out=str(out / "models" / "stage3"),
+        train=stage_config("stage3", lr=lr3, max_steps=s3, checkpoint_every=s3, val_every=s3, **train)))
+    say(f"   evaluating the stage-3 model beside a random-init one on the {sum(summary['validation_rows'].values())}"
+        " validation rows (unimoe_ray.eval) ...")
+    t0 = time.perf_counter()
+    summary["eval"] = compare_to_random_init(m3, tokenizer, dac, val_rows, cfg)
+    summary["eval"]["seconds"] = round(time.perf_counter() - t0, 1)
 
     say("6/6 serving the stage-3 model on Ray Serve and calling it over HTTP ...")
     model = {"checkpoint": str(m3), "tokenizer": str(tokenizer), "dac_path": str(dac), "preset": cfg.preset,
@@ -232,11 +351,29 @@ def _run_product(cfg: ProductConfig, out: Path, say: Callable[[str], None]) -> d
     return summary
 
 
+def _arrow(a, b, fmt: str) -> str:
+    return "-" if a is None or b is None else f"{a:{fmt}} → {b:{fmt}}"
+
+
 def format_summary(s: dict) -> str:
-    lines = ["stage                 steps  loss first→last  experts/token  null share"]
+    """The console table: per stage its training loss (first → last step, and the means of the
+    first and last few steps) and its validation CE at its start and end; per task the
+    stage-3 model's weight-free metrics beside a random-init model's; per request its timing."""
+    lines = ["stage              steps  lr      loss first→last   mean first→last   val CE start→end  experts/token"]
     for name, st in s["stages"].items():
-        lines.append(f"{name:20s} {st['steps']:6d}  {st['loss_first']:7.3f} → {st['loss_last']:7.3f}"
-                     f"  {st.get('experts_per_token', '-'):>13}  {st.get('null_share', '-'):>10}")
+        lines.append(f"{name:18s} {st['steps']:5d}  {st['lr']:<6g}  {_arrow(st['loss_first'], st['loss_last'], '6.2f')}"
+                     f"   {_arrow(st['loss_first_mean'], st['loss_last_mean'], '6.2f')}"
+                     f"   {_arrow(st.get('val_ce_start_mean'), st.get('val_ce_end_mean'), '6.2f'):>16s}"
+                     f"  {st.get('experts_per_token', '-'):>13}")
+    ev = s.get("eval")
+    if ev:
+        lines.append(f"validation rows: random init → stage 3 (generation {ev['generation']})")
+        lines.append("task     rows  CE                acc              EOS rate      experts/token")
+        for task, n in ev["rows"].items():
+            r, t = ev["random_init"].get(task, {}), ev["stage3"].get(task, {})
+            cells = [_arrow(r.get(k), t.get(k), f) for k, f in
+                     (("ce", "6.2f"), ("accuracy", ".3f"), ("eos_rate", ".2f"), ("experts_per_token", ".2f"))]
+            lines.append(f"{task:8s} {n:4d}  {cells[0]:16s}  {cells[1]:15s}  {cells[2]:12s}  {cells[3]}")
     lines.append("request          audio s  TTFA s  latency s  wav")
     for name, r in s["requests"].items():
         lines.append(f"{name:15s} {r['seconds_audio']:8.2f} {r['ttfa_s']:7.2f} {r['latency_s']:10.2f}  {r['wav']}")

@@ -443,6 +443,16 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def loss_curves(result: dict) -> dict[str, dict[str, list]]:
+    """variant → {"train": per seed [(flops, CE)], "val": per seed [(flops, mean over tasks)]}."""
+    runs = result["runs"]
+    return {
+        v: {"train": [runs[s][v]["curve"]["train"] for s in runs],
+            "val": [[(x, sum(val.values()) / len(val)) for x, val in runs[s][v]["curve"]["val"]] for s in runs]}
+        for v in result["config"]["variants"]
+    }
+
+
 def load_rows(shards: list[str | Path]) -> list[dict]:
     """Every row of the shards (files or folders of jobs/preprocess.py)."""
     import pyarrow.dataset as pads
