@@ -98,8 +98,9 @@ class EvalConfig:
 
 
 def read_rows(shards: list[str | Path], tasks: tuple[str, ...], rows_per_task: int) -> dict[str, list[dict]]:
-    """Per task, the first `rows_per_task` rows in sample-id order: the same rows training
-    holds out for validation when it holds out as many (`train.run.split_rows`)."""
+    """Per task, the first `rows_per_task` rows in sample-id order (a fixed random subset).
+    Training holds out whole source clips (`train.batches.split_rows`), so these are not its
+    validation rows: pass those as `run_eval(rows=...)` to evaluate on them."""
     ds = pads.dataset(shard_paths(shards), format="parquet")
     index = ds.to_table(columns=["sample_id", "task"]).to_pylist()
     chosen = {t: sorted(r["sample_id"] for r in index if r["task"] == t)[:rows_per_task] for t in tasks}
