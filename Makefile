@@ -19,6 +19,7 @@ test-unit: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 params: setup
 	$(PY) jobs/count_params.py --preset preview

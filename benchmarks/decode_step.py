@@ -45,13 +45,13 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 import torch
-
 from machine import machine_line, read_probe  # benchmarks/machine.py
-from unimoe_ray.presets import get_preset
+
 from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model import autotune, hugepages, kernel_cache, kernel_plans
 from unimoe_ray.model.quantize import convert_experts
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompt import Prompt
 
 FRAMES_PER_S = 50
@@ -102,8 +102,11 @@ def step_bytes(model: UniMoEAudio, stepper: Stepper) -> int:
     total = 0
     for layer in model.language_model.layers:
         total += sum(p.numel() * p.element_size() for p in layer.self_attn.parameters())
-        total += sum(p.numel() * p.element_size() for m in (layer.input_layernorm, layer.post_attention_layernorm)
-                     for p in m.parameters())
+        total += sum(
+            p.numel() * p.element_size()
+            for m in (layer.input_layernorm, layer.post_attention_layernorm)
+            for p in m.parameters()
+        )
         total += layer.mlp.gate.weight.numel() * layer.mlp.gate.weight.element_size()
     for layer, stats in zip(model.language_model.layers, out.moe_stats):
         moe = layer.mlp
@@ -146,7 +149,7 @@ def time_steps(
         fn(), fn()
     steady, cold = defaultdict(list), defaultdict(list)
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             ts = []
             for _ in range(1 if name == "read" else block):
@@ -170,6 +173,7 @@ def breakdown(model: UniMoEAudio, stepper: Stepper, reps: int) -> dict[str, floa
 
         def post(mod, args, out):
             acc[label] += time.perf_counter() - mod._t0
+
         return pre, post
 
     def watch(mod, label):
@@ -230,9 +234,11 @@ def quality(models: dict[str, UniMoEAudio], frames: int, seed: int) -> dict[str,
             same_KT = a[:, :n] == b[:, :n]
             differ = (~same_KT).any(0).nonzero()
             res[name] = {
-                "logit_max_err": float(err.max()), "logit_mean_err": float(err.mean()),
+                "logit_max_err": float(err.max()),
+                "logit_mean_err": float(err.mean()),
                 "logit_std": float(ref_logits.std()),
-                "frames": b.shape[1], "code_agreement": float(same_KT.float().mean()),
+                "frames": b.shape[1],
+                "code_agreement": float(same_KT.float().mean()),
                 "first_diff_frame": int(differ[0]) if differ.numel() else None,
                 "generate_s": gen_s,
             }
@@ -250,8 +256,13 @@ def teacher_forced_top1(ref_model, model, prompt: Prompt, frames_KT: torch.Tenso
     cfg = model.cfg
     T = frames_KT.shape[1]
     ids = torch.cat([prompt.input_ids_L, torch.full((T,), cfg.codec_placeholder_id)])[None]
-    codes = torch.cat([torch.full((cfg.codec_channels, prompt.input_ids_L.numel()), cfg.codec_pad),
-                       frames_KT.clamp_max(cfg.codec_vocab_size - 1)], dim=1)[None]
+    codes = torch.cat(
+        [
+            torch.full((cfg.codec_channels, prompt.input_ids_L.numel()), cfg.codec_pad),
+            frames_KT.clamp_max(cfg.codec_vocab_size - 1),
+        ],
+        dim=1,
+    )[None]
     a = ref_model(ids, codes).codec_logits_BLKV[0, -T:].argmax(-1)
     b = model(ids, codes).codec_logits_BLKV[0, -T:].argmax(-1)
     return float((a == b).float().mean())
@@ -261,8 +272,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--block", type=int, default=4,
-                    help="consecutive steps per model per round: the first is 'cold', the rest 'steady'")
+    ap.add_argument(
+        "--block",
+        type=int,
+        default=4,
+        help="consecutive steps per model per round: the first is 'cold', the rest 'steady'",
+    )
     ap.add_argument("--prompt", type=int, default=128, help="cached positions each step attends over")
     ap.add_argument("--requests", default="1,8")
     ap.add_argument("--expert-dtype", default="fp32,bf16,int8", help="comma list of fp32, bf16, int8")
@@ -270,8 +285,11 @@ def main() -> None:
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--frames", type=int, default=200, help="greedy frames for --quality")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--small-pages", action="store_true",
-                    help="also time each expert dtype with its weights left in ordinary 4 KiB pages (rows 'dtype/4k')")
+    ap.add_argument(
+        "--small-pages",
+        action="store_true",
+        help="also time each expert dtype with its weights left in ordinary 4 KiB pages (rows 'dtype/4k')",
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
     dtypes = [d for d in args.expert_dtype.split(",") if d]
@@ -288,13 +306,17 @@ def main() -> None:
     for d in dtypes:
         t0 = time.perf_counter()
         models[d] = convert_experts(copy.deepcopy(base), d)
-        print(f"# {d}: experts converted, weights in huge pages, kernels selected in {time.perf_counter() - t0:.1f} s",
-              flush=True)
+        print(
+            f"# {d}: experts converted, weights in huge pages, kernels selected in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
     if args.small_pages:
         for d in dtypes:
             models[f"{d}/4k"] = convert_experts(copy.deepcopy(base), d, hugepages=False)
-    print(f"# huge pages: THP {hugepages.mode() or 'unknown'}, AnonHugePages {hugepages.huge_bytes() / 2**20:.0f} MiB",
-          flush=True)
+    print(
+        f"# huge pages: THP {hugepages.mode() or 'unknown'}, AnonHugePages {hugepages.huge_bytes() / 2**20:.0f} MiB",
+        flush=True,
+    )
     del base
     sel = kernel_plans.plans()
     for key, plan in sorted(sel.items(), key=lambda kv: str(kv[0])):
@@ -318,19 +340,23 @@ def main() -> None:
             nbytes = step_bytes(models[d], s)
             touched = statistics.mean(sum(1 for c in st.counts if c) for st in s.last.moe_stats)
             roof_r = [nbytes / 1e9 / (read_gb / rd) for rd in times["read"]]
-            rows.append(Row(
-                requests=requests, rows=2 * requests, dtype=d,
-                step_ms=statistics.median(times[d]) * 1e3,
-                roof_ms=statistics.median(roof_r) * 1e3,
-                step_over_roof=statistics.median(t / r for t, r in zip(times[d], roof_r)),
-                cold_ms=statistics.median(cold[d]) * 1e3,
-                cold_over_roof=statistics.median(t / r for t, r in zip(cold[d], roof_r)),
-                rtf=statistics.median(times[d]) * FRAMES_PER_S,
-                vs_fp32=statistics.median(f / t for f, t in zip(times["fp32"], times[d])),
-                mb_per_step=nbytes / 1e6,
-                read_gbs=statistics.median(read_gb / rd for rd in times["read"]),
-                touched_mean=touched,
-            ))
+            rows.append(
+                Row(
+                    requests=requests,
+                    rows=2 * requests,
+                    dtype=d,
+                    step_ms=statistics.median(times[d]) * 1e3,
+                    roof_ms=statistics.median(roof_r) * 1e3,
+                    step_over_roof=statistics.median(t / r for t, r in zip(times[d], roof_r)),
+                    cold_ms=statistics.median(cold[d]) * 1e3,
+                    cold_over_roof=statistics.median(t / r for t, r in zip(cold[d], roof_r)),
+                    rtf=statistics.median(times[d]) * FRAMES_PER_S,
+                    vs_fp32=statistics.median(f / t for f, t in zip(times["fp32"], times[d])),
+                    mb_per_step=nbytes / 1e6,
+                    read_gbs=statistics.median(read_gb / rd for rd in times["read"]),
+                    touched_mean=touched,
+                )
+            )
             print(f"#   {requests} req {d}: {rows[-1].step_ms:.1f} ms (cold {rows[-1].cold_ms:.1f})", flush=True)
         if args.breakdown:
             for d, s in steppers.items():
@@ -353,12 +379,18 @@ def main() -> None:
     if args.quality:
         extra["quality"] = quality({d: m for d, m in models.items() if "/" not in d}, args.frames, args.seed)
         for d, q in extra["quality"].items():
-            print(f"# quality {d}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in q.items()))
+            print(
+                f"# quality {d}: "
+                + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in q.items())
+            )
         print(machine_line())
     if args.json:
-        env = {"machine": kernel_cache.machine("cpu"), "loadavg_end": os.getloadavg(), "args": vars(args),
-               "kernels": {str(k): {"source": p.source, "limits": p.limits, "names": p.names} for k, p in sel.items()}}
+        env = {
+            "machine": kernel_cache.machine("cpu"),
+            "loadavg_end": os.getloadavg(),
+            "args": vars(args),
+            "kernels": {str(k): {"source": p.source, "limits": p.limits, "names": p.names} for k, p in sel.items()},
+        }
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": [asdict(r) for r in rows], **extra}, f, indent=1)
 

@@ -27,9 +27,9 @@ from typing import Callable
 import ray
 import torch
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel import ActorResources, ExpertParallelConfig, attach_experts, launch_experts, shutdown_experts
+from unimoe_ray.presets import get_preset
 
 FORMS = {"bytes": None, "numpy": 0}  # inband_max_bytes (None: the config's default)
 
@@ -65,8 +65,7 @@ def main() -> None:
     cfg = get_preset(args.preset).replace(vision=None, moe={"num_routed": args.routed})
     model = UniMoEAudio(cfg).init_weights(seed=0).eval()
     base = ExpertParallelConfig(
-        group="exchange-bench", expert_resources=ActorResources(num_cpus=0),
-        stats_interval_s=3600.0, graph_idle_s=600.0,
+        group="exchange-bench", expert_resources=ActorResources(num_cpus=0), stats_interval_s=3600.0, graph_idle_s=600.0
     )
     launch_experts(model, base)
     counts = (args.rows,) * args.routed
@@ -96,13 +95,17 @@ def main() -> None:
     shutdown_experts(base.group)
 
     med = {name: {k: statistics.median(v) for k, v in d.items()} for name, d in times.items()}
-    print(f"\n{args.routed} expert actor(s), {args.rows} rows each, trunk {args.trunk_threads} thread(s); "
-          f"median ms over {args.rounds} x {args.calls} calls")
+    print(
+        f"\n{args.routed} expert actor(s), {args.rows} rows each, trunk {args.trunk_threads} thread(s); "
+        f"median ms over {args.rounds} x {args.calls} calls"
+    )
     print(f"{'':>12} {'back-to-back':>13} {'overhead':>9} {'after gap':>10} {'overhead':>9}")
     for name, m in med.items():
         ip = med["in-process"]
-        print(f"{name:>12} {m['back-to-back']:13.3f} {m['back-to-back'] - ip['back-to-back']:9.3f} "
-              f"{m['after gap']:10.3f} {m['after gap'] - ip['after gap']:9.3f}")
+        print(
+            f"{name:>12} {m['back-to-back']:13.3f} {m['back-to-back'] - ip['back-to-back']:9.3f} "
+            f"{m['after gap']:10.3f} {m['after gap'] - ip['after gap']:9.3f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "median_ms": med}, f, indent=2)

@@ -31,11 +31,11 @@ from pathlib import Path
 import ray
 import torch
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel import ActorResources, ExpertParallelConfig, attach_experts, launch_experts, shutdown_experts
 from unimoe_ray.parallel.admin import call_controller, get_controller
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompt import Prompt
 
 ACTIONS = ("kill_expert", "kill_controller", "scale")
@@ -130,8 +130,10 @@ class Chaos(threading.Thread):
             try:
                 status = call_controller(self.group, "unimoe", "status", timeout_s=5)
                 topo = ray.get(get_controller(self.group).topology.remote(), timeout=5)
-                if all(r.restarting == 0 for r in status.experts) and \
-                        tuple(r.replicas for r in status.experts) == topo.replica_counts:
+                if (
+                    all(r.restarting == 0 for r in status.experts)
+                    and tuple(r.replicas for r in status.experts) == topo.replica_counts
+                ):
                     event["recovery_s"] = time.monotonic() - event["t"]
                     return
             except Exception:
@@ -161,10 +163,16 @@ def main() -> None:
     ref = generate(model, pos, neg, sampling)
 
     load_before = os.getloadavg()
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never a `ray start` cluster found by chance
+    ray.init(
+        address="local", include_dashboard=False, log_to_driver=False
+    )  # never a `ray start` cluster found by chance
     cfg = ExpertParallelConfig(
-        group="chaos", exchange=args.exchange, expert_resources=ActorResources(num_cpus=0), topology_poll_s=0.1,
-        restart_timeout_s=60.0, stats_interval_s=3600.0,
+        group="chaos",
+        exchange=args.exchange,
+        expert_resources=ActorResources(num_cpus=0),
+        topology_poll_s=0.1,
+        restart_timeout_s=60.0,
+        stats_interval_s=3600.0,
     )
     launch_experts(model, cfg)
     trunk = copy.deepcopy(model)
@@ -217,11 +225,19 @@ def main() -> None:
         }
     under_gens = [g for g in gens if g["t"] >= chaos_t]
     result = {
-        "preset": args.preset, "duration_s": args.duration, "warmup_s": args.warmup, "seed": args.seed,
-        "gap_s": args.gap, "max_frames": args.max_frames, "exchange": experts_compiled,
-        "machine": machine(), "load_before": load_before, "load_after": os.getloadavg(),
+        "preset": args.preset,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "seed": args.seed,
+        "gap_s": args.gap,
+        "max_frames": args.max_frames,
+        "exchange": experts_compiled,
+        "machine": machine(),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
         "generations": {
-            "total": len(gens), "under_chaos": len(under_gens),
+            "total": len(gens),
+            "under_chaos": len(under_gens),
             "completed": sum("error" not in g for g in gens),
             "failed": sum("error" in g for g in gens),
             "identical": sum(bool(g.get("identical")) for g in gens),

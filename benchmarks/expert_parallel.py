@@ -34,12 +34,17 @@ from typing import Callable
 import ray
 import torch
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.params import count_parameters
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel import (
-    ActorResources, ExpertParallelConfig, RayExperts, attach_experts, launch_experts, shutdown_experts,
+    ActorResources,
+    ExpertParallelConfig,
+    RayExperts,
+    attach_experts,
+    launch_experts,
+    shutdown_experts,
 )
+from unimoe_ray.presets import get_preset
 
 LINKS_GBPS = (25, 100, 400)
 PAPER_ACTIVATED = {"min": 2.8e9, "avg": 4.8e9, "max": 5.9e9}  # UniMoE-Audio paper, Table 1
@@ -92,23 +97,27 @@ def extrapolate(tokens: list[int]) -> dict:
     link time per layer. Hidden states go out and come back once per routed assignment."""
     cfg = get_preset("preview")
     counts = count_parameters(cfg)
-    routed = {
-        k: counts.num_routed - (counts.total - v) / counts.routed_expert for k, v in PAPER_ACTIVATED.items()
-    }
+    routed = {k: counts.num_routed - (counts.total - v) / counts.routed_expert for k, v in PAPER_ACTIVATED.items()}
     dtype_bytes = 2  # bf16
     bytes_per_token = 2 * routed["avg"] * cfg.hidden_size * dtype_bytes
     flops_per_token = routed["avg"] * 6 * cfg.hidden_size * cfg.moe.routed_intermediate
     rows = []
     for t in [2] + tokens:  # 2 = one decode step of a prompt and its CFG negative
         mb = t * bytes_per_token / 1e6
-        rows.append({
-            "tokens": t, "MB_per_layer": mb,
-            **{f"ms_at_{g}Gbps": mb * 8 / g for g in LINKS_GBPS},
-            "expert_GFLOP_per_layer": t * flops_per_token / 1e9,
-        })
+        rows.append(
+            {
+                "tokens": t,
+                "MB_per_layer": mb,
+                **{f"ms_at_{g}Gbps": mb * 8 / g for g in LINKS_GBPS},
+                "expert_GFLOP_per_layer": t * flops_per_token / 1e9,
+            }
+        )
     return {
-        "routed_per_token": routed, "hidden": cfg.hidden_size, "layers": cfg.num_layers,
-        "bytes_per_token_per_layer": bytes_per_token, "rows": rows,
+        "routed_per_token": routed,
+        "hidden": cfg.hidden_size,
+        "layers": cfg.num_layers,
+        "bytes_per_token_per_layer": bytes_per_token,
+        "rows": rows,
     }
 
 
@@ -123,14 +132,16 @@ def main() -> None:
     p.add_argument("--decode-steps", type=int, default=30)
     p.add_argument("--expert-cpus", type=float, default=0.0, help="logical CPUs per expert replica")
     p.add_argument(
-        "--routed", type=int,
+        "--routed",
+        type=int,
         help="routed experts (= expert actors) instead of the preset's; fewer than the cores shows "
-             "the exchange cost without CPU oversubscription on a small machine",
+        "the exchange cost without CPU oversubscription on a small machine",
     )
     p.add_argument(
-        "--trunk-threads", type=int,
+        "--trunk-threads",
+        type=int,
         help="torch threads of this (trunk) process; with --routed 1 and 1 thread, the trunk and "
-             "the one expert actor each have a core of a 2-core machine",
+        "the one expert actor each have a core of a 2-core machine",
     )
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
@@ -149,8 +160,10 @@ def main() -> None:
         cfg = cfg.replace(moe={"num_routed": args.routed})
     model = UniMoEAudio(cfg).init_weights(seed=0).eval()
     pcfg = ExpertParallelConfig(
-        group="benchmark", expert_resources=ActorResources(num_cpus=args.expert_cpus),
-        stats_interval_s=3600.0, graph_idle_s=600.0,
+        group="benchmark",
+        expert_resources=ActorResources(num_cpus=args.expert_cpus),
+        stats_interval_s=3600.0,
+        graph_idle_s=600.0,
     )
     launch_experts(model, pcfg)
     compiled, plain = copy.deepcopy(model), copy.deepcopy(model)
@@ -161,7 +174,11 @@ def main() -> None:
     assert [e.exchange_kind for e in experts.values()] == ["compiled", "plain"]
     graph = experts["compiled"]
     models = {"in-process": model, "compiled": compiled, "plain": plain}
-    results: dict = {"preset": args.preset, "cpus": ray.cluster_resources().get("CPU"), "torch_threads": torch.get_num_threads()}
+    results: dict = {
+        "preset": args.preset,
+        "cpus": ray.cluster_resources().get("CPU"),
+        "torch_threads": torch.get_num_threads(),
+    }
 
     with torch.inference_mode():
         # Fixed cost of one exchange: one row to every expert.
@@ -169,19 +186,23 @@ def main() -> None:
         ones = (1,) * cfg.moe.num_routed
         local = model.moe_layers[0].expert_backend
         results["exchange_ms"] = two_phases(
-            {"in-process": lambda: local.run(0, x, ones), **{k: (lambda e=e: e.run(0, x, ones)) for k, e in experts.items()}},
-            args.exchange_repeats, graph,
+            {
+                "in-process": lambda: local.run(0, x, ones),
+                **{k: (lambda e=e: e.run(0, x, ones)) for k, e in experts.items()},
+            },
+            args.exchange_repeats,
+            graph,
         )
 
         results["layer_ms"], results["model_ms"] = {}, {}
         for t in args.tokens:
             x_TD = torch.randn(t, cfg.hidden_size)
             results["layer_ms"][t] = two_phases(
-                {k: (lambda m=m: m.moe_layers[0](x_TD)) for k, m in models.items()}, args.layer_repeats, graph,
+                {k: (lambda m=m: m.moe_layers[0](x_TD)) for k, m in models.items()}, args.layer_repeats, graph
             )
             ids = torch.randint(0, cfg.codec_placeholder_id, (max(t // args.seq_len, 1), min(t, args.seq_len)))
             results["model_ms"][t] = two_phases(
-                {k: (lambda m=m: m(ids, return_logits=False)) for k, m in models.items()}, args.model_repeats, graph,
+                {k: (lambda m=m: m(ids, return_logits=False)) for k, m in models.items()}, args.model_repeats, graph
             )
             print(f"T={t}: layer {results['layer_ms'][t]}\n       model {results['model_ms'][t]}", flush=True)
 
@@ -192,7 +213,7 @@ def main() -> None:
             k: float((models[k](check_ids).codec_logits_BLKV - out.codec_logits_BLKV).abs().max()) for k in experts
         }
         results["decode_step_ms"] = two_phases(
-            {k: decode_step_fn(m) for k, m in models.items()}, args.decode_steps, graph,
+            {k: decode_step_fn(m) for k, m in models.items()}, args.decode_steps, graph
         )
         results["compiles"] = graph.compiles
 
@@ -209,34 +230,46 @@ def main() -> None:
 def report(r: dict, num_layers: int) -> None:
     def row(label: str, m: dict) -> str:
         ip, ipl = m["in-process"], m["in-process (live)"]
-        return (f"{label:>12} {ip:9.2f} {m['plain']:9.2f} {m['plain'] / ip:6.2f} {m['plain'] - ip:8.2f} | "
-                f"{ipl:9.2f} {m['compiled']:9.2f} {m['compiled'] / ipl:6.2f} {m['compiled'] - ipl:8.2f} | "
-                f"{ipl / ip:5.2f}")
+        return (
+            f"{label:>12} {ip:9.2f} {m['plain']:9.2f} {m['plain'] / ip:6.2f} {m['plain'] - ip:8.2f} | "
+            f"{ipl:9.2f} {m['compiled']:9.2f} {m['compiled'] / ipl:6.2f} {m['compiled'] - ipl:8.2f} | "
+            f"{ipl / ip:5.2f}"
+        )
 
-    print(f"\n{'ms':>12} {'in-proc':>9} {'plain':>9} {'pl/ip':>6} {'pl-ip':>8} | {'in-proc*':>9} "
-          f"{'compiled':>9} {'cg/ip*':>6} {'cg-ip*':>8} | {'spin':>5}")
+    print(
+        f"\n{'ms':>12} {'in-proc':>9} {'plain':>9} {'pl/ip':>6} {'pl-ip':>8} | {'in-proc*':>9} "
+        f"{'compiled':>9} {'cg/ip*':>6} {'cg-ip*':>8} | {'spin':>5}"
+    )
     print(row("exchange", r["exchange_ms"]))
     for kind in ("layer", "model"):
         for t, m in r[f"{kind}_ms"].items():
             print(row(f"{kind} {t}", m))
     print(row("decode step", r["decode_step_ms"]))
     d = r["decode_step_ms"]
-    print(f"(* measured while the compiled graph is live; spin = in-proc* / in-proc)\n"
-          f"decode step overhead per layer ({num_layers} layers): plain "
-          f"{(d['plain'] - d['in-process']) / num_layers:.2f} ms, compiled "
-          f"{(d['compiled'] - d['in-process (live)']) / num_layers:.2f} ms")
-    print(f"routed experts per token (measured): {r['routed_per_token']:.2f}; compiled graphs built: "
-          f"{r['compiles']}; max |logit diff| vs in-process: {r['max_abs_logit_diff']}")
+    print(
+        f"(* measured while the compiled graph is live; spin = in-proc* / in-proc)\n"
+        f"decode step overhead per layer ({num_layers} layers): plain "
+        f"{(d['plain'] - d['in-process']) / num_layers:.2f} ms, compiled "
+        f"{(d['compiled'] - d['in-process (live)']) / num_layers:.2f} ms"
+    )
+    print(
+        f"routed experts per token (measured): {r['routed_per_token']:.2f}; compiled graphs built: "
+        f"{r['compiles']}; max |logit diff| vs in-process: {r['max_abs_logit_diff']}"
+    )
     e = r["extrapolation"]
     rp = e["routed_per_token"]
-    print(f"\npreview: routed experts per token from the paper's activated parameters: min {rp['min']:.2f}, "
-          f"avg {rp['avg']:.2f}, max {rp['max']:.2f}; bytes per token per layer (avg, bf16, out + back): "
-          f"{e['bytes_per_token_per_layer'] / 1e3:.1f} kB")
+    print(
+        f"\npreview: routed experts per token from the paper's activated parameters: min {rp['min']:.2f}, "
+        f"avg {rp['avg']:.2f}, max {rp['max']:.2f}; bytes per token per layer (avg, bf16, out + back): "
+        f"{e['bytes_per_token_per_layer'] / 1e3:.1f} kB"
+    )
     print(f"{'tokens':>7} {'MB/layer':>9} " + " ".join(f"{f'ms@{g}G':>9}" for g in LINKS_GBPS) + f" {'GFLOP':>8}")
     for x in e["rows"]:
-        print(f"{x['tokens']:>7} {x['MB_per_layer']:9.2f} "
-              + " ".join(f"{x[f'ms_at_{g}Gbps']:9.3f}" for g in LINKS_GBPS)
-              + f" {x['expert_GFLOP_per_layer']:8.1f}")
+        print(
+            f"{x['tokens']:>7} {x['MB_per_layer']:9.2f} "
+            + " ".join(f"{x[f'ms_at_{g}Gbps']:9.3f}" for g in LINKS_GBPS)
+            + f" {x['expert_GFLOP_per_layer']:8.1f}"
+        )
 
 
 if __name__ == "__main__":

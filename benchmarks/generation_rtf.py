@@ -26,14 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-
 from machine import machine_line, read_probe  # benchmarks/machine.py
+
 from unimoe_ray.audio.codec import FRAME_RATE
 from unimoe_ray.builders import ArtifactsConfig, prepare_artifacts
 from unimoe_ray.inference.generate import generate
 from unimoe_ray.inference.pipeline import AudioGenerator
 from unimoe_ray.inference.sampling import task_sampling
-
 
 
 def read_bandwidth(repeats: int = 5) -> float:
@@ -62,7 +61,9 @@ def step_bytes(model, prompts, negatives, guided: bool) -> tuple[int, float]:
     out = model(ids, codes, cache=cache, logits_last_only=True)
     el = next(model.parameters()).element_size()
     skip = ("visual.", "lm_head.", "language_model.embed_tokens.", "codec_embed_tokens.")
-    total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(skip) and ".routed_experts." not in n)
+    total = sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith(skip) and ".routed_experts." not in n
+    )
     touched = []
     for layer, st in zip(model.moe_layers, out.moe_stats):
         used = [k for k, c in enumerate(st.counts) if c > 0]
@@ -99,8 +100,11 @@ def main() -> None:
     voice = torch.randint(0, 1024, (model.cfg.codec_channels, 150))  # a 3 s voice prompt
     text = "Welcome to the world of UniMoE Audio, where speech and music come from one model."
     cases = {
-        "speech": ([pb.tts(text, prompt_text="This is my voice.", prompt_codes_KT=voice)],
-                   [pb.tts_negative(prompt_text="This is my voice.", prompt_codes_KT=voice)], "speech"),
+        "speech": (
+            [pb.tts(text, prompt_text="This is my voice.", prompt_codes_KT=voice)],
+            [pb.tts_negative(prompt_text="This is my voice.", prompt_codes_KT=voice)],
+            "speech",
+        ),
         "music": ([pb.music("A calm piano piece in C major at 80 bpm.")], [pb.music_negative()], "music"),
     }
     rows = []
@@ -116,19 +120,33 @@ def main() -> None:
             step = (t_full - ttff) / (a.frames - 1)
             nbytes, k = step_bytes(model, prompts, negatives, guidance > 0)
             roof = nbytes / bw
-            rows.append(dict(task=name, guidance=guidance, prompt_tokens=int(prompts[0].input_ids_L.numel()),
-                             ttff_ms=round(ttff * 1e3, 1), step_ms=round(step * 1e3, 2),
-                             rtf=round(step * FRAME_RATE, 3), roof_ms=round(roof * 1e3, 2),
-                             step_over_roof=round(step / roof, 2), experts_per_layer=round(k, 2),
-                             step_mb=round(nbytes / 1e6, 1)))
+            rows.append(
+                dict(
+                    task=name,
+                    guidance=guidance,
+                    prompt_tokens=int(prompts[0].input_ids_L.numel()),
+                    ttff_ms=round(ttff * 1e3, 1),
+                    step_ms=round(step * 1e3, 2),
+                    rtf=round(step * FRAME_RATE, 3),
+                    roof_ms=round(roof * 1e3, 2),
+                    step_over_roof=round(step / roof, 2),
+                    experts_per_layer=round(k, 2),
+                    step_mb=round(nbytes / 1e6, 1),
+                )
+            )
             r = rows[-1]
-            print(f"{name:6s} guidance {guidance:4.1f}  prompt {r['prompt_tokens']:4d} tok  TTFF {r['ttff_ms']:7.1f} ms  "
-                  f"step {r['step_ms']:6.2f} ms  RTF {r['rtf']:.3f}  roofline {r['roof_ms']:5.2f} ms "
-                  f"({r['step_mb']} MB @ {bw / 1e9:.1f} GB/s, {r['experts_per_layer']} routed experts/layer)  "
-                  f"step/roof {r['step_over_roof']:.2f}", flush=True)
+            print(
+                f"{name:6s} guidance {guidance:4.1f}  prompt {r['prompt_tokens']:4d} tok  TTFF {r['ttff_ms']:7.1f} ms  "
+                f"step {r['step_ms']:6.2f} ms  RTF {r['rtf']:.3f}  roofline {r['roof_ms']:5.2f} ms "
+                f"({r['step_mb']} MB @ {bw / 1e9:.1f} GB/s, {r['experts_per_layer']} routed experts/layer)  "
+                f"step/roof {r['step_over_roof']:.2f}",
+                flush=True,
+            )
     print(f"load after: {os.getloadavg()}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"machine": machine_line(), "bandwidth_GBps": bw / 1e9, "rows": rows}, indent=2) + "\n")
+        Path(a.json).write_text(
+            json.dumps({"machine": machine_line(), "bandwidth_GBps": bw / 1e9, "rows": rows}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import time
 from typing import Callable
 
 import torch
-
 from machine import machine_line  # benchmarks/machine.py
+
 from unimoe_ray.model import hugepages
 
 
@@ -59,8 +59,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     holder.w32 = torch.nn.Parameter(torch.randn(E32, F2, D, generator=gen) * 0.02, requires_grad=False)
     holder.wbf = torch.nn.Parameter((torch.randn(E16, F2, D, generator=gen) * 0.02).bfloat16(), requires_grad=False)
-    holder.w8 = torch.nn.Parameter(torch.randint(-127, 128, (E8, F2, D), dtype=torch.int8, generator=gen),
-                                   requires_grad=False)
+    holder.w8 = torch.nn.Parameter(
+        torch.randint(-127, 128, (E8, F2, D), dtype=torch.int8, generator=gen), requires_grad=False
+    )
     hugepages.move_to_hugepages(holder)
     w32, wbf, w8 = holder.w32.data, holder.wbf.data, holder.w8.data
     scale = torch.rand(F2, generator=gen) * 0.01 + 1e-3
@@ -76,24 +77,44 @@ def main() -> None:
         ("bf16 x·Wᵀ", E16, E16, lambda e: torch.mm(xbf, wbf[e].t())),
         ("bf16 W·xᵀ", E16, E16, lambda e: torch.mm(wbf[e], xbf.t())),
         ("int8 _weight_int8pack_mm, fp32 act", E8, E8, lambda e: torch._weight_int8pack_mm(x32, w8[e], scale)),
-        ("int8 _weight_int8pack_mm, bf16 act", E8, E8,
-         lambda e: torch._weight_int8pack_mm(xbf, w8[e], scale.bfloat16())),
+        (
+            "int8 _weight_int8pack_mm, bf16 act",
+            E8,
+            E8,
+            lambda e: torch._weight_int8pack_mm(xbf, w8[e], scale.bfloat16()),
+        ),
         ("int8 _int_mm (int8 act)", E8, E8, lambda e: torch._int_mm(xi8, w8[e].t())),
         ("int8 -> fp32 copy_ (dequantise)", E8, E8, lambda e: buf.copy_(w8[e])),
     ]
     if torch.backends.mkldnn.is_available():
         try:
             packed_bf = [torch.ops.mkldnn._reorder_linear_weight(wbf[e], M) for e in range(E16)]
-            rows.append(("bf16 oneDNN prepacked", E16, E16,
-                         lambda e: torch.ops.mkldnn._linear_pointwise(xbf, packed_bf[e], None, "none", [], "")))
+            rows.append(
+                (
+                    "bf16 oneDNN prepacked",
+                    E16,
+                    E16,
+                    lambda e: torch.ops.mkldnn._linear_pointwise(xbf, packed_bf[e], None, "none", [], ""),
+                )
+            )
             packed_i8 = [torch.ops.onednn.qlinear_prepack(w8[e], [M, D]) for e in range(E8)]
             zero = torch.zeros(F2, dtype=torch.long)
-            rows.append(("int8 oneDNN qlinear W8A8 (int8 act)", E8, E8, lambda e: torch.ops.onednn.qlinear_pointwise(
-                xi8, 1.0, 0, packed_i8[e], scale, zero, None, 1.0, 0, torch.float32, "none", [], "")))
+            rows.append(
+                (
+                    "int8 oneDNN qlinear W8A8 (int8 act)",
+                    E8,
+                    E8,
+                    lambda e: torch.ops.onednn.qlinear_pointwise(
+                        xi8, 1.0, 0, packed_i8[e], scale, zero, None, 1.0, 0, torch.float32, "none", [], ""
+                    ),
+                )
+            )
         except (RuntimeError, AttributeError) as exc:  # an op this build lacks: say so, time the rest
             print(f"# oneDNN prepacked kernels unavailable: {exc}")
-    print(f"# ({F2}, {D}) expert weights, {args.mb} MiB per dtype ({E32} fp32 / {E16} bf16 / {E8} int8 "
-          f"experts), {M} activation rows, {args.threads} threads, huge pages {hugepages.mode() or 'unknown'}")
+    print(
+        f"# ({F2}, {D}) expert weights, {args.mb} MiB per dtype ({E32} fp32 / {E16} bf16 / {E8} int8 "
+        f"experts), {M} activation rows, {args.threads} threads, huge pages {hugepages.mode() or 'unknown'}"
+    )
     print(f"{'kernel':40s} {'GB/s':>7s} {'µs/expert':>10s}")
     with torch.inference_mode():
         for name, experts, calls, fn in rows:

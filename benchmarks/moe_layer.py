@@ -76,15 +76,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+from machine import machine_line, read_probe  # benchmarks/machine.py
 from torch import nn
 
-from machine import machine_line, read_probe  # benchmarks/machine.py
 from unimoe_ray.config import MoEConfig
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model import autotune, kernel_cache, kernels
-from unimoe_ray.model.moe import DCMoE
 from unimoe_ray.model.hugepages import move_to_hugepages
+from unimoe_ray.model.moe import DCMoE
 from unimoe_ray.model.quantize import convert_experts
+from unimoe_ray.presets import get_preset
 
 PREFILL = (1024, 4096, 16384)
 DECODE = (2, 16, 64)
@@ -127,8 +127,7 @@ class Sample:
         # other processes used at most 2% of the machine's CPU time (/proc/stat counts 10 ms
         # ticks, so a short sample must have seen none).
         return (
-            self.preempted <= 2 * self.seconds
-            and self.foreign_s <= 0.02 * self.seconds * (os.cpu_count() or 1) + 1e-9
+            self.preempted <= 2 * self.seconds and self.foreign_s <= 0.02 * self.seconds * (os.cpu_count() or 1) + 1e-9
         )
 
 
@@ -258,10 +257,10 @@ def activated_work(layer: DCMoE, x_TD: torch.Tensor) -> Work:
     shared_f = 2 * 3 * dim * cfg.shared_intermediate
     flops = sum(counts) * routed_f + cfg.num_shared * T * shared_f + 2 * T * dim * cfg.num_experts
     touched = sum(1 for c in counts if c)
-    weight_bytes = BYTES_FP32 * dim * (
-        touched * 3 * cfg.routed_intermediate
-        + cfg.num_shared * 3 * cfg.shared_intermediate
-        + cfg.num_experts
+    weight_bytes = (
+        BYTES_FP32
+        * dim
+        * (touched * 3 * cfg.routed_intermediate + cfg.num_shared * 3 * cfg.shared_intermediate + cfg.num_experts)
     )
     return Work(
         T=T,
@@ -335,9 +334,21 @@ class Row:
 
 
 def bench_size(
-    *, peak_flops: float, routing: str, phase: str, T: int, ours: list[DCMoE], hf: list[nn.Module], hf_cfg,
+    *,
+    peak_flops: float,
+    routing: str,
+    phase: str,
+    T: int,
+    ours: list[DCMoE],
+    hf: list[nn.Module],
+    hf_cfg,
     variants: dict[str, list[DCMoE]],
-    cfg: MoEConfig, dim: int, rounds: int, patience: int, buf_N: torch.Tensor, seed: int,
+    cfg: MoEConfig,
+    dim: int,
+    rounds: int,
+    patience: int,
+    buf_N: torch.Tensor,
+    seed: int,
 ) -> Row:
     x_TD = torch.randn(T, dim, generator=torch.Generator().manual_seed(seed + T))
     x_1TD = x_TD[None]
@@ -356,6 +367,7 @@ def bench_size(
         def run() -> None:
             for layer in layers:
                 layer(arg)
+
         return run
 
     run_ours = sweep(layers_ours, x_TD)
@@ -368,14 +380,18 @@ def bench_size(
             for block in layers_hf:
                 block.gate.top_k = top_k
             run_hf()
+
         return run
 
     contenders = {
         "ours": run_ours,
         **{f"ours_{d}": sweep(v, x_TD) for d, v in layers_var.items()},
-        **{f"hf_{impl}_{side}": run_hf_impl(impl_name, k)
-           for impl, impl_name in (("eager", "eager"), ("grouped", "grouped_mm"))
-           for side, k in (("lo", k_lo), ("hi", k_hi)) if side == "lo" or k_hi > k_lo},
+        **{
+            f"hf_{impl}_{side}": run_hf_impl(impl_name, k)
+            for impl, impl_name in (("eager", "eager"), ("grouped", "grouped_mm"))
+            for side, k in (("lo", k_lo), ("hi", k_hi))
+            if side == "lo" or k_hi > k_lo
+        },
         **gemms,
     }
     if phase == "decode":
@@ -431,8 +447,14 @@ def bench_size(
     # Times: medians over the rounds used; fractions and ratios: medians of per-round ratios,
     # which cancel load that slows a whole round (e.g. memory traffic of other machines).
     return Row(
-        routing=routing, phase=phase, T=T, k_mean=work.k_mean, routed_k_mean=work.routed_k_mean,
-        hf_top_k=f"{k_lo}-{k_hi}" if k_hi > k_lo else str(k_lo), touched=work.touched, gflop=work.flops / 1e9,
+        routing=routing,
+        phase=phase,
+        T=T,
+        k_mean=work.k_mean,
+        routed_k_mean=work.routed_k_mean,
+        hf_top_k=f"{k_lo}-{k_hi}" if k_hi > k_lo else str(k_lo),
+        touched=work.touched,
+        gflop=work.flops / 1e9,
         weight_mb=work.weight_bytes / 1e6,
         ours_ms=per_round(ours_s) * 1e3,
         roof_ms=per_round(roof_s) * 1e3,
@@ -444,7 +466,9 @@ def bench_size(
         frac_roof=per_round(lambda r: roof_s(r) / ours_s(r)),
         frac_bound=per_round(lambda r: max(roof_s(r), gemm_s(r)) / ours_s(r)),
         vs_hf=per_round(lambda r: hf_s(r) / ours_s(r)),
-        counts=work.counts, rounds=len(rounds_run), clean_rounds=len(clean_rounds),
+        counts=work.counts,
+        rounds=len(rounds_run),
+        clean_rounds=len(clean_rounds),
         dtype_ms={d: per_round(lambda r, d=d: var_s(r, d)) * 1e3 for d in variants},
         dtype_roof_ms={d: per_round(lambda r, d=d: var_roof_s(r, d)) * 1e3 for d in variants},
         dtype_frac_roof={d: per_round(lambda r, d=d: var_roof_s(r, d) / var_s(r, d)) for d in variants},
@@ -484,17 +508,23 @@ def print_table(rows: list[Row]) -> None:
 
 
 def print_dtype_table(rows: list[Row]) -> None:
-    head = (f"{'routing':8s} {'phase':7s} {'T':>6s} {'experts':>7s} {'ms':>9s} {'roof ms':>9s} "
-            f"{'roof/ours':>9s} {'fp32/this':>9s} {'hf/this':>7s}")
+    head = (
+        f"{'routing':8s} {'phase':7s} {'T':>6s} {'experts':>7s} {'ms':>9s} {'roof ms':>9s} "
+        f"{'roof/ours':>9s} {'fp32/this':>9s} {'hf/this':>7s}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         best_hf = min(r.hf_eager_ms, r.hf_grouped_ms)
-        print(f"{r.routing:8s} {r.phase:7s} {r.T:6d} {'fp32':>7s} {r.ours_ms:9.3f} {r.roof_ms:9.3f} "
-              f"{r.frac_roof:9.0%} {1.0:9.2f} {r.vs_hf:7.2f}")
+        print(
+            f"{r.routing:8s} {r.phase:7s} {r.T:6d} {'fp32':>7s} {r.ours_ms:9.3f} {r.roof_ms:9.3f} "
+            f"{r.frac_roof:9.0%} {1.0:9.2f} {r.vs_hf:7.2f}"
+        )
         for d, ms in r.dtype_ms.items():
-            print(f"{r.routing:8s} {r.phase:7s} {r.T:6d} {d:>7s} {ms:9.3f} {r.dtype_roof_ms[d]:9.3f} "
-                  f"{r.dtype_frac_roof[d]:9.0%} {r.dtype_vs_fp32[d]:9.2f} {best_hf / ms:7.2f}")
+            print(
+                f"{r.routing:8s} {r.phase:7s} {r.T:6d} {d:>7s} {ms:9.3f} {r.dtype_roof_ms[d]:9.3f} "
+                f"{r.dtype_frac_roof[d]:9.0%} {r.dtype_vs_fp32[d]:9.2f} {best_hf / ms:7.2f}"
+            )
 
 
 def print_kernels(selections: list[autotune.Selection]) -> None:
@@ -503,7 +533,10 @@ def print_kernels(selections: list[autotune.Selection]) -> None:
     for sel in selections:
         print(f"# expert kernels {sel.summary()}")
         for n, ms in sel.plan.ms.items():
-            print(f"#     {n:5d} tokens: " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: kv[1])))
+            print(
+                f"#     {n:5d} tokens: "
+                + "  ".join(f"{k} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: kv[1]))
+            )
 
 
 def progress(r: Row) -> None:
@@ -524,11 +557,15 @@ def main() -> None:
     ap.add_argument("--skew-k", type=float, default=3.0, help="target mean k of the skewed routing")
     ap.add_argument("--routing", choices=("random", "skewed", "both"), default="both")
     ap.add_argument("--sizes", help="comma-separated subset of the sizes, e.g. 2,16,4096")
-    ap.add_argument("--patience", type=int, default=4,
-                    help="run up to this many times the wanted rounds to collect clean ones")
+    ap.add_argument(
+        "--patience", type=int, default=4, help="run up to this many times the wanted rounds to collect clean ones"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--expert-dtypes", default="bf16,int8",
-                    help="comma list of extra expert dtypes (bf16, int8) timed beside fp32; '' for none")
+    ap.add_argument(
+        "--expert-dtypes",
+        default="bf16,int8",
+        help="comma list of extra expert dtypes (bf16, int8) timed beside fp32; '' for none",
+    )
     args = ap.parse_args()
     extra_dtypes = [d for d in args.expert_dtypes.split(",") if d]
     for d in extra_dtypes:
@@ -586,19 +623,44 @@ def main() -> None:
         set_gate_scale(ours, base_E_D, scale)
         print(f"# routing {routing}: router weight x {scale:.3f}", flush=True)
         for T in decode:
-            rows.append(bench_size(
-                peak_flops=peak_flops, routing=routing, phase="decode", T=T, ours=ours, hf=hf, hf_cfg=hf_cfg, cfg=cfg,
-                variants=variants,
-                dim=dim, rounds=rounds_decode, patience=args.patience, buf_N=buf_N, seed=args.seed,
-            ))
+            rows.append(
+                bench_size(
+                    peak_flops=peak_flops,
+                    routing=routing,
+                    phase="decode",
+                    T=T,
+                    ours=ours,
+                    hf=hf,
+                    hf_cfg=hf_cfg,
+                    cfg=cfg,
+                    variants=variants,
+                    dim=dim,
+                    rounds=rounds_decode,
+                    patience=args.patience,
+                    buf_N=buf_N,
+                    seed=args.seed,
+                )
+            )
             progress(rows[-1])
         for T in prefill:
-            rows.append(bench_size(
-                peak_flops=peak_flops, routing=routing, phase="prefill", T=T, ours=ours, hf=hf, hf_cfg=hf_cfg, cfg=cfg,
-                variants=variants,
-                dim=dim, rounds=rounds_prefill[T], patience=args.patience, buf_N=buf_N,
-                seed=args.seed,
-            ))
+            rows.append(
+                bench_size(
+                    peak_flops=peak_flops,
+                    routing=routing,
+                    phase="prefill",
+                    T=T,
+                    ours=ours,
+                    hf=hf,
+                    hf_cfg=hf_cfg,
+                    cfg=cfg,
+                    variants=variants,
+                    dim=dim,
+                    rounds=rounds_prefill[T],
+                    patience=args.patience,
+                    buf_N=buf_N,
+                    seed=args.seed,
+                )
+            )
             progress(rows[-1])
 
     reads = [r.read_gbs for r in rows if r.phase == "decode"]
@@ -614,18 +676,28 @@ def main() -> None:
     )
     print_table(rows)
     if variants:
-        print("# expert dtypes: our layer with fp32 / bf16 / int8 experts (same routing); roof = touched bytes "
-              "in that dtype / read bandwidth (decode); hf/this = best transformers fp32 block / this")
+        print(
+            "# expert dtypes: our layer with fp32 / bf16 / int8 experts (same routing); roof = touched bytes "
+            "in that dtype / read bandwidth (decode); hf/this = best transformers fp32 block / this"
+        )
         print_dtype_table(rows)
     print_kernels(selections)
     print(machine_line())
     if args.json:
         env = {
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "copy_gbs": copy_gbs, "peak_gflops": peak_flops / 1e9, "gate_scales": scales, "layers": args.layers,
-            "quick": args.quick, "machine": kernel_cache.machine("cpu"), "loadavg_end": os.getloadavg(),
-            "kernels": {str(s.key): {"source": s.plan.source, "limits": s.plan.limits, "names": s.plan.names,
-                                     "ms": s.plan.ms} for s in selections},
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "copy_gbs": copy_gbs,
+            "peak_gflops": peak_flops / 1e9,
+            "gate_scales": scales,
+            "layers": args.layers,
+            "quick": args.quick,
+            "machine": kernel_cache.machine("cpu"),
+            "loadavg_end": os.getloadavg(),
+            "kernels": {
+                str(s.key): {"source": s.plan.source, "limits": s.plan.limits, "names": s.plan.names, "ms": s.plan.ms}
+                for s in selections
+            },
         }
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=2)

@@ -135,9 +135,7 @@ def run_ray(paths: list[Path], dac_path: Path, actors: int, threads: int, batch_
         ds = ray.data.from_items([{"path": str(p)} for p in paths], override_num_blocks=len(paths))
         ds = ds.map_batches(
             ReadAndEncode,
-            fn_constructor_kwargs={
-                "cfg": EncodeConfig(dac_path=str(dac_path), threads_per_actor=threads)
-            },
+            fn_constructor_kwargs={"cfg": EncodeConfig(dac_path=str(dac_path), threads_per_actor=threads)},
             batch_size=batch_rows,
             compute=ActorPoolStrategy(size=actors),
             num_cpus=threads,
@@ -151,23 +149,14 @@ def run_ray(paths: list[Path], dac_path: Path, actors: int, threads: int, batch_
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=16)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--threads-per-actor", type=int, default=1)
     p.add_argument("--batch-rows", type=int, default=4)
-    p.add_argument(
-        "--repeat", type=int, default=3, help="alternate loop and ray this many times; medians"
-    )
-    p.add_argument(
-        "--loop-threads",
-        type=int,
-        default=None,
-        help="torch threads of the loop (default: torch's)",
-    )
+    p.add_argument("--repeat", type=int, default=3, help="alternate loop and ray this many times; medians")
+    p.add_argument("--loop-threads", type=int, default=None, help="torch threads of the loop (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     if args.loop_threads:
@@ -182,9 +171,7 @@ def main() -> None:
         # Alternating, so a burst of load from elsewhere on the machine hits both sides.
         for _ in range(args.repeat):
             loop_s, loop_codes, loop_mem = run_loop(paths, dac_path)
-            ray_s, ray_codes, ray_mem = run_ray(
-                paths, dac_path, args.actors, args.threads_per_actor, args.batch_rows
-            )
+            ray_s, ray_codes, ray_mem = run_ray(paths, dac_path, args.actors, args.threads_per_actor, args.batch_rows)
             runs.append((loop_s, ray_s, os.getloadavg()[0]))
 
     mib = 1 << 20
@@ -210,11 +197,7 @@ def main() -> None:
         },
         "speedup": round(loop_s / ray_s, 2),
         "codes_differing_fraction": float(
-            np.mean(
-                np.concatenate(
-                    [(loop_codes[k] != ray_codes[k]).ravel() for k in sorted(loop_codes)]
-                )
-            )
+            np.mean(np.concatenate([(loop_codes[k] != ray_codes[k]).ravel() for k in sorted(loop_codes)]))
         ),
     }
     print(json.dumps(result, indent=2))

@@ -49,7 +49,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,9 +60,10 @@ import httpx
 import numpy as np
 import psutil
 import yaml
-
 from machine import machine_line  # benchmarks/machine.py
 from serve_load import machine  # benchmarks/serve_load.py: the machine dict every serving result carries
+
+from unimoe_ray.apps.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTILE = REPO / "tests" / "data" / "hostile"
@@ -71,22 +71,25 @@ RATE = 24000
 FRAME_SAMPLES = RATE // 50
 DEPLOYMENTS = ("SpeechModel", "MusicModel")
 TEXT = "The quick brown fox jumps over the lazy dog."
-HOSTILE_KINDS = ("bad_json", "oversized_body", "playlist_video", "rate_bomb", "seed_2_64", "temperature_tiny",
-                 "truncated_wav", "unknown_voice")  # the classes of the module docstring
+HOSTILE_KINDS = (
+    "bad_json",
+    "oversized_body",
+    "playlist_video",
+    "rate_bomb",
+    "seed_2_64",
+    "temperature_tiny",
+    "truncated_wav",
+    "unknown_voice",
+)  # the classes of the module docstring
 
 
 # ---- the server ----
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args, tmp: Path) -> tuple[str, subprocess.Popen, dict]:
     """`serve run` on the shipped CPU config, adjusted as the module docstring says."""
     cfg = yaml.safe_load((REPO / "serve_configs" / "local_cpu.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     cfg["http_options"].update(host="127.0.0.1", port=port)
     deps = {d["name"]: d for d in cfg["applications"][0]["deployments"]}
     ingress = dict(deps["APIIngress"]["user_config"], voices_dir=str(tmp / "voices"), api_keys_env=None)
@@ -95,8 +98,11 @@ def start_server(args, tmp: Path) -> tuple[str, subprocess.Popen, dict]:
         d = deps[name]
         d.pop("autoscaling_config", None)
         d["num_replicas"] = 1
-        model = dict(d["user_config"], preset=args.preset,
-                     artifacts_dir=str((REPO / d["user_config"]["artifacts_dir"]).resolve()))
+        model = dict(
+            d["user_config"],
+            preset=args.preset,
+            artifacts_dir=str((REPO / d["user_config"]["artifacts_dir"]).resolve()),
+        )
         if args.expert_dtype is not None:
             model["expert_dtype"] = None if args.expert_dtype == "none" else args.expert_dtype
         d["user_config"] = model
@@ -105,8 +111,14 @@ def start_server(args, tmp: Path) -> tuple[str, subprocess.Popen, dict]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp / "serve_run.log", "wb")
     # --address local: a Ray of its own, never another one running on this machine.
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(path), "--address", "local"],
-                            cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "serve"), "run", str(path), "--address", "local"],
+        cwd=tmp,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.startup_timeout
     while time.monotonic() < deadline:
@@ -214,17 +226,29 @@ class ReplicaWatch:
 
     def report(self) -> dict:
         alive = {d: {p.pid for p in procs} for d, procs in replica_processes(self.app, self.session).items()}
-        return {d: {"replicas_seen": len(self.seen[d]), "restarts": len(self.seen[d] - alive[d]),
-                    "peak_rss_mb": round(self.peak_mb[d], 1) if self.seen[d] else None,
-                    "peak_rss_with_children_mb": round(self.peak_with_children_mb[d], 1) if self.seen[d] else None,
-                    "max_children": self.max_children[d]} for d in DEPLOYMENTS}
+        return {
+            d: {
+                "replicas_seen": len(self.seen[d]),
+                "restarts": len(self.seen[d] - alive[d]),
+                "peak_rss_mb": round(self.peak_mb[d], 1) if self.seen[d] else None,
+                "peak_rss_with_children_mb": round(self.peak_with_children_mb[d], 1) if self.seen[d] else None,
+                "max_children": self.max_children[d],
+            }
+            for d in DEPLOYMENTS
+        }
 
 
 # ---- requests ----
 
+
 def good_request(rng: random.Random) -> dict:
-    return {"input": TEXT, "voice": "default", "response_format": "pcm", "max_seconds": round(rng.uniform(0.5, 2.0), 2),
-            "seed": rng.randrange(1 << 30)}
+    return {
+        "input": TEXT,
+        "voice": "default",
+        "response_format": "pcm",
+        "max_seconds": round(rng.uniform(0.5, 2.0), 2),
+        "seed": rng.randrange(1 << 30),
+    }
 
 
 def send_good(c: httpx.Client, body: dict) -> dict:
@@ -272,11 +296,17 @@ def send_hostile(c: httpx.Client, kind: str, payload: tuple, n: str) -> dict:
         elif how == "raw":
             r = c.post(payload[1], content=payload[2], headers={"content-type": "application/json"})
         elif how == "voice":
-            r = c.post("/v1/audio/voices", files={"audio_sample": ("upload.wav", payload[1], "audio/wav")},
-                       data={"name": f"hostile_{kind}_{n}", "ref_text": "Words."})
+            r = c.post(
+                "/v1/audio/voices",
+                files={"audio_sample": ("upload.wav", payload[1], "audio/wav")},
+                data={"name": f"hostile_{kind}_{n}", "ref_text": "Words."},
+            )
         else:
-            r = c.post("/v1/audio/music", files={"video": ("clip.mp4", payload[1], "video/mp4")},
-                       data={"prompt": "Music.", "duration": "1"})
+            r = c.post(
+                "/v1/audio/music",
+                files={"video": ("clip.mp4", payload[1], "video/mp4")},
+                data={"prompt": "Music.", "duration": "1"},
+            )
         shaped = 400 <= r.status_code < 500 and set(r.json().get("error", {})) >= {"message", "type"}
         return {"kind": kind, "status": r.status_code, "ok": shaped}
     except (httpx.HTTPError, ValueError) as err:
@@ -346,12 +376,16 @@ def summarise(runs: list[dict], hostile: bool) -> dict:
     lat = np.array([r["latency"] for r in ok]) if ok else np.full(1, np.nan)
     ttfa = np.array([r["ttfa"] for r in ok]) if ok else np.full(1, np.nan)
     out = {
-        "wall_s": round(wall, 1), "good_requests": len(good), "good_ok": len(ok),
+        "wall_s": round(wall, 1),
+        "good_requests": len(good),
+        "good_ok": len(ok),
         "good_success_rate": round(len(ok) / len(good), 4) if good else None,
         "good_errors": sorted({r["error"] for r in good if r["error"]})[:5],
         "good_req_per_s": round(len(ok) / wall, 3),
-        "p50_latency_s": round(float(np.percentile(lat, 50)), 3), "p99_latency_s": round(float(np.percentile(lat, 99)), 3),
-        "p50_ttfa_s": round(float(np.percentile(ttfa, 50)), 3), "p99_ttfa_s": round(float(np.percentile(ttfa, 99)), 3),
+        "p50_latency_s": round(float(np.percentile(lat, 50)), 3),
+        "p99_latency_s": round(float(np.percentile(lat, 99)), 3),
+        "p50_ttfa_s": round(float(np.percentile(ttfa, 50)), 3),
+        "p99_ttfa_s": round(float(np.percentile(ttfa, 99)), 3),
         "load_after": [run["load_after"] for run in runs],
     }
     if hostile:
@@ -369,8 +403,10 @@ def summarise(runs: list[dict], hostile: bool) -> dict:
 
 def slots(url: str) -> dict:
     status = httpx.get(url + "/v1/status", timeout=30).json()
-    return {d: {k: status[d].get(k) for k in ("running_rows", "running_requests", "waiting", "failed", "healthy")}
-            for d in ("speech", "music")}
+    return {
+        d: {k: status[d].get(k) for k in ("running_rows", "running_requests", "waiting", "failed", "healthy")}
+        for d in ("speech", "music")
+    }
 
 
 def main() -> None:
@@ -378,8 +414,12 @@ def main() -> None:
     p.add_argument("--url", default=None, help="a running server (default: start `serve run` on local_cpu.yaml)")
     p.add_argument("--app", default="unimoe", help="the Serve application's name (replica process titles)")
     p.add_argument("--preset", default="small", help="model preset of the started server (tiny: quick)")
-    p.add_argument("--expert-dtype", default=None, choices=["fp32", "bf16", "int8", "none"],
-                   help="override the config's expert_dtype (none: as loaded)")
+    p.add_argument(
+        "--expert-dtype",
+        default=None,
+        choices=["fp32", "bf16", "int8", "none"],
+        help="override the config's expert_dtype (none: as loaded)",
+    )
     p.add_argument("--seconds", type=float, default=60.0, help="length of each run")
     p.add_argument("--mode", choices=["mix", "flood"], default="mix", help="traffic shape (module docstring)")
     p.add_argument("--rounds", type=int, default=2, help="alternating good-only / with-hostile runs per condition")
@@ -387,8 +427,12 @@ def main() -> None:
     p.add_argument("--hostile-share", type=float, default=0.25, help="mix: chance that a request is hostile")
     p.add_argument("--good-clients", type=int, default=4, help="flood: good clients")
     p.add_argument("--hostile-clients", type=int, default=4, help="flood: clients sending only hostile requests")
-    p.add_argument("--max-upload-mb", type=float, default=None,
-                   help="the server's max_upload_mb (default: the started config's; 10 with --url)")
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=None,
+        help="the server's max_upload_mb (default: the started config's; 10 with --url)",
+    )
     p.add_argument("--request-timeout", type=float, default=120.0, help="client timeout per request")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
@@ -423,30 +467,40 @@ def main() -> None:
                 runs[name].append(run)
                 watches[name].append(watch.report())
                 ok = sum(r["error"] is None for r in run["good"])
-                print(f"round {round_} {name:12s} good {ok}/{len(run['good'])} hostile {len(run['bad'])} "
-                      f"load {run['load_after']}", flush=True)
+                print(
+                    f"round {round_} {name:12s} good {ok}/{len(run['good'])} hostile {len(run['bad'])} "
+                    f"load {run['load_after']}",
+                    flush=True,
+                )
         for name in conditions:
             res = summarise(runs[name], hostile=conditions[name] is not None)
-            res["replicas"] = {d: {"restarts": sum(w[d]["restarts"] for w in watches[name]),
-                                   "peak_rss_mb": max((w[d]["peak_rss_mb"] or 0) for w in watches[name]),
-                                   "peak_rss_with_children_mb": max((w[d]["peak_rss_with_children_mb"] or 0)
-                                                                    for w in watches[name]),
-                                   "max_children": max(w[d]["max_children"] for w in watches[name])}
-                               for d in DEPLOYMENTS}
+            res["replicas"] = {
+                d: {
+                    "restarts": sum(w[d]["restarts"] for w in watches[name]),
+                    "peak_rss_mb": max((w[d]["peak_rss_mb"] or 0) for w in watches[name]),
+                    "peak_rss_with_children_mb": max((w[d]["peak_rss_with_children_mb"] or 0) for w in watches[name]),
+                    "max_children": max(w[d]["max_children"] for w in watches[name]),
+                }
+                for d in DEPLOYMENTS
+            }
             res["slots_after"] = slots(url)
             results[name] = res
-            print(f"{name:12s} good {res['good_ok']}/{res['good_requests']} ok "
-                  f"p50/p99 latency {res['p50_latency_s']:.2f}/{res['p99_latency_s']:.2f} s "
-                  f"p50/p99 TTFA {res['p50_ttfa_s']:.2f}/{res['p99_ttfa_s']:.2f} s "
-                  f"hostile {res.get('hostile_requests', 0)} (4xx {res.get('hostile_refused_4xx', 0)}) "
-                  f"restarts {sum(r['restarts'] for r in res['replicas'].values())} "
-                  f"peak RSS MB (speech, music) {[r['peak_rss_mb'] for r in res['replicas'].values()]} "
-                  f"with children {[r['peak_rss_with_children_mb'] for r in res['replicas'].values()]} "
-                  f"slots after {res['slots_after']}",
-                  flush=True)
+            print(
+                f"{name:12s} good {res['good_ok']}/{res['good_requests']} ok "
+                f"p50/p99 latency {res['p50_latency_s']:.2f}/{res['p99_latency_s']:.2f} s "
+                f"p50/p99 TTFA {res['p50_ttfa_s']:.2f}/{res['p99_ttfa_s']:.2f} s "
+                f"hostile {res.get('hostile_requests', 0)} (4xx {res.get('hostile_refused_4xx', 0)}) "
+                f"restarts {sum(r['restarts'] for r in res['replicas'].values())} "
+                f"peak RSS MB (speech, music) {[r['peak_rss_mb'] for r in res['replicas'].values()]} "
+                f"with children {[r['peak_rss_with_children_mb'] for r in res['replicas'].values()]} "
+                f"slots after {res['slots_after']}",
+                flush=True,
+            )
         base, mixed = results["good_only"], results["with_hostile"]
-        results["ratio"] = {k: round(mixed[k] / base[k], 3) if base[k] else None
-                            for k in ("p50_latency_s", "p99_latency_s", "p50_ttfa_s", "p99_ttfa_s")}
+        results["ratio"] = {
+            k: round(mixed[k] / base[k], 3) if base[k] else None
+            for k in ("p50_latency_s", "p99_latency_s", "p50_ttfa_s", "p99_ttfa_s")
+        }
         print("hostile/good-only latency ratio:", results["ratio"])
         for kind, k in mixed.get("hostile", {}).items():
             print(f"  {kind:18s} sent {k['sent']:4d}  refused with a 4xx {k['refused_4xx']:4d}  {k['statuses']}")

@@ -76,11 +76,23 @@ def main() -> None:
     for ep in args.expert_parallel:
         t0 = time.time()
         spec = RunSpec(
-            shards=[str(root / "shards")], tokenizer=str(tok), init=str(root / "init"),
-            train=stage_config("stage3", tasks=("tts_en", "t2m"), max_steps=args.steps, warmup_steps=1,
-                               max_tokens=args.max_tokens, val_every=0, checkpoint_every=args.steps,
-                               expert_parallel=ep),
-            name=f"ep{ep}", storage_path=str(root / "store"), num_workers=2, max_failures=0,
+            shards=[str(root / "shards")],
+            tokenizer=str(tok),
+            init=str(root / "init"),
+            train=stage_config(
+                "stage3",
+                tasks=("tts_en", "t2m"),
+                max_steps=args.steps,
+                warmup_steps=1,
+                max_tokens=args.max_tokens,
+                val_every=0,
+                checkpoint_every=args.steps,
+                expert_parallel=ep,
+            ),
+            name=f"ep{ep}",
+            storage_path=str(root / "store"),
+            num_workers=2,
+            max_failures=0,
         )
         spec.step_callback = record_rss
         result = run_training(spec)
@@ -93,8 +105,11 @@ def main() -> None:
             "expert_parallel": ep,
             "tokens_per_s_median": statistics.median(m["tokens_per_s"] for m in steady),
             "tokens_per_step_median": statistics.median(m["tokens"] for m in steady),
-            "peak_rss_mb": [json.loads((spec.run_dir / f"rss_rank{r}.json").read_text())["peak_rss_mb"] for r in range(2)],
-            "plan_mib": held_bytes(cfg, ep, args.max_tokens), "wall_s": time.time() - t0,
+            "peak_rss_mb": [
+                json.loads((spec.run_dir / f"rss_rank{r}.json").read_text())["peak_rss_mb"] for r in range(2)
+            ],
+            "plan_mib": held_bytes(cfg, ep, args.max_tokens),
+            "wall_s": time.time() - t0,
         }
         if ep > 1:
             row["exchange_share_median"] = [
@@ -102,15 +117,22 @@ def main() -> None:
             ]
             row["imbalance_median"] = statistics.median(m["ep/imbalance"] for m in steady)
         rows.append(row)
-        print(f"expert_parallel={ep}: {row['tokens_per_s_median']:.0f} tokens/s, peak RSS "
-              f"{row['peak_rss_mb']} MiB, planned params+grads+AdamW "
-              f"{row['plan_mib']['params'] + row['plan_mib']['grads'] + row['plan_mib']['optimizer']:.0f} MiB "
-              f"(experts {row['plan_mib']['expert_params'] + row['plan_mib']['expert_grads'] + row['plan_mib']['expert_optimizer']:.0f}), "
-              f"activations {row['plan_mib']['activations']:.0f} MiB/worker"
-              + (f", exchange share {row['exchange_share_median']}" if ep > 1 else ""))
+        print(
+            f"expert_parallel={ep}: {row['tokens_per_s_median']:.0f} tokens/s, peak RSS "
+            f"{row['peak_rss_mb']} MiB, planned params+grads+AdamW "
+            f"{row['plan_mib']['params'] + row['plan_mib']['grads'] + row['plan_mib']['optimizer']:.0f} MiB "
+            f"(experts {row['plan_mib']['expert_params'] + row['plan_mib']['expert_grads'] + row['plan_mib']['expert_optimizer']:.0f}), "
+            f"activations {row['plan_mib']['activations']:.0f} MiB/worker"
+            + (f", exchange share {row['exchange_share_median']}" if ep > 1 else "")
+        )
     result = {
-        "preset": args.preset, "layers": cfg.num_layers, "steps": args.steps, "max_tokens": args.max_tokens,
-        "machine_before": before, "machine_after": machine_line(), "rows": rows,
+        "preset": args.preset,
+        "layers": cfg.num_layers,
+        "steps": args.steps,
+        "max_tokens": args.max_tokens,
+        "machine_before": before,
+        "machine_after": machine_line(),
+        "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

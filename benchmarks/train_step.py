@@ -36,7 +36,9 @@ def machine() -> dict:
     info = {"cpus": os.cpu_count(), "python": platform.python_version()}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")
+        )
         flags = next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split()
         info["isa"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma") if f in flags]
     except (OSError, StopIteration):
@@ -69,34 +71,60 @@ def main() -> None:
     for n in args.workers:
         t0 = time.time()
         spec = RunSpec(
-            shards=[str(root / "shards")], tokenizer=str(tok), init=str(root / "init"),
-            train=stage_config("stage3", tasks=("tts_en", "t2m"), max_steps=args.steps, warmup_steps=1,
-                               max_tokens=args.max_tokens, val_every=0, checkpoint_every=args.steps),
-            name=f"w{n}", storage_path=str(root / "store"), num_workers=n, max_failures=0,
+            shards=[str(root / "shards")],
+            tokenizer=str(tok),
+            init=str(root / "init"),
+            train=stage_config(
+                "stage3",
+                tasks=("tts_en", "t2m"),
+                max_steps=args.steps,
+                warmup_steps=1,
+                max_tokens=args.max_tokens,
+                val_every=0,
+                checkpoint_every=args.steps,
+            ),
+            name=f"w{n}",
+            storage_path=str(root / "store"),
+            num_workers=n,
+            max_failures=0,
         )
         run_training(spec)
         metrics = [json.loads(x) for x in (spec.run_dir / "metrics.jsonl").read_text().splitlines()]
         tps = [m["tokens_per_s"] for m in metrics[2:]]
-        rows.append({
-            "workers": n, "tokens_per_s_median": statistics.median(tps), "tokens_per_s_all": tps,
-            "tokens_per_step_median": statistics.median(m["tokens"] for m in metrics[2:]),
-            "peak_rss_mb_per_worker": max(m["peak_rss_mb"] for m in metrics), "wall_s": time.time() - t0,
-        })
-        print(f"workers={n}: {rows[-1]['tokens_per_s_median']:.0f} tokens/s, peak RSS "
-              f"{rows[-1]['peak_rss_mb_per_worker']:.0f} MiB/worker")
+        rows.append(
+            {
+                "workers": n,
+                "tokens_per_s_median": statistics.median(tps),
+                "tokens_per_s_all": tps,
+                "tokens_per_step_median": statistics.median(m["tokens"] for m in metrics[2:]),
+                "peak_rss_mb_per_worker": max(m["peak_rss_mb"] for m in metrics),
+                "wall_s": time.time() - t0,
+            }
+        )
+        print(
+            f"workers={n}: {rows[-1]['tokens_per_s_median']:.0f} tokens/s, peak RSS "
+            f"{rows[-1]['peak_rss_mb_per_worker']:.0f} MiB/worker"
+        )
     base = rows[0]["tokens_per_s_median"]
     for r in rows:
         r["scaling_vs_first"] = r["tokens_per_s_median"] / base
     result = {
-        "preset": args.preset, "layers": cfg.num_layers, "steps": args.steps, "max_tokens": args.max_tokens,
-        "machine_before": before, "machine_after": machine(), "rows": rows,
+        "preset": args.preset,
+        "layers": cfg.num_layers,
+        "steps": args.steps,
+        "max_tokens": args.max_tokens,
+        "machine_before": before,
+        "machine_after": machine(),
+        "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
     for r in rows:
-        print(f"  {r['workers']} worker(s): {r['tokens_per_s_median']:.0f} tokens/s "
-              f"(x{r['scaling_vs_first']:.2f}), {r['peak_rss_mb_per_worker']:.0f} MiB peak/worker")
+        print(
+            f"  {r['workers']} worker(s): {r['tokens_per_s_median']:.0f} tokens/s "
+            f"(x{r['scaling_vs_first']:.2f}), {r['peak_rss_mb_per_worker']:.0f} MiB peak/worker"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Routing analysis of a DCMoE checkpoint on shard rows (paper Fig. 3 and Fig. 5).
+r"""Routing analysis of a DCMoE checkpoint on shard rows (paper Fig. 3 and Fig. 5).
 
     python jobs/analyze_routing.py outputs/stage3 --shards data/mini_shards \
         --tokenizer data/mini/assets/tokenizer --out outputs/routing

@@ -1,12 +1,12 @@
 """Print total and activated-per-token parameters of a preset (built on the meta device).
 
-    python jobs/count_params.py --preset preview
+python jobs/count_params.py --preset preview
 """
 
 import argparse
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.params import count_parameters
+from unimoe_ray.presets import get_preset
 
 
 def main() -> None:
@@ -18,7 +18,9 @@ def main() -> None:
     print(f"preset {args.preset}: total {counts.total / b:.3f}B (vision tower {counts.vision / b:.3f}B)")
     print(f"  one routed expert, all layers: {counts.routed_expert / b:.3f}B")
     print(f"  activated per token, min (1 routed expert): {counts.activated(1) / b:.3f}B")
-    print(f"  activated per token, max (all {counts.num_routed} routed): {counts.activated(counts.num_routed) / b:.3f}B")
+    print(
+        f"  activated per token, max (all {counts.num_routed} routed): {counts.activated(counts.num_routed) / b:.3f}B"
+    )
     for k in range(0, counts.num_routed + 1):
         print(f"    {k} routed experts: {counts.activated(k) / b:.3f}B")
 

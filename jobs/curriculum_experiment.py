@@ -1,4 +1,4 @@
-"""Does the curriculum pay off? Four variants from one init per seed, the same training-FLOP
+r"""Does the curriculum pay off? Four variants from one init per seed, the same training-FLOP
 budget and the same data; per-task validation loss over whole held-out clips, several seeds
 (the recipe and its rules: unimoe_ray/train/experiment.py; results: benchmarks/README.md).
 
@@ -16,12 +16,17 @@ import argparse
 import json
 from pathlib import Path
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.eval.plots import plot_loss_curves, plot_routing
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompts import config_for_tokenizer
 from unimoe_ray.text.tokenizer import load_tokenizer
 from unimoe_ray.train.experiment import (
-    VARIANTS, ExperimentConfig, load_rows, loss_curves, markdown_table, run_experiment,
+    VARIANTS,
+    ExperimentConfig,
+    load_rows,
+    loss_curves,
+    markdown_table,
+    run_experiment,
 )
 
 
@@ -47,10 +52,17 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(args.tokenizer)
     target = config_for_tokenizer(get_preset(args.preset), tok)
     ecfg = ExperimentConfig(
-        budget_flops=args.budget_flops, seeds=tuple(args.seeds), variants=tuple(args.variants),
-        max_tokens=args.max_tokens, lr=args.lr, stage2_lr_scale=args.stage2_lr_scale,
-        stage3_lr_scale=args.stage3_lr_scale, stage_shares=tuple(args.stage_shares),
-        val_fraction=args.val_fraction, evals_per_phase=args.evals_per_phase, init_from=args.init_from,
+        budget_flops=args.budget_flops,
+        seeds=tuple(args.seeds),
+        variants=tuple(args.variants),
+        max_tokens=args.max_tokens,
+        lr=args.lr,
+        stage2_lr_scale=args.stage2_lr_scale,
+        stage3_lr_scale=args.stage3_lr_scale,
+        stage_shares=tuple(args.stage_shares),
+        val_fraction=args.val_fraction,
+        evals_per_phase=args.evals_per_phase,
+        init_from=args.init_from,
     )
     result = run_experiment(target, tok, load_rows(args.shards), ecfg)
     result["args"] = vars(args)

@@ -31,14 +31,31 @@ def main() -> None:
     p.add_argument("--preset", default=d.preset, help="tiny | small | preview (preview needs real weights)")
     p.add_argument("--seed", type=int, default=d.seed)
     f = ProductConfig()
-    p.add_argument("--steps", type=int, nargs=3, default=f.steps, metavar=("S1", "S2", "S3"),
-                   help="optimizer steps of stage 1 (each specialist), 2 and 3 (full run; default: %(default)s)")
-    p.add_argument("--lrs", type=float, nargs=3, default=f.lrs, metavar=("LR1", "LR2", "LR3"),
-                   help="learning rates of stages 1, 2 and 3 (full run; default: %(default)s)")
-    p.add_argument("--eval-frames", type=int, default=f.eval_frames, metavar="N",
-                   help="the final evaluation also generates N frames per validation row (EOS rate, silence, "
-                   "clipping) with the stage-3 and the random-init model; 0: teacher-forced metrics only "
-                   "(full run; default: %(default)s)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        nargs=3,
+        default=f.steps,
+        metavar=("S1", "S2", "S3"),
+        help="optimizer steps of stage 1 (each specialist), 2 and 3 (full run; default: %(default)s)",
+    )
+    p.add_argument(
+        "--lrs",
+        type=float,
+        nargs=3,
+        default=f.lrs,
+        metavar=("LR1", "LR2", "LR3"),
+        help="learning rates of stages 1, 2 and 3 (full run; default: %(default)s)",
+    )
+    p.add_argument(
+        "--eval-frames",
+        type=int,
+        default=f.eval_frames,
+        metavar="N",
+        help="the final evaluation also generates N frames per validation row (EOS rate, silence, "
+        "clipping) with the stage-3 and the random-init model; 0: teacher-forced metrics only "
+        "(full run; default: %(default)s)",
+    )
     q = p.add_argument_group("--quick only")
     q.add_argument("--checkpoint", default=None, help="checkpoint folder (config.json + safetensors)")
     q.add_argument("--tokenizer", default=None, help="tokenizer folder (tokenizer.json ...)")
@@ -47,14 +64,29 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(a.seed)
     if a.quick:
-        summary = run_demo(DemoConfig(out_dir=a.out_dir, preset=a.preset, checkpoint=a.checkpoint,
-                                      tokenizer=a.tokenizer, dac_path=a.dac_path, max_frames=a.max_frames, seed=a.seed))
+        summary = run_demo(
+            DemoConfig(
+                out_dir=a.out_dir,
+                preset=a.preset,
+                checkpoint=a.checkpoint,
+                tokenizer=a.tokenizer,
+                dac_path=a.dac_path,
+                max_frames=a.max_frames,
+                seed=a.seed,
+            )
+        )
         print(json.dumps(summary, indent=2))
         return
     if a.eval_frames < 0:
         p.error(f"--eval-frames {a.eval_frames}: give 0 (no generation) or a frame count (50 frames = 1 s)")
-    cfg = ProductConfig(out_dir=a.out_dir, preset=a.preset, seed=a.seed, steps=tuple(a.steps), lrs=tuple(a.lrs),
-                        eval_frames=a.eval_frames)
+    cfg = ProductConfig(
+        out_dir=a.out_dir,
+        preset=a.preset,
+        seed=a.seed,
+        steps=tuple(a.steps),
+        lrs=tuple(a.lrs),
+        eval_frames=a.eval_frames,
+    )
     print(format_summary(run_product(cfg)))
 
 

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint per task; writes OUT/eval.json and OUT/eval.md (unimoe_ray.eval).
+r"""Evaluate a checkpoint per task; writes OUT/eval.json and OUT/eval.md (unimoe_ray.eval).
 
     python jobs/evaluate.py outputs/stage3 --shards data/mini_shards --dac-path dac.pth \
         --tokenizer data/mini/assets/tokenizer --out outputs/eval
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-generate", action="store_true", help="teacher-forced metrics only")
     p.add_argument("--gen-batch", type=int, default=4)
     p.add_argument("--length-slack", type=float, default=2.0, help="frame limit = slack x requested length")
-    p.add_argument("--sampling", default="{}", help='JSON SamplingConfig overrides, e.g. \'{"min_frames": 50}\'')
+    p.add_argument("--sampling", default="{}", help="JSON SamplingConfig overrides, e.g. '{\"min_frames\": 50}'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--voice-library", help="prompt_audios.json for task files that name voices")
     p.add_argument("--device", default="cpu")
@@ -45,12 +45,27 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(f"--{judge}-model", help=f"local {judge} weights (see unimoe_ray/eval/judges.py)")
     a = p.parse_args(argv)
 
-    cfg = EvalConfig(tasks=tuple(a.tasks), rows_per_task=a.rows_per_task, max_tokens=a.max_tokens,
-                     generate=not a.no_generate, gen_batch=a.gen_batch, length_slack=a.length_slack,
-                     sampling=sampling_options(a.sampling), seed=a.seed)
+    cfg = EvalConfig(
+        tasks=tuple(a.tasks),
+        rows_per_task=a.rows_per_task,
+        max_tokens=a.max_tokens,
+        generate=not a.no_generate,
+        gen_batch=a.gen_batch,
+        length_slack=a.length_slack,
+        sampling=sampling_options(a.sampling),
+        seed=a.seed,
+    )
     written = evaluate_checkpoint(
-        a.checkpoint, cfg, a.out, shards=a.shards, task_file=a.task_file, tokenizer=a.tokenizer, dac_path=a.dac_path,
-        judge_paths={j: getattr(a, f"{j}_model") for j in JUDGES}, voice_library=a.voice_library, device=a.device,
+        a.checkpoint,
+        cfg,
+        a.out,
+        shards=a.shards,
+        task_file=a.task_file,
+        tokenizer=a.tokenizer,
+        dac_path=a.dac_path,
+        judge_paths={j: getattr(a, f"{j}_model") for j in JUDGES},
+        voice_library=a.voice_library,
+        device=a.device,
         dtype=a.dtype,
     )
     for path in written:

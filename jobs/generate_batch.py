@@ -1,4 +1,4 @@
-"""Batch generation on Ray Data: a task file in the released `examples/test_tasks.json` form
+r"""Batch generation on Ray Data: a task file in the released `examples/test_tasks.json` form
 (or JSONL) → WAVs plus a result manifest (JSONL, one row per task: status ok | failed, reason).
 
     python jobs/generate_batch.py tasks.json --checkpoint /ckpt --dac-path dac_16khz.pth \\
@@ -36,16 +36,34 @@ def main() -> int:
     p.add_argument("--expert-dtype", default=None, choices=["fp32", "bf16", "int8"])
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-seconds", type=float, default=None, help="cap every item's audio length")
-    p.add_argument("--resume", action="store_true",
-                   help="skip the tasks --manifest already records as ok (WAV on disk); failed ones run again")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the tasks --manifest already records as ok (WAV on disk); failed ones run again",
+    )
     a = p.parse_args()
     if not ray.is_initialized():
         ray.init(include_dashboard=False)  # joins RAY_ADDRESS when set, else a local Ray
-    rows = run_batch(a.tasks, a.manifest, BatchConfig(
-        checkpoint=a.checkpoint, tokenizer=a.tokenizer, dac_path=a.dac_path, voice_library=a.voice_library,
-        voice_root=a.voice_root, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
-        gpus_per_actor=a.gpus_per_actor, device=a.device, dtype=a.dtype, expert_dtype=a.expert_dtype, seed=a.seed, max_seconds=a.max_seconds,
-    ), resume=a.resume)
+    rows = run_batch(
+        a.tasks,
+        a.manifest,
+        BatchConfig(
+            checkpoint=a.checkpoint,
+            tokenizer=a.tokenizer,
+            dac_path=a.dac_path,
+            voice_library=a.voice_library,
+            voice_root=a.voice_root,
+            actors=a.actors,
+            cpus_per_actor=a.cpus_per_actor,
+            gpus_per_actor=a.gpus_per_actor,
+            device=a.device,
+            dtype=a.dtype,
+            expert_dtype=a.expert_dtype,
+            seed=a.seed,
+            max_seconds=a.max_seconds,
+        ),
+        resume=a.resume,
+    )
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

@@ -1,4 +1,4 @@
-"""Generate the mini corpus (speech, music, video, deliberately broken rows) and, with
+r"""Generate the mini corpus (speech, music, video, deliberately broken rows) and, with
 --with-assets, a test tokenizer and a random-weight DAC to preprocess it with.
 
     python jobs/make_mini_corpus.py --out data/mini --with-assets
@@ -24,16 +24,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed)
     for rows in ("n_tts_en", "n_tts_zh", "n_t2m", "n_v2m"):
         p.add_argument("--" + rows.replace("_", "-"), type=int, default=getattr(defaults, rows))
-    p.add_argument("--long-music-seconds", type=float, default=defaults.long_music_seconds,
-                   help="length of the first T2M piece (0: no long piece)")
+    p.add_argument(
+        "--long-music-seconds",
+        type=float,
+        default=defaults.long_music_seconds,
+        help="length of the first T2M piece (0: no long piece)",
+    )
     p.add_argument("--no-broken", action="store_true", help="leave out the broken rows")
-    p.add_argument("--with-assets", action="store_true",
-                   help="also write assets/tokenizer (test BPE) and assets/dac_random.pth")
+    p.add_argument(
+        "--with-assets", action="store_true", help="also write assets/tokenizer (test BPE) and assets/dac_random.pth"
+    )
     args = p.parse_args(argv)
 
     cfg = MiniCorpusConfig(
-        n_tts_en=args.n_tts_en, n_tts_zh=args.n_tts_zh, n_t2m=args.n_t2m, n_v2m=args.n_v2m,
-        long_music_seconds=args.long_music_seconds, broken=not args.no_broken, seed=args.seed,
+        n_tts_en=args.n_tts_en,
+        n_tts_zh=args.n_tts_zh,
+        n_t2m=args.n_t2m,
+        n_v2m=args.n_v2m,
+        long_music_seconds=args.long_music_seconds,
+        broken=not args.no_broken,
+        seed=args.seed,
     )
     start = time.perf_counter()
     manifest = make_mini_corpus(args.out, cfg)

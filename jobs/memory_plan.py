@@ -1,4 +1,4 @@
-"""Per-rank training memory for a model, before training: parameters, gradients, AdamW state and
+r"""Per-rank training memory for a model, before training: parameters, gradients, AdamW state and
 activations for each (workers, expert-parallel size, ZeRO stage) asked (unimoe_ray.train.
 memory_plan; the model is built on the meta device, nothing is materialised).
 
@@ -36,14 +36,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
     args = p.parse_args(argv)
     cfg = load_config(args.config) if args.config else get_preset(args.preset)
-    rows = plan_grid(cfg, workers=args.workers, expert_parallel=args.expert_parallel, zero_stages=args.zero,
-                     seq_len=args.seq_len, dtype=args.dtype, trainable=args.trainable,
-                     routed_per_token=args.routed_per_token, attention_probs=args.attention_probs)
+    rows = plan_grid(
+        cfg,
+        workers=args.workers,
+        expert_parallel=args.expert_parallel,
+        zero_stages=args.zero,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        trainable=args.trainable,
+        routed_per_token=args.routed_per_token,
+        attention_probs=args.attention_probs,
+    )
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"# {args.config or args.preset}: seq_len {args.seq_len}, {args.dtype} activations, trainable "
-          f"{args.trainable}, {args.routed_per_token:g} routed experts/token; GiB per rank")
+    print(
+        f"# {args.config or args.preset}: seq_len {args.seq_len}, {args.dtype} activations, trainable "
+        f"{args.trainable}, {args.routed_per_token:g} routed experts/token; GiB per rank"
+    )
     print(markdown_table(rows, device_gib=args.device_gib))
 
 

@@ -1,4 +1,4 @@
-"""Preprocess a manifest into training shards with Ray Data (unimoe_ray.data.pipeline).
+r"""Preprocess a manifest into training shards with Ray Data (unimoe_ray.data.pipeline).
 
 Local:    python jobs/preprocess.py --manifest data/mini/manifest.jsonl --out data/mini_shards \
               --tokenizer data/mini/assets/tokenizer --dac-path data/mini/assets/dac_random.pth
@@ -18,8 +18,14 @@ import logging
 
 import ray
 
-from unimoe_ray.data.config import AudioConfig, BalanceConfig, EncodeConfig, PreprocessConfig, VideoConfig
-from unimoe_ray.data.config import preprocess_config
+from unimoe_ray.data.config import (
+    AudioConfig,
+    BalanceConfig,
+    EncodeConfig,
+    PreprocessConfig,
+    VideoConfig,
+    preprocess_config,
+)
 from unimoe_ray.data.pipeline import run_preprocess
 
 
@@ -32,9 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--encode-actors", type=int, default=EncodeConfig.actors)
     p.add_argument("--threads-per-actor", type=int, default=EncodeConfig.threads_per_actor)
     p.add_argument("--batch-rows", type=int, default=EncodeConfig.batch_rows)
-    p.add_argument("--max-encode-error-fraction", type=float, default=EncodeConfig.max_error_fraction,
-                   help="fail when one kind of DAC error (e.g. out of memory) hits more than this fraction "
-                   "of the rows the codec received (1: never fail)")
+    p.add_argument(
+        "--max-encode-error-fraction",
+        type=float,
+        default=EncodeConfig.max_error_fraction,
+        help="fail when one kind of DAC error (e.g. out of memory) hits more than this fraction "
+        "of the rows the codec received (1: never fail)",
+    )
     p.add_argument("--music-window-s", type=float, default=AudioConfig.music_window_s)
     p.add_argument("--min-duration-s", type=float, default=AudioConfig.min_duration_s)
     p.add_argument("--video-fps", type=float, default=VideoConfig.fps)

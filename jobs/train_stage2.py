@@ -1,4 +1,4 @@
-"""Stage 2 of the curriculum (docs/DESIGN.md §2): MoE integration + warm-up.
+r"""Stage 2 of the curriculum (docs/DESIGN.md §2): MoE integration + warm-up.
 
     python jobs/train_stage2.py --specialists outputs/specialists/* --shards data/balanced \
         --tokenizer data/mini/assets/tokenizer --out outputs/stage2
@@ -14,7 +14,12 @@ from __future__ import annotations
 import argparse
 
 from unimoe_ray.train.stages import (
-    ALL_TASKS, add_common_args, common_from_args, run_job, stage2, train_config_from_args,
+    ALL_TASKS,
+    add_common_args,
+    common_from_args,
+    run_job,
+    stage2,
+    train_config_from_args,
 )
 
 
@@ -25,8 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     add_common_args(p, "stage2")
     args = p.parse_args(argv)
     stage2(
-        common_from_args(args), specialists=args.specialists, train=train_config_from_args("stage2", args),
-        out=args.out, name=args.name or "stage2", tasks=tuple(args.tasks),
+        common_from_args(args),
+        specialists=args.specialists,
+        train=train_config_from_args("stage2", args),
+        out=args.out,
+        name=args.name or "stage2",
+        tasks=tuple(args.tasks),
     )
 
 

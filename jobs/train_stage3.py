@@ -1,4 +1,4 @@
-"""Stage 3 of the curriculum (docs/DESIGN.md §2): synergistic joint training of everything.
+r"""Stage 3 of the curriculum (docs/DESIGN.md §2): synergistic joint training of everything.
 
     python jobs/train_stage3.py --init outputs/stage2 --shards data/balanced \
         --tokenizer data/mini/assets/tokenizer --out outputs/stage3
@@ -14,7 +14,12 @@ from __future__ import annotations
 import argparse
 
 from unimoe_ray.train.stages import (
-    ALL_TASKS, add_common_args, common_from_args, run_job, stage3, train_config_from_args,
+    ALL_TASKS,
+    add_common_args,
+    common_from_args,
+    run_job,
+    stage3,
+    train_config_from_args,
 )
 
 
@@ -25,8 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     add_common_args(p, "stage3")
     args = p.parse_args(argv)
     stage3(
-        common_from_args(args), init=args.init, train=train_config_from_args("stage3", args),
-        out=args.out, name=args.name or "stage3", tasks=tuple(args.tasks),
+        common_from_args(args),
+        init=args.init,
+        train=train_config_from_args("stage3", args),
+        out=args.out,
+        name=args.name or "stage3",
+        tasks=tuple(args.tasks),
     )
 
 

@@ -8,9 +8,8 @@ import os
 import pytest
 import torch
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
-
+from unimoe_ray.presets import get_preset
 
 # Tiny models gain nothing from intra-op threads, and several test processes may share
 # the 2 cores; one thread avoids OpenMP oversubscription stalls.

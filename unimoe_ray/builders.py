@@ -17,8 +17,8 @@ from transformers import PreTrainedTokenizerBase
 from unimoe_ray.audio.codec import DACCodec
 from unimoe_ray.checkpoint import save_pretrained
 from unimoe_ray.config import ModelConfig
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompts import config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 

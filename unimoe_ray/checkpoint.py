@@ -30,12 +30,18 @@ INDEX_FILE = "model.safetensors.index.json"
 
 _TO_DISK = [
     (re.compile(r"^language_model\."), "model."),
-    (re.compile(r"\.mlp\.routed_experts\.(\d+)\."), r".mlp.dynamic_real_moe.deepspeed_moe.experts.deepspeed_experts.\1."),
+    (
+        re.compile(r"\.mlp\.routed_experts\.(\d+)\."),
+        r".mlp.dynamic_real_moe.deepspeed_moe.experts.deepspeed_experts.\1.",
+    ),
     (re.compile(r"\.mlp\.shared_experts\.(\d+)\."), r".mlp.fixed_real_moe.\1."),
 ]
 _TO_MEMORY = [
     (re.compile(r"^model\."), "language_model."),
-    (re.compile(r"\.mlp\.dynamic_real_moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\."), r".mlp.routed_experts.\1."),
+    (
+        re.compile(r"\.mlp\.dynamic_real_moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\."),
+        r".mlp.routed_experts.\1.",
+    ),
     (re.compile(r"\.mlp\.fixed_real_moe\.(\d+)\."), r".mlp.shared_experts.\1."),
 ]
 
@@ -161,9 +167,7 @@ def load_weights(model: UniMoEAudio, path: str | Path, *, strict: bool = True) -
     state = {k: to_memory_layout(k, v, own[k].shape) if k in own else v for k, v in state.items()}
     for name, t in state.items():
         if name in own and own[name].shape != t.shape:
-            raise ValueError(
-                f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(own[name].shape)}"
-            )
+            raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(own[name].shape)}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=strict)
     return model
 
@@ -195,8 +199,14 @@ def load_pretrained(
     return model.to(device).eval()
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

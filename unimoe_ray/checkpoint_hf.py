@@ -72,7 +72,7 @@ class InitReport:
 def _hf_name(name: str) -> str:
     for old, new in _HF_MEMORY_PREFIXES:
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name
 
 
@@ -111,11 +111,26 @@ def check_trunk(ours, theirs) -> None:
     if ours.vision is not None and getattr(theirs, "vision_config", None) is not None:
         # Fields that change the tower's computation without changing a tensor shape too.
         vis = theirs.vision_config
-        for f in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size",
-                  "temporal_patch_size", "spatial_merge_size", "window_size", "hidden_act"):
+        for f in (
+            "depth",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "out_hidden_size",
+            "patch_size",
+            "temporal_patch_size",
+            "spatial_merge_size",
+            "window_size",
+            "hidden_act",
+        ):
             pairs.append((f"vision.{f}", getattr(ours.vision, f), getattr(vis, f, None)))
-        pairs.append(("vision.fullatt_block_indexes", tuple(ours.vision.fullatt_block_indexes),
-                      tuple(getattr(vis, "fullatt_block_indexes", ()))))
+        pairs.append(
+            (
+                "vision.fullatt_block_indexes",
+                tuple(ours.vision.fullatt_block_indexes),
+                tuple(getattr(vis, "fullatt_block_indexes", ())),
+            )
+        )
     for name, a, b in pairs:
         if a != b:
             raise PretrainedInitError(

@@ -48,9 +48,7 @@ class MoEConfig:
         if self.mode not in ("top_p", "top_k", "dense"):
             raise ConfigError(f"moe.mode={self.mode!r}: use 'top_p', 'top_k' or 'dense'")
         if not (0.0 < self.top_p <= 1.0):
-            raise ConfigError(
-                f"moe.top_p={self.top_p}: Top-P threshold must be in (0, 1] (the paper uses 0.7)"
-            )
+            raise ConfigError(f"moe.top_p={self.top_p}: Top-P threshold must be in (0, 1] (the paper uses 0.7)")
         if self.weighting not in ("paper", "released"):
             raise ConfigError(f"moe.weighting={self.weighting!r}: use 'paper' or 'released'")
         if self.num_routed < 1 or self.num_null < 0 or self.num_shared < 0:
@@ -59,9 +57,7 @@ class MoEConfig:
                 f"(>=0), num_shared={self.num_shared} (>=0)"
             )
         if self.mode == "top_k" and not (1 <= self.top_k <= self.num_dynamic):
-            raise ConfigError(
-                f"moe.top_k={self.top_k}: must be in [1, num_routed + num_null = {self.num_dynamic}]"
-            )
+            raise ConfigError(f"moe.top_k={self.top_k}: must be in [1, num_routed + num_null = {self.num_dynamic}]")
         if not self.ignore_differentiable_router and self.weighting != "released":
             raise ConfigError(
                 "moe.ignore_differentiable_router=false trains through the released SparseMixer picks, "
@@ -144,17 +140,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
-            )
+            raise ConfigError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
-            )
+            raise ConfigError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if 2 * sum(self.mrope_section) != self.head_dim:
-            raise ConfigError(
-                f"mrope_section={self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}"
-            )
+            raise ConfigError(f"mrope_section={self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
         if len(self.codec_delay_pattern) != self.codec_channels:
             raise ConfigError(
                 f"codec_delay_pattern has {len(self.codec_delay_pattern)} entries for "

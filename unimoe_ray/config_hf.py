@@ -44,8 +44,7 @@ _MOE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
 def _moe_from_hf(text: dict[str, Any]) -> MoEConfig:
     """MoEConfig from a `text_config` dict; KeyError names a missing required key."""
     kwargs = {
-        name: text[key] if required else text.get(key, _MOE_DEFAULTS[name])
-        for key, name, required in _MOE_HF_KEYS
+        name: text[key] if required else text.get(key, _MOE_DEFAULTS[name]) for key, name, required in _MOE_HF_KEYS
     }
     released_k = text.get("mlp_dynamic_top_k")
     kwargs["mode"] = text.get("unimoe_moe_mode", "top_k" if released_k else "top_p")

@@ -17,9 +17,12 @@ SPEECH_TASKS = ("tts_zh", "tts_en")
 MUSIC_TASKS = ("t2m", "v2m")
 # Released task names, and the short ones of the CLI.
 TASK_ALIASES = {
-    "text_to_speech": "tts", "tts": "tts",
-    "text_to_music": "t2m", "t2m": "t2m",
-    "video_text_to_music": "v2m", "v2m": "v2m",
+    "text_to_speech": "tts",
+    "tts": "tts",
+    "text_to_music": "t2m",
+    "t2m": "t2m",
+    "video_text_to_music": "v2m",
+    "v2m": "v2m",
 }
 # What a request asks for (video-to-music is "music" with a video).
 REQUEST_TASKS = ("speech", "music")

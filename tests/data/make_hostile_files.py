@@ -33,8 +33,17 @@ def wav(samples_NC: np.ndarray, rate: int, *, declared_bytes: int | None = None)
     data = samples_NC.tobytes()
     size = len(data) if declared_bytes is None else declared_bytes
     fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * 2 * channels, 2 * channels, 16)
-    return (b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + size) + b"WAVE"
-            + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", size) + data)
+    return (
+        b"RIFF"
+        + struct.pack("<I", 4 + 8 + len(fmt) + 8 + size)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", len(fmt))
+        + fmt
+        + b"data"
+        + struct.pack("<I", size)
+        + data
+    )
 
 
 def tone(seconds: float, rate: int, channels: int = 1, freq: float = 220.0) -> np.ndarray:
@@ -100,8 +109,10 @@ def files() -> dict[str, bytes]:
         "channels_9.wav": wav(tone(0.1, 8000, channels=9), 8000),
         "rate_4hz.wav": wav(tone(4.0, 4, freq=1.0), 4),
         "garbage.bin": rng.bytes(4096),
-        "playlist.m3u8": (b"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:10\n#EXT-X-MEDIA-SEQUENCE:0\n"
-                          b"#EXTINF:10.0,\nhttp://127.0.0.1:9/x.ts\n#EXT-X-ENDLIST\n"),
+        "playlist.m3u8": (
+            b"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:10\n#EXT-X-MEDIA-SEQUENCE:0\n"
+            b"#EXTINF:10.0,\nhttp://127.0.0.1:9/x.ts\n#EXT-X-ENDLIST\n"
+        ),
         "text.mp4": b"This is a text file, not a video: only its name ends in .mp4.\n" * 4,
     }
 

@@ -36,8 +36,11 @@ def test_the_product_end_to_end_on_the_tiny_preset(local_ray, tmp_path, capsys):
     Ray Train → Ray Serve → cloned TTS, T2M and V2M over HTTP → WAVs + summary."""
     from unimoe_ray.apps.product import ProductConfig, format_summary, run_product
 
-    s = run_product(ProductConfig(out_dir=str(tmp_path), preset="tiny", steps=(1, 2, 2), corpus=(2, 2, 2, 2),
-                                  seconds=0.5, eval_frames=3))
+    s = run_product(
+        ProductConfig(
+            out_dir=str(tmp_path), preset="tiny", steps=(1, 2, 2), corpus=(2, 2, 2, 2), seconds=0.5, eval_frames=3
+        )
+    )
     assert set(s["stages"]) == {"stage1_tts_zh", "stage1_tts_en", "stage1_t2m", "stage1_v2m", "stage2", "stage3"}
     assert s["stages"]["stage3"]["steps"] == 2 and "experts_per_token" in s["stages"]["stage3"]
     assert "experts_per_token" not in s["stages"]["stage1_t2m"]  # a dense specialist

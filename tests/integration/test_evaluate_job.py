@@ -12,8 +12,8 @@ import pytest
 
 from unimoe_ray.audio.codec import DACCodec
 from unimoe_ray.checkpoint import save_pretrained
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompts import config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 from unimoe_ray.train.synthetic import write_synthetic_shards
@@ -23,8 +23,9 @@ pytestmark = pytest.mark.integration
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "jobs/evaluate.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "jobs/evaluate.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_evaluate_job(tmp_path):
@@ -35,8 +36,17 @@ def test_evaluate_job(tmp_path):
     write_synthetic_shards(tmp_path / "shards", {"tts_en": 2, "t2m": 2}, frames=(10, 12))
     common = [str(tmp_path / "ckpt"), "--tokenizer", str(tok), "--dac-path", str(tmp_path / "dac.pth")]
 
-    done = _run(*common, "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "out"),
-                "--rows-per-task", "1", "--sampling", '{"min_frames": 5}')
+    done = _run(
+        *common,
+        "--shards",
+        str(tmp_path / "shards"),
+        "--out",
+        str(tmp_path / "out"),
+        "--rows-per-task",
+        "1",
+        "--sampling",
+        '{"min_frames": 5}',
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert set(report["tasks"]) == {"tts_en", "t2m"}  # tasks without rows are reported, not evaluated

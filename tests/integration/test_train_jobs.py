@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from unimoe_ray.apps.ports import free_ports
 from unimoe_ray.checkpoint import load_pretrained
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.text.tokenizer import build_test_tokenizer
@@ -31,18 +31,6 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.integration
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"  # `python` in the job = this interpreter
@@ -53,28 +41,52 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    gcs, dash, client, agent_http, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(9)
+    gcs, dash, client, agent_http, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = free_ports(9)
     root = tmp_path_factory.mktemp("head")
     log = open(root / "head.log", "w")
     temp_dir = Path(tempfile.mkdtemp(prefix="unimoe_head_"))  # short: Ray's socket paths
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={rt_env}", f"--node-manager-port={node_mgr}",
-         f"--object-manager-port={obj_mgr}", "--disable-usage-stats",
-         # Its own temp dir: `ray start` records the head in <temp-dir>/ray_current_cluster,
-         # where a plain ray.init() elsewhere on the machine would otherwise find (and join) it.
-         f"--temp-dir={temp_dir}"],
-        env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={rt_env}",
+            f"--node-manager-port={node_mgr}",
+            f"--object-manager-port={obj_mgr}",
+            "--disable-usage-stats",
+            # Its own temp dir: `ray start` records the head in <temp-dir>/ray_current_cluster,
+            # where a plain ray.init() elsewhere on the machine would otherwise find (and join) it.
+            f"--temp-dir={temp_dir}",
+        ],
+        env=_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 180
         while True:
-            ok = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=_env(),
-                                capture_output=True, text=True, timeout=60).returncode == 0
+            ok = (
+                subprocess.run(
+                    [str(BIN / "ray"), "job", "list", "--address", address],
+                    env=_env(),
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                ).returncode
+                == 0
+            )
             if ok:
                 break
             if proc.poll() is not None or time.time() > deadline:
@@ -98,9 +110,12 @@ def head(tmp_path_factory):
 
 def _submit(address: str, *args: str) -> str:
     done = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-         "--", "python", *args],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900,
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--", "python", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0 and "succeeded" in done.stdout, (done.stdout[-4000:], done.stderr[-3000:])
     return done.stdout
@@ -111,20 +126,59 @@ def test_curriculum_stage1_2_3_as_ray_jobs(head, tmp_path):
     shards = tmp_path / "shards"
     write_synthetic_shards(shards, {"tts_en": 8, "v2m": 6})
     tok = build_test_tokenizer(tmp_path / "tok")
-    common = ["--shards", str(shards), "--tokenizer", str(tok), "--storage-path", str(tmp_path / "store"),
-              "--max-steps", "3", "--checkpoint-every", "3", "--val-every", "3", "--max-tokens", "512",
-              "--warmup-steps", "1", "--num-workers", "1"]
+    common = [
+        "--shards",
+        str(shards),
+        "--tokenizer",
+        str(tok),
+        "--storage-path",
+        str(tmp_path / "store"),
+        "--max-steps",
+        "3",
+        "--checkpoint-every",
+        "3",
+        "--val-every",
+        "3",
+        "--max-tokens",
+        "512",
+        "--warmup-steps",
+        "1",
+        "--num-workers",
+        "1",
+    ]
     spec = tmp_path / "specialists"
     # Two specialists (tts_en, v2m) → tiny's 4 routed experts, 2 proto-experts each.
-    _submit(head, "jobs/train_stage1.py", "--task", "tts_en", "v2m", "--num-specialists", "2",
-            "--preset", "tiny", "--out", str(spec), *common)
+    _submit(
+        head,
+        "jobs/train_stage1.py",
+        "--task",
+        "tts_en",
+        "v2m",
+        "--num-specialists",
+        "2",
+        "--preset",
+        "tiny",
+        "--out",
+        str(spec),
+        *common,
+    )
     s2, s3 = tmp_path / "stage2", tmp_path / "stage3"
     # Stages 2 and 3 expert-parallel: two workers, each holding 2 of the 4 routed experts.
     ep = [*common[:-2], "--num-workers", "2", "--expert-parallel", "2"]
-    _submit(head, "jobs/train_stage2.py", "--specialists", str(spec / "tts_en"), str(spec / "v2m"),
-            "--tasks", "tts_en", "v2m", "--out", str(s2), *ep)
-    out = _submit(head, "jobs/train_stage3.py", "--init", str(s2), "--tasks", "tts_en", "v2m",
-                  "--out", str(s3), *ep)
+    _submit(
+        head,
+        "jobs/train_stage2.py",
+        "--specialists",
+        str(spec / "tts_en"),
+        str(spec / "v2m"),
+        "--tasks",
+        "tts_en",
+        "v2m",
+        "--out",
+        str(s2),
+        *ep,
+    )
+    out = _submit(head, "jobs/train_stage3.py", "--init", str(s2), "--tasks", "tts_en", "v2m", "--out", str(s3), *ep)
     assert "final model" in out
 
     specialists = {t: load_pretrained(spec / t, dtype=torch.float32) for t in ("tts_en", "v2m")}
@@ -137,7 +191,9 @@ def test_curriculum_stage1_2_3_as_ray_jobs(head, tmp_path):
     p = "language_model.layers.0.mlp"
     torch.testing.assert_close(
         m2.state_dict()[f"{p}.routed_experts.2.gate_proj.weight"],
-        specialists["v2m"].state_dict()[f"{p}.gate_proj.weight"][:32], rtol=0, atol=0,
+        specialists["v2m"].state_dict()[f"{p}.gate_proj.weight"][:32],
+        rtol=0,
+        atol=0,
     )
     vis = next(n for n in m2.state_dict() if n.startswith("visual.") and n.endswith("weight"))
     assert torch.equal(m2.state_dict()[vis], specialists["v2m"].state_dict()[vis])
@@ -145,7 +201,9 @@ def test_curriculum_stage1_2_3_as_ray_jobs(head, tmp_path):
     assert read_meta(s3)["init"] == str(s2.resolve()) and read_meta(s3)["step"] == 3
     name = "language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(m3.state_dict()[name], m2.state_dict()[name])
-    metrics = [json.loads(x) for x in (tmp_path / "store" / "stage3" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(x) for x in (tmp_path / "store" / "stage3" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [m["aux_weight"] for m in metrics] == pytest.approx([m3.cfg.moe.aux_weight(s) for s in range(3)])
     assert all("val/tts_en" in m for m in metrics if m["step"] == 3)
     # Each rank reported its exchange: tokens it sent to every expert, per rank.

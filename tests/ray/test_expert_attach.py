@@ -9,10 +9,10 @@ import ray
 import torch
 
 from unimoe_ray.checkpoint import save_pretrained
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel import ActorResources, ExpertParallelConfig, attach_experts, launch_experts, shutdown_experts
 from unimoe_ray.parallel.weights import build_trunk, trunk_state
+from unimoe_ray.presets import get_preset
 
 pytestmark = pytest.mark.ray
 

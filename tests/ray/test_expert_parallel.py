@@ -11,14 +11,20 @@ import pytest
 import ray
 import torch
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model.unimoe_audio import IGNORE_INDEX, UniMoEAudio
 from unimoe_ray.parallel import (
-    ActorResources, ExpertParallelConfig, attach_experts, expert_status,
-    launch_experts, scale_expert, shutdown_experts, start_trunk,
+    ActorResources,
+    ExpertParallelConfig,
+    attach_experts,
+    expert_status,
+    launch_experts,
+    scale_expert,
+    shutdown_experts,
+    start_trunk,
 )
 from unimoe_ray.parallel.weights import trunk_state
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompt import Prompt
 
 pytestmark = pytest.mark.ray
@@ -122,11 +128,18 @@ def decode_logits(m, cfg, steps=6):
 
 # ---- equivalence ----
 
+
 @pytest.mark.parametrize(
     "exchange, replicas, inband_max_bytes",
-    [("compiled", 1, None), ("compiled", 2, None), ("plain", 1, None), ("plain", 2, None),
-     # Every message in the large-payload form (numpy views, zero-copy on the reader).
-     ("compiled", 2, 0), ("plain", 1, 0)],
+    [
+        ("compiled", 1, None),
+        ("compiled", 2, None),
+        ("plain", 1, None),
+        ("plain", 2, None),
+        # Every message in the large-payload form (numpy views, zero-copy on the reader).
+        ("compiled", 2, 0),
+        ("plain", 1, 0),
+    ],
 )
 def test_training_forward_matches_in_process(model, exchange, replicas, inband_max_bytes):
     scale_expert(1, replicas, GROUP)
@@ -206,6 +219,7 @@ def test_idle_compiled_graph_is_parked_and_rebuilt(model):
 
 # ---- scaling ----
 
+
 def wait_dead(actor, timeout_s=60.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -263,6 +277,7 @@ def test_status_reports_replicas_nodes_and_routing(model):
 
 
 # ---- faults ----
+
 
 def test_killed_expert_restarts_while_requests_run(model, controller):
     """A trunk actor decodes three requests; an expert actor is killed (Ray restarts it from

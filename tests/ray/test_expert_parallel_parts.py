@@ -9,21 +9,30 @@ import pytest
 import torch
 
 from unimoe_ray.checkpoint import save_pretrained
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.parallel import wire
 from unimoe_ray.parallel.config import ExpertParallelConfig
 from unimoe_ray.parallel.expert_actor import ExpertWorker
 from unimoe_ray.parallel.resources import (
-    EXPERT_NODE_RESOURCE, NPU_RESOURCE, TRUNK_NODE_RESOURCE, ActorResources, actor_options,
+    EXPERT_NODE_RESOURCE,
+    NPU_RESOURCE,
+    TRUNK_NODE_RESOURCE,
+    ActorResources,
+    actor_options,
 )
 from unimoe_ray.parallel.routing_stats import RoutingAccumulator, RoutingSample, RoutingWindow
 from unimoe_ray.parallel.status import ExpertRow, ExpertStatus, format_status
 from unimoe_ray.parallel.topology import slot_rows, split_rows
 from unimoe_ray.parallel.weights import (
-    build_trunk, expert_state, load_expert_state, load_trunk_state, strip_routed_experts, trunk_state,
+    build_trunk,
+    expert_state,
+    load_expert_state,
+    load_trunk_state,
+    strip_routed_experts,
+    trunk_state,
 )
-from unimoe_ray.parallel import wire
 from unimoe_ray.parallel.wire import ExpertCall, decode_call, encode_call, encode_reply, pack, unpack, write_into
+from unimoe_ray.presets import get_preset
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +41,7 @@ def model():
 
 
 # ---- replica splitting ----
+
 
 def test_split_rows_is_near_equal_and_contiguous():
     assert split_rows(10, 3) == [4, 3, 3]
@@ -47,15 +57,14 @@ def test_slot_rows_follow_expert_grouping():
 
 # ---- routing statistics ----
 
+
 def test_accumulator_counts_tokens_picks_and_routed_assignments():
     acc = RoutingAccumulator(num_routed=3, num_layers=2)
     assert acc.take() is None
     acc.add(0, torch.tensor([1, 2, 3]), (2, 1, 0))  # 3 tokens, 6 picks, 3 routed (3 null)
     acc.add(1, torch.tensor([1, 1]), (0, 1, 1))
     acc.add(0, torch.tensor([2]), (1, 1, 0))
-    assert acc.take() == RoutingSample(
-        tokens_E=(3, 3, 1), tokens_L=(4, 2), picks_L=(8, 2), routed_L=(5, 2)
-    )
+    assert acc.take() == RoutingSample(tokens_E=(3, 3, 1), tokens_L=(4, 2), picks_L=(8, 2), routed_L=(5, 2))
     assert acc.take() is None  # reset after take
 
 
@@ -74,10 +83,17 @@ def test_window_means_and_expiry():
 
 def test_status_table_lists_every_expert():
     s = ExpertStatus(
-        group="g", version=3, window_s=60.0,
-        experts=(ExpertRow(expert=0, replicas=2, nodes=("10.0.0.1", "10.0.0.2"), actor_ids=("a", "b"), tokens=30),
-                 ExpertRow(expert=1, replicas=1, nodes=("10.0.0.1",), actor_ids=("c",), tokens=10)),
-        experts_per_token_L=(1.5, 2.0), routed_per_token_L=(1.0, 1.25), trunks=1, graph_owner="t",
+        group="g",
+        version=3,
+        window_s=60.0,
+        experts=(
+            ExpertRow(expert=0, replicas=2, nodes=("10.0.0.1", "10.0.0.2"), actor_ids=("a", "b"), tokens=30),
+            ExpertRow(expert=1, replicas=1, nodes=("10.0.0.1",), actor_ids=("c",), tokens=10),
+        ),
+        experts_per_token_L=(1.5, 2.0),
+        routed_per_token_L=(1.0, 1.25),
+        trunks=1,
+        graph_owner="t",
     )
     text = format_status(s)
     assert " 75.0%  10.0.0.1, 10.0.0.2" in text and " 25.0%  10.0.0.1" in text
@@ -86,11 +102,15 @@ def test_status_table_lists_every_expert():
 
 # ---- placement by configuration ----
 
+
 def test_actor_options_cpu_gpu_npu():
     cpu = ActorResources(num_cpus=4, node_resource=EXPERT_NODE_RESOURCE)
     assert cpu.device == "cpu" and cpu.torch_threads == 4
     assert actor_options(cpu, max_restarts=3) == {
-        "num_cpus": 4, "num_gpus": 0.0, "resources": {EXPERT_NODE_RESOURCE: 1.0}, "max_restarts": 3,
+        "num_cpus": 4,
+        "num_gpus": 0.0,
+        "resources": {EXPERT_NODE_RESOURCE: 1.0},
+        "max_restarts": 3,
     }
     gpu = ActorResources(num_cpus=1, num_gpus=1, node_resource=EXPERT_NODE_RESOURCE, node_resource_amount=0.5)
     assert gpu.device == "cuda"
@@ -98,7 +118,9 @@ def test_actor_options_cpu_gpu_npu():
     npu = ActorResources(num_cpus=2, npus=1, node_resource=TRUNK_NODE_RESOURCE)
     assert npu.device == "npu"
     assert actor_options(npu) == {
-        "num_cpus": 2, "num_gpus": 0.0, "resources": {NPU_RESOURCE: 1, TRUNK_NODE_RESOURCE: 1.0},
+        "num_cpus": 2,
+        "num_gpus": 0.0,
+        "resources": {NPU_RESOURCE: 1, TRUNK_NODE_RESOURCE: 1.0},
     }
     assert actor_options(ActorResources(num_cpus=0.5)) == {"num_cpus": 0.5, "num_gpus": 0.0}
     assert ActorResources(num_cpus=0.5).torch_threads == 1
@@ -118,6 +140,7 @@ def test_default_config_places_experts_and_trunk_on_their_node_groups():
 
 
 # ---- weights ----
+
 
 def test_trunk_and_expert_states_partition_the_model(model):
     full = model.state_dict()
@@ -167,6 +190,7 @@ def test_strip_frees_routed_experts_only(model):
 
 
 # ---- wire format and the expert's computation ----
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inband_max", [wire.INBAND_MAX_BYTES, 0])

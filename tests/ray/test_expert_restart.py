@@ -23,14 +23,20 @@ import ray
 import torch
 
 from unimoe_ray.apps.cli import main
-from unimoe_ray.presets import get_preset
 from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel import (
-    ActorResources, ExpertParallelConfig, ExpertUnavailableError, attach_experts, expert_status, launch_experts,
-    scale_expert, shutdown_experts,
+    ActorResources,
+    ExpertParallelConfig,
+    ExpertUnavailableError,
+    attach_experts,
+    expert_status,
+    launch_experts,
+    scale_expert,
+    shutdown_experts,
 )
 from unimoe_ray.parallel.admin import get_controller
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompt import Prompt
 
 pytestmark = pytest.mark.ray
@@ -110,6 +116,7 @@ def serving_ids():
 
 
 # ---- the controller dies ----
+
 
 def test_decoding_continues_through_a_controller_kill(controller, model):
     pos, neg = prompts(1)
@@ -198,6 +205,7 @@ def test_topology_change_while_a_replica_restarts_does_not_fail_decoding(control
 
 
 # ---- placement: repair first, scale fails fast, status honest ----
+
 
 def test_scale_cannot_steal_a_restarting_replicas_resources(controller, model):
     """Expert 1's process is killed while a scale-up waits for room: Ray restarts expert 1 in
@@ -302,7 +310,9 @@ def test_crashed_compiled_holder_is_cleared_and_a_compiled_attach_succeeds(contr
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # an explicit address needs the local cluster's token
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, ray.get_runtime_context().gcs_address],
-        stdout=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         assert holder.stdout.readline().strip() == "compiled"
@@ -310,8 +320,11 @@ def test_crashed_compiled_holder_is_cleared_and_a_compiled_attach_succeeds(contr
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
-    wait_for(lambda: any(j["DriverPid"] == holder.pid and j["IsDead"] for j in ray._private.state.jobs()),
-             "the GCS to see the holder's job end", 30)
+    wait_for(
+        lambda: any(j["DriverPid"] == holder.pid and j["IsDead"] for j in ray._private.state.jobs()),
+        "the GCS to see the holder's job end",
+        30,
+    )
     ids = torch.arange(10).reshape(1, 10)
     with torch.no_grad():
         ref = model(ids).codec_logits_BLKV

@@ -9,7 +9,6 @@ and free ports, and is stopped by killing exactly the processes it started."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from unimoe_ray.apps.ports import free_ports
 
 pytestmark = pytest.mark.ray
 
@@ -35,16 +36,6 @@ class Head:
     @property
     def token(self) -> str:
         return (self.home / ".ray" / "auth_token").read_text().strip()
-
-
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def stop_ray_started_in(temp_dir: str) -> None:
@@ -78,12 +69,26 @@ def head(tmp_path_factory):
     gcs, dash, client, agent, agent_grpc, metrics, runtime_env = free_ports(7)
     try:
         subprocess.run(
-            [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-             "--disable-usage-stats"],
-            env=env, check=True, capture_output=True, timeout=180,
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                f"--port={gcs}",
+                "--num-cpus=2",
+                f"--temp-dir={temp_dir}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--ray-client-server-port={client}",
+                f"--dashboard-agent-listen-port={agent}",
+                f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--metrics-export-port={metrics}",
+                f"--runtime-env-agent-port={runtime_env}",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=180,
         )
         yield Head(gcs=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dash}", home=home, env=env)
     finally:
@@ -118,7 +123,10 @@ def cli(head, *args, env_changes=None):
     env = {**head.env, **(env_changes or {})}
     run = subprocess.run(
         [str(BIN / "unimoe-ray"), "experts", *args, "--address", head.gcs, "--group", GROUP],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     return run.returncode, run.stdout, run.stderr.splitlines()
 
@@ -130,7 +138,10 @@ def job(head, tmp_path_factory):
     script.write_text(JOB)
     run = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--", sys.executable, str(script)],
-        capture_output=True, text=True, timeout=300, env={**head.env, "RAY_AUTH_MODE": "token"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**head.env, "RAY_AUTH_MODE": "token"},
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout

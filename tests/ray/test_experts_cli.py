@@ -13,9 +13,10 @@ import pytest
 import ray
 
 from unimoe_ray.apps.cli import build_parser, main
-from unimoe_ray.presets import get_preset
+from unimoe_ray.apps.ports import free_port
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.parallel import ActorResources, ExpertParallelConfig, launch_experts, shutdown_experts
+from unimoe_ray.presets import get_preset
 
 pytestmark = pytest.mark.ray
 
@@ -23,8 +24,10 @@ GROUP = "test-cli"
 CFG = ExpertParallelConfig(group=GROUP, expert_resources=ActorResources(num_cpus=0))
 # A group that fills the cluster: each replica takes one of the 4 `cli_slot`s there are.
 FULL = ExpertParallelConfig(
-    group="test-cli-full", expert_resources=ActorResources(num_cpus=0, node_resource="cli_slot"),
-    restart_timeout_s=30.0, placement_timeout_s=3.0,  # the scale that cannot be placed fails after this
+    group="test-cli-full",
+    expert_resources=ActorResources(num_cpus=0, node_resource="cli_slot"),
+    restart_timeout_s=30.0,
+    placement_timeout_s=3.0,  # the scale that cannot be placed fails after this
 )
 SCRIPT = Path(sys.executable).with_name("unimoe-ray")
 
@@ -44,15 +47,9 @@ def cluster():
 def run_cli(*args, env=None, timeout=120):
     """The console script as an admin runs it; (exit code, stdout, stderr lines)."""
     run = subprocess.run(
-        [str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        [str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
     )
     return run.returncode, run.stdout, run.stderr.splitlines()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_parser_dispatches_experts_commands():
@@ -99,7 +96,9 @@ def test_console_script_finds_the_group_by_name_from_another_process(cluster):
     address = ray.get_runtime_context().gcs_address
     run = subprocess.run(
         [str(SCRIPT), "experts", "status", "--address", address, "--group", GROUP, "--json"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     assert [e["expert"] for e in json.loads(run.stdout)["experts"]] == [0, 1, 2, 3]
@@ -107,11 +106,15 @@ def test_console_script_finds_the_group_by_name_from_another_process(cluster):
 
 # ---- errors as an admin meets them: one line, exit 2, never a hang ----
 
+
 def test_no_cluster_is_one_line(tmp_path):
     # No RAY_ADDRESS, and no `ray start` recorded in this (empty) Ray temp dir.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.run(
-        [str(SCRIPT), "experts", "status"], capture_output=True, text=True, timeout=120,
+        [str(SCRIPT), "experts", "status"],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**env, "RAY_TMPDIR": str(tmp_path)},
     )
     assert run.returncode == 2
@@ -141,7 +144,7 @@ def test_address_that_never_answers_fails_within_the_timeout():
 def test_scale_the_cluster_cannot_place_is_one_line(cluster):
     address = ray.get_runtime_context().gcs_address
     code, _, err = run_cli(
-        "experts", "scale", "--address", address, "--group", FULL.group, "--expert", "0", "--replicas", "2",
+        "experts", "scale", "--address", address, "--group", FULL.group, "--expert", "0", "--replicas", "2"
     )
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("unimoe-ray: error: ") and "cli_slot" in err[0]

@@ -105,20 +105,14 @@ def test_counts_add_up(run1, assets):
         pq.read_table(out / "filtered.parquet"),
     )
     assert stats["items_in"] == len(shards) + quarantine.num_rows + filtered.num_rows
-    assert (
-        stats["out"]["rows"] == len(shards) and stats["quarantined"]["rows"] == quarantine.num_rows
-    )
+    assert stats["out"]["rows"] == len(shards) and stats["quarantined"]["rows"] == quarantine.num_rows
     assert stats["filtered"]["rows"] == filtered.num_rows and stats["counts_add_up"]
     assert stats["manifest_rows"] == len(assets["manifest"].read_text().splitlines())
     for task, entry in stats["out"]["by_task"].items():
         rows = [r for r in shards if r["task"] == task]
         assert entry["rows"] == len(rows)
         assert entry["hours"] == pytest.approx(sum(r["duration_s"] for r in rows) / 3600, abs=1e-5)
-    ids = (
-        [r["sample_id"] for r in shards]
-        + quarantine["sample_id"].to_pylist()
-        + filtered["sample_id"].to_pylist()
-    )
+    ids = [r["sample_id"] for r in shards] + quarantine["sample_id"].to_pylist() + filtered["sample_id"].to_pylist()
     assert len(ids) == len(set(ids))
     # 8 rows per shard, sorted by sample id across shards
     assert [r["sample_id"] for r in shards] == sorted(r["sample_id"] for r in shards)
@@ -132,9 +126,7 @@ def test_each_broken_row_lands_with_its_reason_and_nothing_else_is_lost(run1, as
         for r in pq.read_table(out / name).to_pylist():
             outcome.setdefault(r["source_id"], set()).add(f"{status}:{r['reason']}")
     kept = {r["source_id"] for r in _shard_rows(out)}
-    expected = [
-        (raw.get("expect"), src["source_id"]) for raw, src in _manifest_rows(assets["manifest"])
-    ]
+    expected = [(raw.get("expect"), src["source_id"]) for raw, src in _manifest_rows(assets["manifest"])]
     assert sum(e is not None for e, _ in expected) == 11
     for expect, sid in expected:
         if expect:
@@ -153,11 +145,7 @@ def test_codes_decode_back_to_the_clip_length(run1, assets):
         samples = round(row["duration_s"] * 16000)
         assert row["n_frames"] == math.ceil(samples / 320)
         codes_KT = codes_of(row)
-        assert (
-            codes_KT.shape == (12, row["n_frames"])
-            and 0 <= codes_KT.min()
-            and codes_KT.max() < 1024
-        )
+        assert codes_KT.shape == (12, row["n_frames"]) and 0 <= codes_KT.min() and codes_KT.max() < 1024
         wav = codec.decode(codes_KT)
         assert len(wav) == row["n_frames"] * 320 and 0 <= len(wav) - samples < 320
 
@@ -173,9 +161,7 @@ def test_text_ids_and_music_segments(run1, assets):
     n = sf.info(assets["manifest"].parent / "music/t2m_0000.wav").frames
     bounds = segment_bounds(n, "t2m", AudioConfig(music_window_s=4.0, min_tail_s=1.0))
     assert len(bounds) >= 2 and bounds[0] == (0, 64000)
-    long_piece = sorted(
-        (r for r in rows if r["audio"] == "music/t2m_0000.wav"), key=lambda r: r["segment"]
-    )
+    long_piece = sorted((r for r in rows if r["audio"] == "music/t2m_0000.wav"), key=lambda r: r["segment"])
     assert [(r["segment"], r["start_s"], r["duration_s"]) for r in long_piece] == [
         (k, a / 16000, pytest.approx((b - a) / 16000)) for k, (a, b) in enumerate(bounds)
     ]
@@ -193,9 +179,7 @@ def test_video_rows_carry_frames_in_vision_layout(run1):
         assert grid_thw.tolist() == [math.ceil(len(frames_THWC) / 2), 8, 8]
         assert pixel_values.shape == (int(np.prod(grid_thw)), 1176)
     assert all(
-        r["video_thw"] == [0, 0, 0] and r["video_frames"] == b""
-        for r in _shard_rows(run1[0])
-        if r["task"] != "v2m"
+        r["video_thw"] == [0, 0, 0] and r["video_frames"] == b"" for r in _shard_rows(run1[0]) if r["task"] != "v2m"
     )
 
 
@@ -220,9 +204,7 @@ def test_balancing_hits_targets_from_staging(run1, assets):
     s, rows = balanced("bal_a", BalanceConfig(targets=tuple(targets.items()), seed=0))
     counts = {t: sum(r["task"] == t for r in rows) for t in available}
     assert counts == {t: min(targets[t], available[t]) for t in available}  # scarce v2m: all it has
-    assert s["counts_add_up"] and s["filtered"]["by_reason"]["balance"] == sum(
-        available.values()
-    ) - len(rows)
+    assert s["counts_add_up"] and s["filtered"]["by_reason"]["balance"] == sum(available.values()) - len(rows)
     assert {r["sample_id"] for r in rows} <= {r["sample_id"] for r in _shard_rows(out)}
 
     s_total, rows_total = balanced("bal_b", BalanceConfig(total=8, seed=0))

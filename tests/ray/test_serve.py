@@ -7,7 +7,6 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import struct
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from openai import OpenAI
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
+from unimoe_ray.apps.ports import free_port
 from unimoe_ray.data.mini_corpus import write_mp4
 from unimoe_ray.serve.app import build_app
 from unimoe_ray.serve.voices import ANONYMOUS, VoiceStore
@@ -29,20 +29,28 @@ from unimoe_ray.serve.voices import ANONYMOUS, VoiceStore
 pytestmark = pytest.mark.ray
 
 RATE = 24000
-MODEL = {"preset": "tiny", "max_rows": 8, "max_len": 1200, "torch_threads": 1, "first_chunk_frames": 3, "chunk_frames": 10}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MODEL = {
+    "preset": "tiny",
+    "max_rows": 8,
+    "max_len": 1200,
+    "torch_threads": 1,
+    "first_chunk_frames": 3,
+    "chunk_frames": 10,
+}
 
 
 def _args(tmp, **ingress):
     model = dict(MODEL, artifacts_dir=str(tmp / "artifacts"))
-    ing = {"voices_dir": str(tmp / "voices"), "speech_max_seconds": 20, "speech_default_seconds": 1,
-           "music_max_seconds": 4, "music_default_seconds": 1, "max_upload_mb": 0.2, "max_voices": 2,
-           "api_keys_env": None}
+    ing = {
+        "voices_dir": str(tmp / "voices"),
+        "speech_max_seconds": 20,
+        "speech_default_seconds": 1,
+        "music_max_seconds": 4,
+        "music_default_seconds": 1,
+        "max_upload_mb": 0.2,
+        "max_voices": 2,
+        "api_keys_env": None,
+    }
     ing.update(ingress)
     return {"ingress": ing, "speech": model, "music": model}
 
@@ -50,10 +58,11 @@ def _args(tmp, **ingress):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    metrics_port = _free_port()  # Ray's Prometheus export (the node's metrics agent)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=metrics_port)
-    port = _free_port()
+    metrics_port = free_port()  # Ray's Prometheus export (the node's metrics agent)
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port
+    )
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(_args(tmp)), name="unimoe", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "tmp": tmp, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
@@ -106,6 +115,7 @@ def _good(http) -> None:
 
 # ---- phase 1 ----
 
+
 def test_models_health_and_shipped_voice(http):
     assert http.get("/health").json() == {"status": "ok"}
     ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
@@ -116,12 +126,18 @@ def test_models_health_and_shipped_voice(http):
 
 @pytest.mark.parametrize("fmt", ["wav", "flac", "pcm", "mp3", "opus"])
 def test_openai_client_speech_formats(client, fmt):
-    resp = client.audio.speech.create(model="tts-1", voice="default", input="Hello there.", response_format=fmt,
-                                      extra_body={"max_seconds": 1, "seed": 3})
+    resp = client.audio.speech.create(
+        model="tts-1",
+        voice="default",
+        input="Hello there.",
+        response_format=fmt,
+        extra_body={"max_seconds": 1, "seed": 3},
+    )
     data = resp.content
     ctype = resp.response.headers["content-type"]
-    assert ctype.startswith({"wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm", "mp3": "audio/mpeg",
-                             "opus": "audio/ogg"}[fmt])
+    assert ctype.startswith(
+        {"wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm", "mp3": "audio/mpeg", "opus": "audio/ogg"}[fmt]
+    )
     wav, sr = _parse(data, fmt)
     assert sr == RATE
     # Speech may not end before 2 s (the released minimum), so max_seconds=1 gives exactly 1 s.
@@ -132,7 +148,9 @@ def test_openai_client_speech_formats(client, fmt):
 
 
 def test_streamed_equals_non_streamed_and_speed(client, http):
-    body = dict(model="unimoe-audio", voice="default", input="Streaming check.", extra_body={"max_seconds": 2, "seed": 5})
+    body = dict(
+        model="unimoe-audio", voice="default", input="Streaming check.", extra_body={"max_seconds": 2, "seed": 5}
+    )
     with client.audio.speech.with_streaming_response.create(response_format="pcm", **body) as resp:
         assert resp.headers["content-type"].startswith("audio/pcm")
         chunks = list(resp.iter_bytes())
@@ -147,8 +165,17 @@ def test_streamed_equals_non_streamed_and_speed(client, http):
 
 def test_sse_stream(http):
     events = []
-    with http.stream("POST", "/v1/audio/speech", json={"input": "Events.", "voice": "default", "response_format": "pcm",
-                                                        "stream_format": "sse", "max_seconds": 1}) as r:
+    with http.stream(
+        "POST",
+        "/v1/audio/speech",
+        json={
+            "input": "Events.",
+            "voice": "default",
+            "response_format": "pcm",
+            "stream_format": "sse",
+            "max_seconds": 1,
+        },
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -160,30 +187,59 @@ def test_sse_stream(http):
 
 
 def test_voice_upload_clone_and_inline_reference(http, client):
-    up = http.post("/v1/audio/voices", files={"audio_sample": ("me.wav", _wav_bytes(1.5, 22050), "audio/wav")},
-                   data={"name": "narrator", "ref_text": "This is the narrator."})
+    up = http.post(
+        "/v1/audio/voices",
+        files={"audio_sample": ("me.wav", _wav_bytes(1.5, 22050), "audio/wav")},
+        data={"name": "narrator", "ref_text": "This is the narrator."},
+    )
     assert up.status_code == 200, up.text
     assert up.json()["name"] == "narrator" and up.json()["id"].startswith("voice_")
     got = http.get("/v1/audio/voices/narrator").json()
     assert got["frames"] == 75 and got["origin"] == "upload"  # 1.5 s at 50 frames/s, resampled from 22.05 kHz
-    by_id = client.audio.speech.create(model="unimoe-audio", voice=up.json()["id"], input="Cloned.",
-                                       response_format="wav", extra_body={"max_seconds": 1, "seed": 1})
-    by_name = client.audio.speech.create(model="unimoe-audio", voice="narrator", input="Cloned.",
-                                         response_format="wav", extra_body={"max_seconds": 1, "seed": 1})
+    by_id = client.audio.speech.create(
+        model="unimoe-audio",
+        voice=up.json()["id"],
+        input="Cloned.",
+        response_format="wav",
+        extra_body={"max_seconds": 1, "seed": 1},
+    )
+    by_name = client.audio.speech.create(
+        model="unimoe-audio",
+        voice="narrator",
+        input="Cloned.",
+        response_format="wav",
+        extra_body={"max_seconds": 1, "seed": 1},
+    )
     assert by_id.content == by_name.content
-    inline = http.post("/v1/audio/speech", json={
-        "input": "Cloned.", "response_format": "wav", "max_seconds": 1, "seed": 1,
-        "reference_audio": base64.b64encode(_wav_bytes(1.5, 22050)).decode(), "reference_text": "This is the narrator."})
+    inline = http.post(
+        "/v1/audio/speech",
+        json={
+            "input": "Cloned.",
+            "response_format": "wav",
+            "max_seconds": 1,
+            "seed": 1,
+            "reference_audio": base64.b64encode(_wav_bytes(1.5, 22050)).decode(),
+            "reference_text": "This is the narrator.",
+        },
+    )
     assert inline.status_code == 200, inline.text
-    plain = http.post("/v1/audio/speech", json={"input": "Cloned.", "response_format": "wav", "max_seconds": 1, "seed": 1})
+    plain = http.post(
+        "/v1/audio/speech", json={"input": "Cloned.", "response_format": "wav", "max_seconds": 1, "seed": 1}
+    )
     # Same reference → same codes as the stored voice; no voice → another prompt, other audio.
     assert inline.content == by_name.content and plain.content != by_name.content
     # The cap: max_voices=2 uploads.
-    second = http.post("/v1/audio/voices", files={"audio_sample": ("b.wav", _wav_bytes(1, 16000), "audio/wav")},
-                       data={"name": "second", "ref_text": "Second voice."})
+    second = http.post(
+        "/v1/audio/voices",
+        files={"audio_sample": ("b.wav", _wav_bytes(1, 16000), "audio/wav")},
+        data={"name": "second", "ref_text": "Second voice."},
+    )
     assert second.status_code == 200
-    third = http.post("/v1/audio/voices", files={"audio_sample": ("c.wav", _wav_bytes(1, 16000), "audio/wav")},
-                      data={"name": "third", "ref_text": "Third voice."})
+    third = http.post(
+        "/v1/audio/voices",
+        files={"audio_sample": ("c.wav", _wav_bytes(1, 16000), "audio/wav")},
+        data={"name": "third", "ref_text": "Third voice."},
+    )
     _error(third, 409)
     assert http.delete("/v1/audio/voices/second").json()["success"] is True
     _error(http.get("/v1/audio/voices/second"), 404)
@@ -191,8 +247,9 @@ def test_voice_upload_clone_and_inline_reference(http, client):
 
 
 def test_music_text_and_video(http, server):
-    r = http.post("/v1/audio/music", json={"prompt": "A calm piano piece.", "duration": 1.5, "seed": 2,
-                                           "response_format": "flac"})
+    r = http.post(
+        "/v1/audio/music", json={"prompt": "A calm piano piece.", "duration": 1.5, "seed": 2, "response_format": "flac"}
+    )
     assert r.status_code == 200, r.text
     wav, sr = _parse(r.content, "flac")
     assert sr == RATE and len(wav) == int(1.5 * RATE)
@@ -201,8 +258,11 @@ def test_music_text_and_video(http, server):
     frames[:, 10:30, 10:30] = 200
     write_mp4(video, frames, fps=4)
     with open(video, "rb") as f:
-        r = http.post("/v1/audio/music", files={"video": ("clip.mp4", f, "video/mp4")},
-                      data={"prompt": "Music for this clip.", "duration": "1", "stream": "true", "response_format": "wav"})
+        r = http.post(
+            "/v1/audio/music",
+            files={"video": ("clip.mp4", f, "video/mp4")},
+            data={"prompt": "Music for this clip.", "duration": "1", "stream": "true", "response_format": "wav"},
+        )
     assert r.status_code == 200, r.text
     wav, sr = _parse(r.content, "wav")
     assert sr == RATE and len(wav) == RATE
@@ -224,8 +284,18 @@ BAD = [
     ("speech", {"input": "hi", "volume": 3}, 400, "volume"),
     ("speech", {"input": "hi", "model": "gpt-9"}, 404, "model"),
     ("speech", {"input": "hi", "reference_audio": "###"}, 400, "reference_audio"),
-    ("speech", {"input": "hi", "reference_audio": base64.b64encode(b"not audio").decode(), "reference_text": "x"}, 400, None),
-    ("speech", {"input": "hi", "reference_audio": base64.b64encode(b"0" * 230_000).decode(), "reference_text": "x"}, 413, "reference_audio"),
+    (
+        "speech",
+        {"input": "hi", "reference_audio": base64.b64encode(b"not audio").decode(), "reference_text": "x"},
+        400,
+        None,
+    ),
+    (
+        "speech",
+        {"input": "hi", "reference_audio": base64.b64encode(b"0" * 230_000).decode(), "reference_text": "x"},
+        413,
+        "reference_audio",
+    ),
     ("music", {"prompt": "piano", "duration": 0}, 400, "duration"),
     ("music", {"prompt": "piano", "duration": 60}, 400, "duration"),
     ("music", {"prompt": " "}, 400, "prompt"),
@@ -237,20 +307,51 @@ def test_bad_inputs_get_4xx_and_the_replica_keeps_serving(http):
     for kind, body, status, param in BAD:
         _error(http.post(f"/v1/audio/{kind}", json=body), status, param)
     # temperature 0 is greedy decoding: the same audio twice, whatever the seed.
-    greedy = [http.post("/v1/audio/speech", json={"input": "Greedy.", "response_format": "pcm", "max_seconds": 1,
-                                                  "temperature": 0, "seed": seed}) for seed in (1, 2)]
+    greedy = [
+        http.post(
+            "/v1/audio/speech",
+            json={"input": "Greedy.", "response_format": "pcm", "max_seconds": 1, "temperature": 0, "seed": seed},
+        )
+        for seed in (1, 2)
+    ]
     assert [r.status_code for r in greedy] == [200, 200] and greedy[0].content == greedy[1].content
     status = _speech_status(http)
     assert status["running_rows"] == 0 and status["free_rows"] == status["max_rows"] and status["healthy"]
     _error(http.post("/v1/audio/speech", content=b"{not json", headers={"content-type": "application/json"}), 400)
-    _error(http.post("/v1/audio/voices", files={"audio_sample": ("x.wav", b"garbage bytes", "audio/wav")},
-                     data={"name": "junk", "ref_text": "words"}), 400)
-    _error(http.post("/v1/audio/voices", files={"audio_sample": ("x.wav", _wav_bytes(1, 16000), "audio/wav")},
-                     data={"name": "nowords"}), 400, "ref_text")
-    _error(http.post("/v1/audio/voices", files={"audio_sample": ("x.wav", _wav_bytes(8, 16000), "audio/wav")},
-                     data={"name": "huge", "ref_text": "words"}), 413, "audio_sample")
-    _error(http.post("/v1/audio/music", files={"video": ("v.mp4", b"not a video", "video/mp4")},
-                     data={"prompt": "piano", "duration": "1"}), 400)
+    _error(
+        http.post(
+            "/v1/audio/voices",
+            files={"audio_sample": ("x.wav", b"garbage bytes", "audio/wav")},
+            data={"name": "junk", "ref_text": "words"},
+        ),
+        400,
+    )
+    _error(
+        http.post(
+            "/v1/audio/voices",
+            files={"audio_sample": ("x.wav", _wav_bytes(1, 16000), "audio/wav")},
+            data={"name": "nowords"},
+        ),
+        400,
+        "ref_text",
+    )
+    _error(
+        http.post(
+            "/v1/audio/voices",
+            files={"audio_sample": ("x.wav", _wav_bytes(8, 16000), "audio/wav")},
+            data={"name": "huge", "ref_text": "words"},
+        ),
+        413,
+        "audio_sample",
+    )
+    _error(
+        http.post(
+            "/v1/audio/music",
+            files={"video": ("v.mp4", b"not a video", "video/mp4")},
+            data={"prompt": "piano", "duration": "1"},
+        ),
+        400,
+    )
     _good(http)
 
 
@@ -258,8 +359,14 @@ def test_sample_rate_bomb_and_oversized_body_are_refused_before_any_work(http):
     """The 4 KB WAV declaring 999983 Hz that once grew a replica to 19.7 GB: a 400 from its header.
     A JSON body past the cap (0.2 MB upload + base64 and text room): a 413 before it is read."""
     bomb = (Path(__file__).parents[1] / "data" / "hostile" / "sample_rate_bomb.wav").read_bytes()
-    err = _error(http.post("/v1/audio/voices", files={"audio_sample": ("bomb.wav", bomb, "audio/wav")},
-                           data={"name": "bomb", "ref_text": "words"}), 400)
+    err = _error(
+        http.post(
+            "/v1/audio/voices",
+            files={"audio_sample": ("bomb.wav", bomb, "audio/wav")},
+            data={"name": "bomb", "ref_text": "words"},
+        ),
+        400,
+    )
     assert "999983 Hz" in err["message"] and "8000-192000 Hz" in err["message"]
     err = _error(http.post("/v1/audio/speech", json={"input": "x" * 1_000_000}), 413)
     assert err["code"] == "file_too_large" and "max_upload_mb=0.2" in err["message"]
@@ -272,8 +379,9 @@ def _speech_status(http) -> dict:
 
 def test_a_disconnected_stream_frees_its_row(http):
     before = _speech_status(http)
-    with http.stream("POST", "/v1/audio/speech", json={"input": "A long one.", "response_format": "pcm",
-                                                        "max_seconds": 20}) as r:
+    with http.stream(
+        "POST", "/v1/audio/speech", json={"input": "A long one.", "response_format": "pcm", "max_seconds": 20}
+    ) as r:
         next(r.iter_bytes())  # audio is flowing; ~950 of 981 steps to go when the client leaves
     deadline = time.monotonic() + 30
     while _speech_status(http)["running_rows"] and time.monotonic() < deadline:
@@ -290,16 +398,24 @@ def test_web_page_plays_tts_in_headless_chromium(server):
 
     shot = server["tmp"] / "web.png"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                    args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required",
-                                          "--use-fake-ui-for-media-stream", "--disable-gpu"])
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--autoplay-policy=no-user-gesture-required",
+                "--use-fake-ui-for-media-stream",
+                "--disable-gpu",
+            ],
+        )
         page = browser.new_page()
         page.goto(server["url"] + "/")
         page.wait_for_function("document.querySelector('#voice').options.length > 1")
         page.fill("#tts-seconds", "1")
         page.click("#speak")
-        page.wait_for_function("['done', 'error'].includes(document.querySelector('#tts-status').dataset.state)",
-                               timeout=60_000)
+        page.wait_for_function(
+            "['done', 'error'].includes(document.querySelector('#tts-status').dataset.state)", timeout=60_000
+        )
         status = page.eval_on_selector("#tts-status", "e => [e.dataset.state, e.textContent, e.dataset.samples]")
         assert status[0] == "done", status
         assert int(float(status[2])) == RATE  # 1 s at 24 kHz reached the page's player
@@ -311,8 +427,11 @@ def test_web_page_plays_tts_in_headless_chromium(server):
 
 def _samples(text: str, name: str) -> list[float]:
     """Values of the Prometheus samples `name{...}` in an exposition text."""
-    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith(name + "{") or line.startswith(name + " ")]
+    return [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    ]
 
 
 def test_prometheus_metrics_are_exported(server, http):
@@ -405,9 +524,12 @@ def test_restart_keeps_voices_api_keys_over_capacity_and_live_reconfigure(server
 
 
 def _upload(http, key: str, name: str):
-    return http.post("/v1/audio/voices", headers={"Authorization": f"Bearer {key}"},
-                     files={"audio_sample": ("v.wav", _wav_bytes(1, 16000), "audio/wav")},
-                     data={"name": name, "ref_text": f"The voice {name}."})
+    return http.post(
+        "/v1/audio/voices",
+        headers={"Authorization": f"Bearer {key}"},
+        files={"audio_sample": ("v.wav", _wav_bytes(1, 16000), "audio/wav")},
+        data={"name": name, "ref_text": f"The voice {name}."},
+    )
 
 
 def test_stream_limit_per_key_voice_owners_and_key_file_reload(server):
@@ -448,8 +570,11 @@ def test_stream_limit_per_key_voice_owners_and_key_file_reload(server):
         assert http.get("/v1/audio/voices", headers=one).json()["voices"] == ["default"]
         listed = http.get("/v1/audio/voices", headers=two).json()
         assert listed["voices"] == ["default", "alice"] and listed["data"][1]["id"] == alice
-        spoken = http.post("/v1/audio/speech", headers=two,
-                           json={"input": "Mine.", "voice": "alice", "response_format": "wav", "max_seconds": 0.2})
+        spoken = http.post(
+            "/v1/audio/speech",
+            headers=two,
+            json={"input": "Mine.", "voice": "alice", "response_format": "wav", "max_seconds": 0.2},
+        )
         assert spoken.status_code == 200, spoken.text
 
         # Edit the key file while serving (no redeploy): secret-1 out, secret-3 in.

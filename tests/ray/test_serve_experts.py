@@ -10,7 +10,8 @@ import ray
 
 from unimoe_ray.parallel import ActorResources, ExpertParallelConfig, launch_experts, shutdown_experts
 from unimoe_ray.serve.model import attach_expert_actors
-from unimoe_ray.serve.runtime import AudioJob, ModelRuntime, ModelSettings
+from unimoe_ray.serve.runtime import AudioJob, ModelRuntime
+from unimoe_ray.serve.settings import ModelSettings
 
 pytestmark = pytest.mark.ray
 

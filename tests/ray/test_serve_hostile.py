@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
+from unimoe_ray.apps.ports import free_ports
+
 # 600 s, not the suite's 300: the first server test also pays the module's start (a Ray head,
 # `serve run`, two model loads), which on the shared 2-core machine took up to 145 s.
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -56,16 +57,6 @@ ACCEPTED_VOICES = {"channels_8.wav"}
 RATE = 24000
 REQUEST_TIMEOUT_S = 60  # per request, client side: a request that needs longer has hung
 SPEECH_REPLICA = "ServeReplica:unimoe:SpeechModel"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _kill_session(sid: int) -> None:
@@ -87,15 +78,22 @@ def _test_config(tmp: Path, port: int) -> Path:
     cfg["http_options"].update(host="127.0.0.1", port=port)
     deps = {d["name"]: d for d in cfg["applications"][0]["deployments"]}
     deps["APIIngress"]["user_config"] = dict(
-        deps["APIIngress"]["user_config"], voices_dir=str(tmp / "voices"), api_keys_env=None,
-        speech_max_seconds=2, speech_default_seconds=0.5, music_max_seconds=2, music_default_seconds=0.5)
+        deps["APIIngress"]["user_config"],
+        voices_dir=str(tmp / "voices"),
+        api_keys_env=None,
+        speech_max_seconds=2,
+        speech_default_seconds=0.5,
+        music_max_seconds=2,
+        music_default_seconds=0.5,
+    )
     for name in ("SpeechModel", "MusicModel"):
         d = deps[name]
         d.pop("autoscaling_config")
         d["num_replicas"] = 1
         # A copy each: the YAML shares one user_config (&model) between the two.
-        d["user_config"] = dict(d["user_config"], preset="tiny", artifacts_dir=str(tmp / "artifacts"),
-                                expert_dtype=None, torch_threads=1)
+        d["user_config"] = dict(
+            d["user_config"], preset="tiny", artifacts_dir=str(tmp / "artifacts"), expert_dtype=None, torch_threads=1
+        )
     path = tmp / "serve_test.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -110,10 +108,20 @@ class Server:
 
     def replicas(self) -> list[dict]:
         """The live SpeechModel replica actors (Ray's state API, with the cluster's token)."""
-        params = [("filter_keys", "class_name"), ("filter_predicates", "="), ("filter_values", SPEECH_REPLICA),
-                  ("filter_keys", "state"), ("filter_predicates", "="), ("filter_values", "ALIVE")]
-        r = httpx.get(f"{self.dashboard}/api/v0/actors", params=params, timeout=30,
-                      headers={"Authorization": f"Bearer {self.token}"})
+        params = [
+            ("filter_keys", "class_name"),
+            ("filter_predicates", "="),
+            ("filter_values", SPEECH_REPLICA),
+            ("filter_keys", "state"),
+            ("filter_predicates", "="),
+            ("filter_values", "ALIVE"),
+        ]
+        r = httpx.get(
+            f"{self.dashboard}/api/v0/actors",
+            params=params,
+            timeout=30,
+            headers={"Authorization": f"Bearer {self.token}"},
+        )
         r.raise_for_status()
         return r.json()["data"]["result"]["result"]
 
@@ -142,28 +150,52 @@ def server(tmp_path_factory):
     env |= {"HOME": str(home), "PATH": f"{BIN}:{env.get('PATH', '')}"}
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit
-    gcs, dash, client, agent, agent_grpc, metrics, runtime_env, http = _free_ports(8)
+    gcs, dash, client, agent, agent_grpc, metrics, runtime_env, http = free_ports(8)
     sessions = []
     log = tmp / "serve_run.log"
     try:
         head = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-             "--disable-usage-stats"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                f"--port={gcs}",
+                "--num-cpus=2",
+                f"--temp-dir={temp_dir}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--ray-client-server-port={client}",
+                f"--dashboard-agent-listen-port={agent}",
+                f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--metrics-export-port={metrics}",
+                f"--runtime-env-agent-port={runtime_env}",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         sessions.append(head.pid)
         out = head.communicate(timeout=180)[0].decode(errors="replace")
         assert head.returncode == 0, out[-3000:]
         config = _test_config(tmp, http)
         with open(log, "wb") as f:
-            run = subprocess.Popen([str(BIN / "serve"), "run", str(config), "--address", f"127.0.0.1:{gcs}"],
-                                   env={**env, "RAY_AUTH_MODE": "token"}, cwd=tmp, stdout=f,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+            run = subprocess.Popen(
+                [str(BIN / "serve"), "run", str(config), "--address", f"127.0.0.1:{gcs}"],
+                env={**env, "RAY_AUTH_MODE": "token"},
+                cwd=tmp,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         sessions.append(run.pid)
-        srv = Server(url=f"http://127.0.0.1:{http}", dashboard=f"http://127.0.0.1:{dash}",
-                     token=(home / ".ray" / "auth_token").read_text().strip(), log=log)
+        srv = Server(
+            url=f"http://127.0.0.1:{http}",
+            dashboard=f"http://127.0.0.1:{dash}",
+            token=(home / ".ray" / "auth_token").read_text().strip(),
+            log=log,
+        )
 
         def up():
             assert run.poll() is None, f"serve run exited ({run.returncode})\n{srv.log_tail()}"
@@ -224,12 +256,14 @@ def test_the_shipped_configs_bound_every_request():
 
 # ---- schemathesis from the app's own schema ----
 
+
 def _routes() -> list[tuple[str, str, bool]]:
     """(method, path, takes a body) of every operation in the app's OpenAPI schema."""
     from unimoe_ray.serve.app import app
 
-    return sorted((m.upper(), path, "requestBody" in op) for path, ops in app.openapi()["paths"].items()
-                  for m, op in ops.items())
+    return sorted(
+        (m.upper(), path, "requestBody" in op) for path, ops in app.openapi()["paths"].items() for m, op in ops.items()
+    )
 
 
 ROUTES = _routes()
@@ -243,11 +277,17 @@ def api_schema(server):
     """The live server's schema: the same operations as the app's, with request bodies (the
     routes parse them by hand; app.py gives them as openapi_extra)."""
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
-    live = sorted((m.upper(), path, "requestBody" in op) for path, ops in schema.raw_schema["paths"].items()
-                  for m, op in ops.items())
+    live = sorted(
+        (m.upper(), path, "requestBody" in op)
+        for path, ops in schema.raw_schema["paths"].items()
+        for m, op in ops.items()
+    )
     assert live == ROUTES and len(list(schema.get_all_operations())) == len(ROUTES)
     assert {(m, p) for m, p, body in ROUTES if body} == {
-        ("POST", "/v1/audio/speech"), ("POST", "/v1/audio/music"), ("POST", "/v1/audio/voices")}
+        ("POST", "/v1/audio/speech"),
+        ("POST", "/v1/audio/music"),
+        ("POST", "/v1/audio/voices"),
+    }
     return schema
 
 
@@ -274,6 +314,7 @@ def test_after_the_fuzz_every_slot_is_free_and_a_normal_request_succeeds(http):
 
 # ---- hand-made hostile files ----
 
+
 def _hostile_files() -> dict[str, bytes]:
     files = {p.name: p.read_bytes() for p in sorted(HOSTILE.iterdir())} if HOSTILE.is_dir() else {}
     assert files, f"{HOSTILE} is empty or missing: run python tests/data/make_hostile_files.py"
@@ -286,19 +327,36 @@ def test_each_hostile_file_gets_a_4xx_and_a_good_request_beside_them_succeeds(ht
 
     def good_stream():  # a streamed request decoding while the hostile uploads arrive
         with httpx.Client(base_url=server.url, timeout=REQUEST_TIMEOUT_S) as c:
-            beside.append(c.post("/v1/audio/speech", json={"input": "Beside them.", "response_format": "pcm",
-                                                           "max_seconds": 2, "seed": 4}))
+            beside.append(
+                c.post(
+                    "/v1/audio/speech",
+                    json={"input": "Beside them.", "response_format": "pcm", "max_seconds": 2, "seed": 4},
+                )
+            )
 
     worker = threading.Thread(target=good_stream)
     worker.start()
     for name, data in files.items():
-        voice = http.post("/v1/audio/voices", files={"audio_sample": (name, data, "application/octet-stream")},
-                          data={"name": f"h_{name.replace('.', '_')}", "ref_text": "Hostile words."})
-        inline = http.post("/v1/audio/speech", json={"input": "Hi.", "response_format": "wav", "max_seconds": 0.2,
-                                                      "reference_audio": base64.b64encode(data).decode(),
-                                                      "reference_text": "Hostile words."})
-        video = http.post("/v1/audio/music", files={"video": (name, data, "application/octet-stream")},
-                          data={"prompt": "Music for this.", "duration": "0.2", "response_format": "wav"})
+        voice = http.post(
+            "/v1/audio/voices",
+            files={"audio_sample": (name, data, "application/octet-stream")},
+            data={"name": f"h_{name.replace('.', '_')}", "ref_text": "Hostile words."},
+        )
+        inline = http.post(
+            "/v1/audio/speech",
+            json={
+                "input": "Hi.",
+                "response_format": "wav",
+                "max_seconds": 0.2,
+                "reference_audio": base64.b64encode(data).decode(),
+                "reference_text": "Hostile words.",
+            },
+        )
+        video = http.post(
+            "/v1/audio/music",
+            files={"video": (name, data, "application/octet-stream")},
+            data={"prompt": "Music for this.", "duration": "0.2", "response_format": "wav"},
+        )
         for r in (video, *(() if name in ACCEPTED_VOICES else (voice, inline))):
             assert 400 <= r.status_code < 500, (name, r.request.url.path, r.status_code, r.text)
             _error(r, r.status_code)
@@ -313,9 +371,13 @@ def test_each_hostile_file_gets_a_4xx_and_a_good_request_beside_them_succeeds(ht
 
 # ---- a model replica SIGKILLed mid-request ----
 
+
 def _upload(http, name: str, freq: float) -> str:
-    r = http.post("/v1/audio/voices", files={"audio_sample": (f"{name}.wav", _wav_bytes(1.0, 16000, freq), "audio/wav")},
-                  data={"name": name, "ref_text": f"This is {name}."})
+    r = http.post(
+        "/v1/audio/voices",
+        files={"audio_sample": (f"{name}.wav", _wav_bytes(1.0, 16000, freq), "audio/wav")},
+        data={"name": name, "ref_text": f"This is {name}."},
+    )
     assert r.status_code == 200, r.text
     return r.json()["id"]
 
@@ -337,8 +399,9 @@ def test_sigkill_of_a_replica_mid_request_fails_those_requests_clearly_and_serve
     def sse():
         events = got.setdefault("sse", [])
         with httpx.Client(base_url=server.url, timeout=REQUEST_TIMEOUT_S) as c:
-            with c.stream("POST", "/v1/audio/speech",
-                          json={**body, "response_format": "pcm", "stream_format": "sse"}) as r:
+            with c.stream(
+                "POST", "/v1/audio/speech", json={**body, "response_format": "pcm", "stream_format": "sse"}
+            ) as r:
                 got["sse_status"] = r.status_code
                 for line in r.iter_lines():
                     if line.startswith("data: "):
@@ -389,8 +452,12 @@ def test_sigkill_of_a_replica_mid_request_fails_those_requests_clearly_and_serve
     _wait_until("Serve started a new SpeechModel replica", replaced, server.log_tail, 180)
 
     def serves():
-        return http.post("/v1/audio/speech", json={"input": "Back.", "response_format": "wav",
-                                                    "max_seconds": 0.2}).status_code == 200
+        return (
+            http.post(
+                "/v1/audio/speech", json={"input": "Back.", "response_format": "wav", "max_seconds": 0.2}
+            ).status_code
+            == 200
+        )
 
     _wait_until("speech served again", serves, server.log_tail, 120)
     listed = http.get("/v1/audio/voices").json()["data"]

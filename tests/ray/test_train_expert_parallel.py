@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from unimoe_ray.checkpoint import load_pretrained, save_pretrained
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompts import PromptBuilder, config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 from unimoe_ray.train.batches import ExampleBuilder, collate
@@ -49,12 +49,26 @@ def env(tmp_path_factory):
 
 def _spec(env, *, expert_parallel: int) -> RunSpec:
     train = stage_config(
-        "stage3", tasks=("tts_en", "t2m"), lr=3e-3, warmup_steps=1, max_tokens=256, val_every=0,
-        max_steps=6, checkpoint_every=2, expert_parallel=expert_parallel, log_samples=True,
+        "stage3",
+        tasks=("tts_en", "t2m"),
+        lr=3e-3,
+        warmup_steps=1,
+        max_tokens=256,
+        val_every=0,
+        max_steps=6,
+        checkpoint_every=2,
+        expert_parallel=expert_parallel,
+        log_samples=True,
     )
     return RunSpec(
-        shards=[str(env["root"] / "shards")], tokenizer=env["tok"], init=str(env["root"] / "init"), train=train,
-        name="ep", storage_path=str(env["root"] / "store"), num_workers=2, max_failures=0,
+        shards=[str(env["root"] / "shards")],
+        tokenizer=env["tok"],
+        init=str(env["root"] / "init"),
+        train=train,
+        name="ep",
+        storage_path=str(env["root"] / "store"),
+        num_workers=2,
+        max_failures=0,
     )
 
 
@@ -145,7 +159,9 @@ def test_sharded_steps_report_exchange_statistics(runs, env):
 
 
 def test_sharded_checkpoint_is_one_released_folder(runs, env):
-    folders = [d for d in (Path(runs["spec"].storage_path) / "ep").glob("checkpoint_*") if read_meta(d).get("step") == 4]
+    folders = [
+        d for d in (Path(runs["spec"].storage_path) / "ep").glob("checkpoint_*") if read_meta(d).get("step") == 4
+    ]
     assert len(folders) == 1
     ckpt = folders[0]
     assert read_meta(ckpt)["expert_parallel"] == 2
@@ -153,12 +169,16 @@ def test_sharded_checkpoint_is_one_released_folder(runs, env):
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     files = set(index.values())
     assert len(files) == 2 and all((ckpt / f).is_file() for f in files)  # one per EP rank
-    assert {index[f"model.layers.0.mlp.dynamic_real_moe.deepspeed_moe.experts.deepspeed_experts.{k}.up_proj.weight"]
-            for k in range(4)} == files  # experts 0-1 in one rank's file, 2-3 in the other's
+    assert {
+        index[f"model.layers.0.mlp.dynamic_real_moe.deepspeed_moe.experts.deepspeed_experts.{k}.up_proj.weight"]
+        for k in range(4)
+    } == files  # experts 0-1 in one rank's file, 2-3 in the other's
     model = load_pretrained(ckpt, dtype=torch.float32)
     start = load_pretrained(env["root"] / "init", dtype=torch.float32)
-    assert not torch.equal(model.language_model.layers[1].mlp.routed_experts[3].up_proj.weight,
-                           start.language_model.layers[1].mlp.routed_experts[3].up_proj.weight)
+    assert not torch.equal(
+        model.language_model.layers[1].mlp.routed_experts[3].up_proj.weight,
+        start.language_model.layers[1].mlp.routed_experts[3].up_proj.weight,
+    )
     # What `launch_experts` reads for each expert actor and the trunk: the same tensors, from
     # whichever rank's shard holds them.
     from unimoe_ray.parallel.weights import expert_state, load_expert_state, load_trunk_state, trunk_state

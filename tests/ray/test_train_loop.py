@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from unimoe_ray.checkpoint import load_pretrained, save_pretrained
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompts import PromptBuilder, config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 from unimoe_ray.train.batches import ExampleBuilder, collate
@@ -61,9 +61,14 @@ def _spec(env, name: str, *, init: str | None = None, num_workers: int = 2, **tr
     kw = dict(tasks=("tts_en", "t2m"), lr=3e-3, warmup_steps=1, max_tokens=256, val_every=0, log_samples=True)
     kw.update(train)
     return RunSpec(
-        shards=[str(env["root"] / "shards")], tokenizer=env["tok"], init=init or env["init"],
-        train=stage_config("stage3", **kw), name=name, storage_path=str(env["root"] / "store"),
-        num_workers=num_workers, max_failures=1,
+        shards=[str(env["root"] / "shards")],
+        tokenizer=env["tok"],
+        init=init or env["init"],
+        train=stage_config("stage3", **kw),
+        name=name,
+        storage_path=str(env["root"] / "store"),
+        num_workers=num_workers,
+        max_failures=1,
     )
 
 
@@ -75,6 +80,7 @@ def _records(run_dir: Path, rank: int) -> list[dict]:
 def killed_run(ray_local, env):
     """2 workers, 10 steps, a checkpoint every 4; rank 1 is SIGKILLed once after step 6.
     Read-only for the tests that use it."""
+
     def kill_rank1_once(*, step, rank, run_dir):  # nested: pickled by value for the workers
         marker = Path(run_dir) / "killed"
         if rank == 1 and step == 6 and not marker.exists():

@@ -44,8 +44,9 @@ def test_prepare_artifacts_writes_what_load_reads_and_keeps_given_paths(tmp_path
     assert model.cfg == expected.cfg
     assert torch.equal(model.codec_head.weight, expected.codec_head.weight)
     # Paths given are used as they are; only the missing ones are made.
-    again = prepare_artifacts(ArtifactsConfig(out_dir=str(tmp_path / "b"), checkpoint=str(ckpt), tokenizer=str(tok),
-                                              dac_path=str(dac)))
+    again = prepare_artifacts(
+        ArtifactsConfig(out_dir=str(tmp_path / "b"), checkpoint=str(ckpt), tokenizer=str(tok), dac_path=str(dac))
+    )
     assert again == (ckpt, tok, dac) and not (tmp_path / "b").exists()
 
 

@@ -1,5 +1,4 @@
 import json
-
 from pathlib import Path
 
 import pytest
@@ -7,18 +6,16 @@ import torch
 
 from unimoe_ray import checkpoint as ckpt
 from unimoe_ray.config_hf import save_config, to_hf_dict
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.params import count_parameters
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.presets import get_preset
 
 
 def test_name_map_matches_the_released_checkpoint():
     pairs = {
         "language_model.layers.3.mlp.gate.weight": "model.layers.3.mlp.gate.weight",
-        "language_model.layers.3.mlp.routed_experts.5.up_proj.weight":
-            "model.layers.3.mlp.dynamic_real_moe.deepspeed_moe.experts.deepspeed_experts.5.up_proj.weight",
-        "language_model.layers.0.mlp.shared_experts.1.down_proj.weight":
-            "model.layers.0.mlp.fixed_real_moe.1.down_proj.weight",
+        "language_model.layers.3.mlp.routed_experts.5.up_proj.weight": "model.layers.3.mlp.dynamic_real_moe.deepspeed_moe.experts.deepspeed_experts.5.up_proj.weight",
+        "language_model.layers.0.mlp.shared_experts.1.down_proj.weight": "model.layers.0.mlp.fixed_real_moe.1.down_proj.weight",
         "language_model.embed_tokens.weight": "model.embed_tokens.weight",
         "language_model.layers.2.self_attn.q_proj.bias": "model.layers.2.self_attn.q_proj.bias",
         "codec_embed_tokens.11.weight": "codec_embed_tokens.11.weight",

@@ -10,8 +10,8 @@ import torch
 
 from unimoe_ray.checkpoint import load_pretrained
 from unimoe_ray.checkpoint_hf import PretrainedInitError, init_from_qwen2_5_vl
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.presets import get_preset
 from unimoe_ray.train.integrate import specialist_config
 
 
@@ -21,13 +21,31 @@ def _qwen(path, *, intermediate=32, vocab=700, tied=False, theta=1e6, window=56)
 
     cfg = Qwen2_5_VLConfig(
         text_config=dict(
-            hidden_size=32, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=vocab, rope_theta=theta, rms_norm_eps=1e-6, bos_token_id=0,
-            eos_token_id=1, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, max_position_embeddings=4096,
+            hidden_size=32,
+            intermediate_size=intermediate,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab,
+            rope_theta=theta,
+            rms_norm_eps=1e-6,
+            bos_token_id=0,
+            eos_token_id=1,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+            max_position_embeddings=4096,
         ),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                           window_size=window, fullatt_block_indexes=[1], patch_size=14, temporal_patch_size=2,
-                           spatial_merge_size=2),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=32,
+            window_size=window,
+            fullatt_block_indexes=[1],
+            patch_size=14,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+        ),
         tie_word_embeddings=tied,
     )
     torch.manual_seed(1)
@@ -63,8 +81,10 @@ def test_trunk_and_vision_tower_equal_transformers(tmp_path):
     grid = torch.tensor([[1, 4, 4]])
     with torch.no_grad():
         torch.testing.assert_close(
-            ours.visual(pixels, grid_thw=grid).pooler_output, theirs.model.visual(pixels, grid_thw=grid).pooler_output,
-            atol=1e-5, rtol=0,
+            ours.visual(pixels, grid_thw=grid).pooler_output,
+            theirs.model.visual(pixels, grid_thw=grid).pooler_output,
+            atol=1e-5,
+            rtol=0,
         )
 
 
@@ -73,13 +93,29 @@ def test_hub_layout_with_tied_embeddings(tmp_path):
     legacy rope_scaling) and tied embeddings (no lm_head tensor)."""
     theirs = _qwen(tmp_path / "qwen", tied=True)
     flat = {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "hidden_size": 32,
-        "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 700, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
-        "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}, "torch_dtype": "float32",
-        "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                          "out_hidden_size": 32, "window_size": 56, "fullatt_block_indexes": [1],
-                          "model_type": "qwen2_5_vl"},
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "hidden_size": 32,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 700,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]},
+        "torch_dtype": "float32",
+        "vision_config": {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+            "model_type": "qwen2_5_vl",
+        },
     }
     (tmp_path / "qwen" / "config.json").write_text(json.dumps(flat))
     ours = _specialist()
@@ -116,11 +152,19 @@ def test_stage1_starts_every_specialist_from_the_folder(tmp_path, monkeypatch):
     specs = []
     monkeypatch.setattr(stages, "run_training", lambda spec: specs.append(spec))
     monkeypatch.setattr(stages, "_finish", lambda result, out: out)
-    common = stages.Common(shards=[], tokenizer=str(build_test_tokenizer(tmp_path / "tok")),
-                           storage_path=str(tmp_path / "runs"))
+    common = stages.Common(
+        shards=[], tokenizer=str(build_test_tokenizer(tmp_path / "tok")), storage_path=str(tmp_path / "runs")
+    )
     for task in ("tts_en", "t2m"):
-        stages.stage1(common, task=task, preset="tiny", train=stage_config("stage1"), out=str(tmp_path / task),
-                      name=f"s1_{task}", init_from=str(tmp_path / "qwen"))
+        stages.stage1(
+            common,
+            task=task,
+            preset="tiny",
+            train=stage_config("stage1"),
+            out=str(tmp_path / task),
+            name=f"s1_{task}",
+            init_from=str(tmp_path / "qwen"),
+        )
     a, b = (load_pretrained(s.init, dtype=torch.float32) for s in specs)
     assert specs[0].meta["init_from"] == str((tmp_path / "qwen").resolve())
     for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):

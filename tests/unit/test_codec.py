@@ -128,8 +128,13 @@ def test_load_missing_file_names_it(tmp_path):
 
 def test_rejects_other_code_layouts():
     small_44k = dac.DAC(
-        encoder_dim=4, encoder_rates=[2, 2], decoder_dim=8, decoder_rates=[2, 2],
-        n_codebooks=4, codebook_size=16, sample_rate=44100,
+        encoder_dim=4,
+        encoder_rates=[2, 2],
+        decoder_dim=8,
+        decoder_rates=[2, 2],
+        n_codebooks=4,
+        codebook_size=16,
+        sample_rate=44100,
     )
     expected = "16000 Hz DAC with 12 codebooks of 1024.*got 44100 Hz, 4 x 16"
     with pytest.raises(ValueError, match=expected):
@@ -167,10 +172,7 @@ def test_encode_rejects_empty_and_multichannel(codec):
 def test_encode_batch_matches_single(codec):
     rng = np.random.default_rng(0)
     lengths = [16000, 12345, 15999, 8000, 321, 1, 16001]
-    wavs = [
-        (sine(n / 16000, 16000) + 0.05 * rng.standard_normal(n)).astype(np.float32)
-        for n in lengths
-    ]
+    wavs = [(sine(n / 16000, 16000) + 0.05 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
 
     batched = codec.encode_batch(wavs, 16000, batch_size=4)
     single = [codec.encode(w, 16000) for w in wavs]

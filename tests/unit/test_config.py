@@ -4,11 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from unimoe_ray.config import ConfigError
+from unimoe_ray.config import ConfigError, MoEConfig
 from unimoe_ray.config_hf import from_hf_dict, load_config, save_config, to_hf_dict
 from unimoe_ray.presets import PREVIEW_CONFIG_PATH, get_preset
-
-from unimoe_ray.config import MoEConfig
 
 # A copy of the released config.json shipped with the tests (tests never read outside the repo).
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "unimoe_audio_preview_config.json"
@@ -42,35 +40,59 @@ def test_config_json_without_optional_moe_keys_takes_the_dataclass_defaults():
     # (jitter 0.01, aux weight 0.025 -> 0.001 over 10k steps), not a silently different one.
     d = to_hf_dict(get_preset("tiny"))
     optional = [
-        "unimoe_moe_mode", "mlp_dynamic_top_k", "unimoe_weighting", "fp32_gate",
-        "input_jitter_noise", "router_jitter_noise", "l_aux_weight", "min_l_aux_weight",
-        "l_aux_weight_decay_steps", "token_drop", "capacity_factor", "min_capacity",
+        "unimoe_moe_mode",
+        "mlp_dynamic_top_k",
+        "unimoe_weighting",
+        "fp32_gate",
+        "input_jitter_noise",
+        "router_jitter_noise",
+        "l_aux_weight",
+        "min_l_aux_weight",
+        "l_aux_weight_decay_steps",
+        "token_drop",
+        "capacity_factor",
+        "min_capacity",
     ]
     for key in optional:
         del d["text_config"][key]
     moe = from_hf_dict(d).moe
     assert moe == get_preset("tiny").moe
     assert (moe.input_jitter, moe.router_jitter) == (0.01, 0.01)
-    assert (moe.aux_weight_start, moe.aux_weight_end, moe.aux_weight_decay_steps) == (
-        0.025, 0.001, 10_000
-    )
+    assert (moe.aux_weight_start, moe.aux_weight_end, moe.aux_weight_decay_steps) == (0.025, 0.001, 10_000)
 
 
 def test_every_moe_field_is_written_to_config_json():
     # Change every field away from its default: the round trip must carry each one.
     moe = MoEConfig(
-        mode="top_k", num_routed=3, num_null=0, num_shared=1, routed_intermediate=24,
-        shared_intermediate=12, top_p=0.5, top_k=3, dense_intermediate=40, weighting="paper",
-        fp32_gate=False, input_jitter=0.2, router_jitter=0.3, aux_weight_start=0.4,
-        aux_weight_end=0.05, aux_weight_decay_steps=7, token_drop=True, capacity_factor=2.5,
+        mode="top_k",
+        num_routed=3,
+        num_null=0,
+        num_shared=1,
+        routed_intermediate=24,
+        shared_intermediate=12,
+        top_p=0.5,
+        top_k=3,
+        dense_intermediate=40,
+        weighting="paper",
+        fp32_gate=False,
+        input_jitter=0.2,
+        router_jitter=0.3,
+        aux_weight_start=0.4,
+        aux_weight_end=0.05,
+        aux_weight_decay_steps=7,
+        token_drop=True,
+        capacity_factor=2.5,
         min_capacity=3,
     )
     # The SparseMixer router needs the released weighting: changed in a second config.
     sparsemixer = MoEConfig(ignore_differentiable_router=False)
     defaults = MoEConfig()
     fields = [f.name for f in dataclasses.fields(MoEConfig)]
-    unchanged = [name for name in fields
-                 if getattr(moe, name) == getattr(defaults, name) and getattr(sparsemixer, name) == getattr(defaults, name)]
+    unchanged = [
+        name
+        for name in fields
+        if getattr(moe, name) == getattr(defaults, name) and getattr(sparsemixer, name) == getattr(defaults, name)
+    ]
     assert unchanged == [], f"the test must change every field; unchanged: {unchanged}"
     for m in (moe, sparsemixer):
         cfg = get_preset("tiny").replace(moe=m)

@@ -22,11 +22,7 @@ def test_resolve_targets():
     assert resolve_targets(BalanceConfig(), available) == available  # stage 1: keep everything
     explicit = BalanceConfig(targets=(("tts_en", 30), ("v2m", 10)))
     assert resolve_targets(explicit, available) == {"tts_en": 30, "t2m": 20, "v2m": 5}
-    assert resolve_targets(BalanceConfig(total=45), available) == {
-        "tts_en": 20,
-        "t2m": 20,
-        "v2m": 5,
-    }
+    assert resolve_targets(BalanceConfig(total=45), available) == {"tts_en": 20, "t2m": 20, "v2m": 5}
 
 
 def test_select_hits_targets_without_duplicates_and_is_seeded():

@@ -32,26 +32,14 @@ def test_caption_states_what_the_notes_are(seed):
     tonic, mode = int(rng.integers(12)), ("major", "minor")[seed % 2]
     instrument = list(music.INSTRUMENTS)[seed % len(music.INSTRUMENTS)]
     piece = music.compose(
-        rng,
-        tonic=tonic,
-        mode=mode,
-        bpm=72 + 12 * seed,
-        n_bars=4,
-        instrument=instrument,
-        drums=seed % 3 == 0,
+        rng, tonic=tonic, mode=mode, bpm=72 + 12 * seed, n_bars=4, instrument=instrument, drums=seed % 3 == 0
     )
     assert music.estimate_key(piece.melody + piece.bass) == (music.NOTE_NAMES[tonic], mode)
     text = music.caption(piece, rng)
-    assert (
-        f"{music.NOTE_NAMES[tonic]} {mode}" in text
-        and f"{72 + 12 * seed} BPM" in text
-        and instrument in text
-    )
+    assert f"{music.NOTE_NAMES[tonic]} {mode}" in text and f"{72 + 12 * seed} BPM" in text and instrument in text
     assert ("with a steady drum beat" in text) == (seed % 3 == 0)
     wav = music.render(piece, 16000, rng)
-    assert len(wav) == round(16 * 60 / piece.bpm * 16000) and np.abs(wav).max() == pytest.approx(
-        0.8, rel=1e-5
-    )
+    assert len(wav) == round(16 * 60 / piece.bpm * 16000) and np.abs(wav).max() == pytest.approx(0.8, rel=1e-5)
 
 
 @pytest.mark.parametrize("instrument", sorted(music.INSTRUMENTS))
@@ -59,9 +47,7 @@ def test_stated_tempo_is_audible(instrument):
     """With drums, onsets land on the stated beat grid: the onset envelope is much stronger at
     beat times than a quarter-beat later (where neither kick, hat nor notes start)."""
     rng = np.random.default_rng(0)
-    piece = music.compose(
-        rng, tonic=0, mode="major", bpm=100, n_bars=4, instrument=instrument, drums=True
-    )
+    piece = music.compose(rng, tonic=0, mode="major", bpm=100, n_bars=4, instrument=instrument, drums=True)
     wav = music.render(piece, 16000, rng)
     env = np.sqrt(np.mean(wav[: len(wav) // 160 * 160].reshape(-1, 160) ** 2, axis=1))  # 100 Hz
     onset = np.maximum(np.diff(env, prepend=0.0), 0.0)
@@ -75,13 +61,7 @@ def test_stated_tempo_is_audible(instrument):
 
 def test_video_motion_follows_the_bar():
     piece = music.compose(
-        np.random.default_rng(0),
-        tonic=0,
-        mode="major",
-        bpm=120,
-        n_bars=2,
-        instrument="guitar",
-        drums=False,
+        np.random.default_rng(0), tonic=0, mode="major", bpm=120, n_bars=2, instrument="guitar", drums=False
     )
     frames = ball_video_frames(piece, piece.duration_s, size=56, fps=8)
     assert frames.shape == (32, 56, 56, 3)
@@ -134,8 +114,11 @@ def test_mini_corpus_is_deterministic_and_tags_broken_rows(tmp_path):
 
 
 def test_manifest_counts_rows_per_task_and_the_broken_ones(tmp_path):
-    rows = [{"task": "tts_en", "audio": "a.wav"}, {"task": "t2m", "audio": "b.wav", "expect": "quarantined:silent"},
-            {"task": "tts_en", "audio": "c.wav"}]
+    rows = [
+        {"task": "tts_en", "audio": "a.wav"},
+        {"task": "t2m", "audio": "b.wav", "expect": "quarantined:silent"},
+        {"task": "tts_en", "audio": "c.wav"},
+    ]
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     assert manifest_counts(tmp_path / "manifest.jsonl") == ({"tts_en": 2, "t2m": 1}, 1)
 

@@ -24,15 +24,8 @@ def _tone(seconds: float, sr: int, amp: float = 0.5) -> np.ndarray:
 def test_segment_bounds():
     sr = 16000
     default = AudioConfig()
-    assert segment_bounds(47 * sr, "t2m", default) == [
-        (0, 20 * sr),
-        (20 * sr, 40 * sr),
-        (40 * sr, 47 * sr),
-    ]
-    assert segment_bounds(43 * sr, "t2m", default) == [
-        (0, 20 * sr),
-        (20 * sr, 40 * sr),
-    ]  # 3 s tail < 5 s
+    assert segment_bounds(47 * sr, "t2m", default) == [(0, 20 * sr), (20 * sr, 40 * sr), (40 * sr, 47 * sr)]
+    assert segment_bounds(43 * sr, "t2m", default) == [(0, 20 * sr), (20 * sr, 40 * sr)]  # 3 s tail < 5 s
     assert segment_bounds(3 * sr, "v2m", default) == [(0, 3 * sr)]  # only window: kept
     assert segment_bounds(47 * sr, "tts_en", default) == [(0, 47 * sr)]  # speech is never cut
 
@@ -100,27 +93,9 @@ def test_decode_mixes_resamples_and_segments(tmp_path):
             QUARANTINED,
             "corrupt_audio",
         ),
-        (
-            "silence.wav",
-            lambda p: sf.write(p, np.zeros(32000), 16000),
-            "t2m",
-            QUARANTINED,
-            "silent",
-        ),
-        (
-            "short.wav",
-            lambda p: sf.write(p, _tone(0.3, 16000), 16000),
-            "tts_zh",
-            QUARANTINED,
-            "too_short",
-        ),
-        (
-            "long.wav",
-            lambda p: sf.write(p, _tone(6.0, 16000), 16000),
-            "tts_zh",
-            FILTERED,
-            "too_long",
-        ),
+        ("silence.wav", lambda p: sf.write(p, np.zeros(32000), 16000), "t2m", QUARANTINED, "silent"),
+        ("short.wav", lambda p: sf.write(p, _tone(0.3, 16000), 16000), "tts_zh", QUARANTINED, "too_short"),
+        ("long.wav", lambda p: sf.write(p, _tone(6.0, 16000), 16000), "tts_zh", FILTERED, "too_long"),
     ],
 )
 def test_decode_failures_become_one_item_with_a_reason(tmp_path, name, make, task, status, reason):

@@ -62,7 +62,5 @@ def test_every_third_party_import_is_declared():
     # one not installed here (torch_npu, laion_clap) must be declared under its own name.
     provides = importlib.metadata.packages_distributions()
     dists_of = {name: provides.get(name, [name]) for name in sorted(imported)}
-    undeclared = {
-        name: dists for name, dists in dists_of.items() if not {_dist(d) for d in dists} & declared
-    }
+    undeclared = {name: dists for name, dists in dists_of.items() if not {_dist(d) for d in dists} & declared}
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"

@@ -57,9 +57,7 @@ def test_snr_clean_speechlike_hits_ceiling_and_noise_floor_is_measured():
 def test_clipping_ratio_of_an_overdriven_sine():
     # 2 sin clipped at 1: |2 sin| >= 0.99 where |sin| >= 0.495, a fraction 1 - (2/pi) asin(0.495).
     clipped = np.clip(_tone(1.0, amp=2.0, freq=10.0), -1, 1)  # 1600 samples a period
-    assert ClippingScorer().score(clipped, SR) == pytest.approx(
-        1 - 2 / math.pi * math.asin(0.495), abs=2e-3
-    )
+    assert ClippingScorer().score(clipped, SR) == pytest.approx(1 - 2 / math.pi * math.asin(0.495), abs=2e-3)
     assert ClippingScorer().score(_tone(1.0, amp=0.8), SR) == 0.0
 
 
@@ -83,10 +81,7 @@ def test_failed_rule_reports_first_broken_rule():
         "high_clipping_ratio",
         "clipping_ratio=0.5 > 0.01",
     )
-    assert failed_rule({"snr_db": float("nan")}, "tts_en", rules) == (
-        "",
-        "",
-    )  # scorer did not apply
+    assert failed_rule({"snr_db": float("nan")}, "tts_en", rules) == ("", "")  # scorer did not apply
 
 
 class _PeakModule(torch.nn.Module):
@@ -120,10 +115,7 @@ def test_a_rule_on_a_score_no_scorer_produces_is_an_error():
     utmos = ModelScorerSpec(kind="utmos", path="u.pt", tasks=SPEECH_TASKS)
     check_rules(QualityConfig())  # the defaults are on the signal scores
     check_rules(
-        QualityConfig(
-            rules=(QualityRule(scorer="utmos", tasks=SPEECH_TASKS, min_value=3.0),),
-            model_scorers=(utmos,),
-        )
+        QualityConfig(rules=(QualityRule(scorer="utmos", tasks=SPEECH_TASKS, min_value=3.0),), model_scorers=(utmos,))
     )
     # utmos without its scorer, and a typo of snr_db: either rule would keep every row.
     for name in ("utmos", "snr"):

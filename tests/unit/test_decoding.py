@@ -7,12 +7,7 @@ import torch
 
 from unimoe_ray.audio.delay import DelayPattern
 from unimoe_ray.inference.generate import generate
-from unimoe_ray.inference.sampling import (
-    RowKnobs,
-    SamplingConfig,
-    process_logits,
-    task_sampling,
-)
+from unimoe_ray.inference.sampling import RowKnobs, SamplingConfig, process_logits, task_sampling
 from unimoe_ray.text.prompt import Prompt
 
 K, V, EOS = 12, 1027, 1024
@@ -89,7 +84,7 @@ def test_eos_forbidden_before_min_frames_and_pad_bos_never_sampled():
     before = process_logits(cond, None, knobs, torch.tensor([2]), eos=EOS)
     after = process_logits(cond, None, knobs, torch.tensor([3]), eos=EOS)
     assert before[0, 0, EOS] == float("-inf") and after[0, 0, EOS] == 100.0
-    assert (after[:, :, EOS + 1:] == float("-inf")).all() and (after[:, 1:, EOS] == float("-inf")).all()
+    assert (after[:, :, EOS + 1 :] == float("-inf")).all() and (after[:, 1:, EOS] == float("-inf")).all()
 
 
 def test_top_k_keeps_exactly_k_even_on_ties():

@@ -33,11 +33,7 @@ def test_forced_tokens_follow_the_countdown():
 
 
 @pytest.mark.parametrize(
-    "codes, match",
-    [
-        (torch.zeros(3, 4, dtype=torch.long), "2 codebooks"),
-        (torch.full((2, 4), 1025), r"\[0, 1024\)"),
-    ],
+    "codes, match", [(torch.zeros(3, 4, dtype=torch.long), "2 codebooks"), (torch.full((2, 4), 1025), r"\[0, 1024\)")]
 )
 def test_bad_codes_are_named(codes, match):
     with pytest.raises(ValueError, match=match):

@@ -23,8 +23,18 @@ SKIPPED_TOP = {"data"}  # README's examples write data/mini etc. at the top
 # examples are references on purpose (the planted ones are tested below, one by one).
 SKIPPED_FILES = {"benchmarks/results", "tests/unit/test_docs_refs.py"}
 
-TOP_DIRS = ("unimoe_ray", "jobs", "tests", "benchmarks", "serve_configs", "cluster", "configs", "scripts", "docs",
-            ".ci")
+TOP_DIRS = (
+    "unimoe_ray",
+    "jobs",
+    "tests",
+    "benchmarks",
+    "serve_configs",
+    "cluster",
+    "configs",
+    "scripts",
+    "docs",
+    ".ci",
+)
 # Folders of outputs: a script names the file it will write there before it has run.
 OUTPUT_DIRS = ("benchmarks/results/",)
 UNITS = ("model", "audio", "media", "text", "inference", "parallel", "data", "train", "serve")
@@ -38,7 +48,7 @@ _UNIT_PATH = re.compile(r"(?<![\w./~$-])((?:%s)/\w+\.py)\b" % "|".join(UNITS))
 
 
 def _headings(md: str, level: str) -> list[str]:
-    return [line[len(level) + 1:].strip() for line in md.splitlines() if line.startswith(level + " ")]
+    return [line[len(level) + 1 :].strip() for line in md.splitlines() if line.startswith(level + " ")]
 
 
 def design_sections(design_md: str) -> dict[int, tuple[str, list[str]]]:
@@ -59,7 +69,7 @@ def _expand(path: str) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", path)
     if not m:
         return [path]
-    return [x for alt in m.group(1).split(",") for x in _expand(path[: m.start()] + alt + path[m.end():])]
+    return [x for alt in m.group(1).split(",") for x in _expand(path[: m.start()] + alt + path[m.end() :])]
 
 
 def _exists(path: str, repo: Path) -> bool:
@@ -74,20 +84,26 @@ def problems(text: str, where: str, *, repo: Path, design_md: str, docs: dict[st
     line_of = lambda pos: text.count("\n", 0, pos) + 1  # noqa: E731
     for m in _DESIGN_WORD.finditer(text):
         if m.group(0) != "docs/DESIGN.md":
-            found.append(f"{where}:{line_of(m.start())}: {m.group(0)!r} is not a repository file: "
-                         "point at docs/DESIGN.md §N")
+            found.append(
+                f"{where}:{line_of(m.start())}: {m.group(0)!r} is not a repository file: point at docs/DESIGN.md §N"
+            )
     for m in _STYLE_WORD.finditer(text):
-        found.append(f"{where}:{line_of(m.start())}: {m.group(0)!r} is not a repository file: "
-                     'point at CONTRIBUTING.md "Style"')
+        found.append(
+            f'{where}:{line_of(m.start())}: {m.group(0)!r} is not a repository file: point at CONTRIBUTING.md "Style"'
+        )
     sections = design_sections(design_md)
     for m in _DESIGN_SECTION.finditer(text):
         n, sub = int(m.group(1)), m.group(2)
         if n not in sections:
-            found.append(f"{where}:{line_of(m.start())}: docs/DESIGN.md has no §{n} (it has §"
-                         + ", §".join(map(str, sorted(sections))) + ")")
+            found.append(
+                f"{where}:{line_of(m.start())}: docs/DESIGN.md has no §{n} (it has §"
+                + ", §".join(map(str, sorted(sections)))
+                + ")"
+            )
         elif sub and sub not in sections[n][1]:
-            found.append(f"{where}:{line_of(m.start())}: docs/DESIGN.md §{n} has no subsection {sub!r} "
-                         f"(it has {sections[n][1]})")
+            found.append(
+                f"{where}:{line_of(m.start())}: docs/DESIGN.md §{n} has no subsection {sub!r} (it has {sections[n][1]})"
+            )
     for m in _DOC_SECTION.finditer(text):
         doc = "CONTRIBUTING.md" if m.group(1).startswith("CONTRIBUTING") else "README.md"
         heads = [h for level in ("##", "###", "####") for h in _headings(docs[doc], level)]
@@ -110,9 +126,13 @@ def scanned_files(repo: Path = REPO) -> list[Path]:
     out = []
     for path in sorted(repo.rglob("*")):
         rel = path.relative_to(repo)
-        if (not path.is_file() or SKIPPED_DIRS & set(rel.parts) or rel.parts[0] in SKIPPED_TOP
-                or any(p.endswith(".egg-info") for p in rel.parts)
-                or any(str(rel).startswith(s) for s in SKIPPED_FILES)):
+        if (
+            not path.is_file()
+            or SKIPPED_DIRS & set(rel.parts)
+            or rel.parts[0] in SKIPPED_TOP
+            or any(p.endswith(".egg-info") for p in rel.parts)
+            or any(str(rel).startswith(s) for s in SKIPPED_FILES)
+        ):
             continue
         if path.suffix in SCANNED_SUFFIXES or path.name in SCANNED_NAMES:
             out.append(path)
@@ -144,8 +164,10 @@ def test_the_design_doc_has_its_numbered_sections():
 
 # The checker on planted references, one per rule (this file is left out of the scan above).
 _DESIGN = "## 1. The model\n### Prompts\ntext\n## 2. Training\n"
-_DOCS = {"CONTRIBUTING.md": "# C\n## Style\n## Lint\n",
-         "README.md": "# R\n### Installing by hand\n### Serving (Ray Serve): the API\n"}
+_DOCS = {
+    "CONTRIBUTING.md": "# C\n## Style\n## Lint\n",
+    "README.md": "# R\n### Installing by hand\n### Serving (Ray Serve): the API\n",
+}
 D, S = "DESIGN" + ".md", "STYLE" + ".md"
 
 
@@ -154,23 +176,31 @@ def _check(text: str) -> list[str]:
 
 
 def test_good_references_pass():
-    assert _check(f'(docs/{D} §1 "Prompts"), docs/{D} §2, CONTRIBUTING.md "Lint", README "Installing by hand", '
-                  'README "Serving", '
-                  "unimoe_ray/config.py, inference/generate.py, jobs/train_stage{1,2,3}.py, jobs/*.py") == []
+    assert (
+        _check(
+            f'(docs/{D} §1 "Prompts"), docs/{D} §2, CONTRIBUTING.md "Lint", README "Installing by hand", '
+            'README "Serving", '
+            "unimoe_ray/config.py, inference/generate.py, jobs/train_stage{1,2,3}.py, jobs/*.py"
+        )
+        == []
+    )
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    (f"see {D} §1", "'DESIGN.md' is not a repository file"),
-    ("see DESIGN §5", "'DESIGN' is not a repository file"),
-    (f"see ../shared/{D}", "'../shared/DESIGN.md' is not a repository file"),
-    (f"{S} §1: the math", "'STYLE.md' is not a repository file"),
-    (f"docs/{D} §7", "docs/DESIGN.md has no §7 (it has §1, §2)"),
-    (f'docs/{D} §2 "Prompts"', "docs/DESIGN.md §2 has no subsection 'Prompts'"),
-    ('CONTRIBUTING.md "Tests"', "CONTRIBUTING.md has no section 'Tests'"),
-    ("see unimoe_ray/data/video.py", "unimoe_ray/data/video.py does not exist"),
-    ("(serve/nothing.py)", "unimoe_ray/serve/nothing.py does not exist"),
-    ("jobs/train_stage{1,9}.py", "jobs/train_stage9.py does not exist"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (f"see {D} §1", "'DESIGN.md' is not a repository file"),
+        ("see DESIGN §5", "'DESIGN' is not a repository file"),
+        (f"see ../shared/{D}", "'../shared/DESIGN.md' is not a repository file"),
+        (f"{S} §1: the math", "'STYLE.md' is not a repository file"),
+        (f"docs/{D} §7", "docs/DESIGN.md has no §7 (it has §1, §2)"),
+        (f'docs/{D} §2 "Prompts"', "docs/DESIGN.md §2 has no subsection 'Prompts'"),
+        ('CONTRIBUTING.md "Tests"', "CONTRIBUTING.md has no section 'Tests'"),
+        ("see unimoe_ray/data/video.py", "unimoe_ray/data/video.py does not exist"),
+        ("(serve/nothing.py)", "unimoe_ray/serve/nothing.py does not exist"),
+        ("jobs/train_stage{1,9}.py", "jobs/train_stage9.py does not exist"),
+    ],
+)
 def test_a_reference_that_leads_nowhere_is_caught(text, message):
     found = _check(f"line one\n{text}\n")
     assert len(found) == 1 and found[0].startswith("x.py:2: ") and message in found[0], found

@@ -88,8 +88,11 @@ def test_requests_sharing_steps_equal_generate_alone(tiny_model, greedy):
 def test_cache_compacts_and_shifts_without_changing_results(tiny_model):
     # max_len just above one request's needs: a long prompt joining forces the running rows to
     # shift right, and the steps after force compaction of the leading columns.
-    requests = [req(4, neg=None, greedy=True, max_frames=30), req(20, neg=None, greedy=True, max_frames=10),
-                req(3, neg=None, greedy=True, max_frames=25)]
+    requests = [
+        req(4, neg=None, greedy=True, max_frames=30),
+        req(20, neg=None, greedy=True, max_frames=10),
+        req(3, neg=None, greedy=True, max_frames=25),
+    ]
     expected = [reference(tiny_model, r) for r in requests]
     engine = DecodeEngine(tiny_model, max_rows=3, max_len=21 + 10 + 19 + 8)
     got = run_staggered(engine, requests, join_at=[0, 6, 12])
@@ -129,8 +132,9 @@ def test_bad_requests_fail_alone_and_queue_is_bounded(tiny_model):
     with pytest.raises(ValueError, match="negative prompt"):
         engine.submit(EngineRequest(prompt(4), None, SamplingConfig(guidance_scale=2.0, max_frames=5)))
     good = req(5, greedy=True, max_frames=6)
-    bad = engine.submit(EngineRequest(Prompt(torch.tensor([], dtype=torch.long)), None,
-                                      SamplingConfig(guidance_scale=0, max_frames=5)))
+    bad = engine.submit(
+        EngineRequest(Prompt(torch.tensor([], dtype=torch.long)), None, SamplingConfig(guidance_scale=0, max_frames=5))
+    )
     ok = engine.submit(good)
     with pytest.raises(EngineFullError):
         engine.submit(good)

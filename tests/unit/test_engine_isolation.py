@@ -12,10 +12,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from unimoe_ray.inference.engine import DecodeEngine, EngineInvariantError, EngineLoop, EngineRequest
-from unimoe_ray.text.prompt import Prompt
+from unimoe_ray.inference.engine import DecodeEngine, EngineInvariantError, EngineRequest
+from unimoe_ray.inference.engine_loop import EngineLoop
 from unimoe_ray.inference.sampling import SamplingConfig
 from unimoe_ray.serve.runtime import sampling_overrides
+from unimoe_ray.text.prompt import Prompt
 
 NAN_TOKEN, VALUE_ERROR_TOKEN, RUNTIME_ERROR_TOKEN = 401, 402, 403  # prompt markers for the faulty model
 
@@ -53,8 +54,9 @@ def prompt(n: int, offset: int = 0, marker: int | None = None) -> Prompt:
 
 
 def req(n=6, *, guided=True, frames=4, seed=5, marker=None, greedy=False, **knobs) -> EngineRequest:
-    s = SamplingConfig(guidance_scale=1.5 if guided else 0.0, min_frames=0, max_frames=frames, seed=seed,
-                       greedy=greedy, **knobs)
+    s = SamplingConfig(
+        guidance_scale=1.5 if guided else 0.0, min_frames=0, max_frames=frames, seed=seed, greedy=greedy, **knobs
+    )
     return EngineRequest(prompt(n, n, marker), prompt(3, 200) if guided else None, s)
 
 
@@ -187,12 +189,17 @@ def test_a_row_failing_mid_decode_fails_alone(tiny_model):
 OPS = st.lists(
     st.one_of(
         st.tuples(st.just("good"), st.integers(1, 6), st.booleans(), st.booleans()),
-        st.tuples(st.sampled_from(["value_error", "runtime_error", "nan", "too_long", "late"]),
-                  st.integers(1, 4), st.booleans(), st.booleans()),
+        st.tuples(
+            st.sampled_from(["value_error", "runtime_error", "nan", "too_long", "late"]),
+            st.integers(1, 4),
+            st.booleans(),
+            st.booleans(),
+        ),
         st.tuples(st.just("cancel"), st.integers(0, 20), st.booleans(), st.booleans()),
         st.tuples(st.just("step"), st.integers(1, 12), st.booleans(), st.booleans()),
     ),
-    min_size=1, max_size=14,
+    min_size=1,
+    max_size=14,
 )
 
 
@@ -240,8 +247,13 @@ def test_slots_all_free_after_any_sequence(tiny_model, ops):
         out = outputs[rid]
         if out.finish_reason == "cancelled":
             continue
-        want = {"good": ("eos", "length"), "value_error": ("error",), "runtime_error": ("error",),
-                "nan": ("error",), "late": ("timeout",)}[op]
+        want = {
+            "good": ("eos", "length"),
+            "value_error": ("error",),
+            "runtime_error": ("error",),
+            "nan": ("error",),
+            "late": ("timeout",),
+        }[op]
         assert out.finish_reason in want, (op, out)
         if op == "value_error":
             assert out.error_kind == "invalid"

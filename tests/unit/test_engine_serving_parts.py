@@ -14,8 +14,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from unimoe_ray.serve import formats
-from unimoe_ray.serve.settings import IngressSettings
-from unimoe_ray.serve.runtime import ModelSettings, SettingsError
+from unimoe_ray.serve.settings import IngressSettings, ModelSettings, SettingsError
 from unimoe_ray.serve.voices import VoiceStore, VoiceStoreError
 
 CONFIGS = Path(__file__).parents[2] / "serve_configs"
@@ -115,14 +114,26 @@ def test_runtime_expert_dtype_setting_loads_int8_experts(tmp_path):
     from unimoe_ray.model.quantize import expert_dtype
     from unimoe_ray.serve.runtime import AudioJob, ModelRuntime
 
-    rt = ModelRuntime(ModelSettings(preset="tiny", artifacts_dir=str(tmp_path / "art"), max_rows=2, max_len=300,
-                                    torch_threads=1, expert_dtype="int8"))
+    rt = ModelRuntime(
+        ModelSettings(
+            preset="tiny",
+            artifacts_dir=str(tmp_path / "art"),
+            max_rows=2,
+            max_len=300,
+            torch_threads=1,
+            expert_dtype="int8",
+        )
+    )
     try:
         assert expert_dtype(rt.model) == "int8"
 
         async def run():
-            return [ev async for ev in rt.run(AudioJob(task="speech", text="Hi.", sampling={"seed": 1},
-                                                       max_seconds=0.3), stream=False)]
+            return [
+                ev
+                async for ev in rt.run(
+                    AudioJob(task="speech", text="Hi.", sampling={"seed": 1}, max_seconds=0.3), stream=False
+                )
+            ]
 
         events = asyncio.run(run())
         assert events[-1]["type"] == "done" and len(events[0]["wav"]) == int(0.3 * 24000)

@@ -17,14 +17,14 @@ from torch import nn
 from unimoe_ray.audio.codec import DACCodec
 from unimoe_ray.audio.io import write_wav
 from unimoe_ray.checkpoint import load_pretrained, save_pretrained
-from unimoe_ray.presets import get_preset
 from unimoe_ray.data.shards import ShardPathError
 from unimoe_ray.eval import metrics
 from unimoe_ray.eval.evaluate import evaluate_checkpoint, sampling_options
 from unimoe_ray.eval.harness import EvalConfig, EvalError, read_rows, run_eval
-from unimoe_ray.eval.report import markdown_table, write_report
 from unimoe_ray.eval.judges import MODEL_METRICS, SIMPLIFIES_ZH, load_judges
+from unimoe_ray.eval.report import markdown_table, write_report
 from unimoe_ray.model.unimoe_audio import IGNORE_INDEX, UniMoEAudio
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompts import PromptBuilder, config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 from unimoe_ray.train.batches import ExampleBuilder, collate, pack_by_tokens
@@ -39,8 +39,7 @@ QUICK = {"min_frames": 5}  # the tiny model samples EOS from frame 5 on, not aft
 
 
 def test_codebook_ce_and_accuracy_by_hand():
-    logits_TKV = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
-                               [[0.0, 0.0, 3.0], [1.0, 1.0, 1.0]]])
+    logits_TKV = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.0, 0.0, 3.0], [1.0, 1.0, 1.0]]])
     labels_TK = torch.tensor([[0, 2], [1, IGNORE_INDEX]])
     s = metrics.codebook_tally(logits_TKV, labels_TK).summary()
     lse2, lse3 = math.log(math.exp(2) + 2), math.log(math.exp(3) + 2)
@@ -149,13 +148,20 @@ def test_evaluate_checkpoint_from_paths_is_the_harness_on_the_loaded_objects(set
     dac = DACCodec.random(seed=0).save(s["dir"] / "dac.pth")
     cfg = EvalConfig(rows_per_task=1, generate=False, tasks=("tts_en", "t2m"))
     json_path, md_path = evaluate_checkpoint(
-        s["dir"] / "ckpt", cfg, s["dir"] / "out_paths", shards=[s["dir"] / "shards"], tokenizer=s["dir"] / "tok",
-        dac_path=dac, judge_paths={"asr": None}, log=lambda _: None,
+        s["dir"] / "ckpt",
+        cfg,
+        s["dir"] / "out_paths",
+        shards=[s["dir"] / "shards"],
+        tokenizer=s["dir"] / "tok",
+        dac_path=dac,
+        judge_paths={"asr": None},
+        log=lambda _: None,
     )
     assert (json_path, md_path) == (s["dir"] / "out_paths" / "eval.json", s["dir"] / "out_paths" / "eval.md")
     report = json.loads(json_path.read_text())
-    ref = run_eval(s["model"], s["prompts"], s["codec"], load_judges(), cfg, shards=[s["dir"] / "shards"],
-                   log=lambda _: None)
+    ref = run_eval(
+        s["model"], s["prompts"], s["codec"], load_judges(), cfg, shards=[s["dir"] / "shards"], log=lambda _: None
+    )
     assert report["checkpoint"] == str(s["dir"] / "ckpt") and list(report["tasks"]) == ["tts_en", "t2m"]
     for t in ("tts_en", "t2m"):
         assert report["tasks"][t]["ce"] == pytest.approx(ref["tasks"][t]["ce"], rel=1e-6)
@@ -167,8 +173,9 @@ def test_rows_the_caller_chose_are_evaluated_as_given(setup):
     s = setup
     rows = read_rows([s["dir"] / "shards"], TASKS, 3)
     chosen = {"tts_en": rows["tts_en"][1:2], "t2m": rows["t2m"][:2], "v2m": []}
-    report = run_eval(s["model"], s["prompts"], s["codec"], load_judges(), EvalConfig(generate=False),
-                      rows=chosen, log=lambda _: None)
+    report = run_eval(
+        s["model"], s["prompts"], s["codec"], load_judges(), EvalConfig(generate=False), rows=chosen, log=lambda _: None
+    )
     assert list(report["tasks"]) == ["tts_en", "t2m"]
     assert [report["tasks"][t]["rows"] for t in ("tts_en", "t2m")] == [1, 2]
     build = ExampleBuilder(s["prompts"], s["model"].cfg)
@@ -176,8 +183,9 @@ def test_rows_the_caller_chose_are_evaluated_as_given(setup):
     for t in ("tts_en", "t2m"):
         assert report["tasks"][t]["ce"] == pytest.approx(ref[t], rel=1e-5)
     with pytest.raises(EvalError, match="exactly one"):
-        run_eval(s["model"], s["prompts"], s["codec"], load_judges(), EvalConfig(), rows=chosen,
-                 shards=[s["dir"] / "shards"])
+        run_eval(
+            s["model"], s["prompts"], s["codec"], load_judges(), EvalConfig(), rows=chosen, shards=[s["dir"] / "shards"]
+        )
 
 
 def test_sampling_option_is_a_json_object():
@@ -193,24 +201,39 @@ def test_harness_on_a_task_file(setup):
     ref_wav = (0.3 * np.sin(np.linspace(0, 400 * np.pi, 16000))).astype(np.float32)
     write_wav(d / "ref.wav", ref_wav, 16000)
     tasks = [
-        {"task_type": "text_to_speech", "task_id": "s1", "target_text": "hello there", "reference_audio": "ref.wav",
-         "reference_text": "a tone", "duration_s": 0.4},
+        {
+            "task_type": "text_to_speech",
+            "task_id": "s1",
+            "target_text": "hello there",
+            "reference_audio": "ref.wav",
+            "reference_text": "a tone",
+            "duration_s": 0.4,
+        },
         {"task_type": "text_to_music", "task_id": "m1", "caption": "A slow piano ballad.", "duration_s": 0.5},
     ]
     (d / "tasks.json").write_text(json.dumps(tasks))
-    report = run_eval(s["model"], s["prompts"], s["codec"], load_judges(), EvalConfig(sampling=QUICK),
-                      task_file=d / "tasks.json")
+    report = run_eval(
+        s["model"], s["prompts"], s["codec"], load_judges(), EvalConfig(sampling=QUICK), task_file=d / "tasks.json"
+    )
     assert set(report["tasks"]) == {"tts_en", "t2m"}
     recs = {r["item_id"]: r for r in report["items"]}
     assert recs["s1"]["requested_frames"] == 20 and recs["m1"]["requested_frames"] == 25
     assert recs["s1"]["frame_limit"] == 40 and 5 <= recs["s1"]["frames"] <= 40
     assert "teacher_forced" in report["skipped"] and "ce" not in report["tasks"]["tts_en"]
     with pytest.raises(EvalError, match="exactly one"):
-        run_eval(s["model"], s["prompts"], s["codec"], load_judges(), EvalConfig(), task_file=d / "tasks.json",
-                 shards=[d / "shards"])
+        run_eval(
+            s["model"],
+            s["prompts"],
+            s["codec"],
+            load_judges(),
+            EvalConfig(),
+            task_file=d / "tasks.json",
+            shards=[d / "shards"],
+        )
     with pytest.raises(EvalError, match="no task of"):
-        run_eval(s["model"], s["prompts"], s["codec"], load_judges(), EvalConfig(tasks=("v2m",)),
-                 task_file=d / "tasks.json")
+        run_eval(
+            s["model"], s["prompts"], s["codec"], load_judges(), EvalConfig(tasks=("v2m",)), task_file=d / "tasks.json"
+        )
 
 
 def test_judges_skip_without_weights_and_fail_on_a_bad_path(tmp_path):
@@ -236,16 +259,32 @@ def _byte_vocab(extra_front: list[str] = ()) -> dict[str, int]:
 
 
 def _tiny_whisper(path):
-    from transformers import (WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
-                              WhisperProcessor, WhisperTokenizer)
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
 
     tok = WhisperTokenizer(vocab=_byte_vocab(), merges=[])
     tok.add_special_tokens({"additional_special_tokens": ["<|startoftranscript|>", "<|notimestamps|>"]})
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
     cfg = WhisperConfig(
-        vocab_size=len(tok), num_mel_bins=80, d_model=16, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        max_source_positions=1500, max_target_positions=32, pad_token_id=eot, eos_token_id=eot, bos_token_id=eot,
+        vocab_size=len(tok),
+        num_mel_bins=80,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_source_positions=1500,
+        max_target_positions=32,
+        pad_token_id=eot,
+        eos_token_id=eot,
+        bos_token_id=eot,
         decoder_start_token_id=tok.convert_tokens_to_ids("<|startoftranscript|>"),
     )
     model = WhisperForConditionalGeneration(cfg)
@@ -260,14 +299,26 @@ def _tiny_xvector(path):
     from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
 
     cfg = WavLMConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
-        conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-        tdnn_dim=(8, 8), tdnn_kernel=(3, 1), tdnn_dilation=(1, 1), xvector_output_dim=8, num_buckets=32,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        tdnn_dim=(8, 8),
+        tdnn_kernel=(3, 1),
+        tdnn_dilation=(1, 1),
+        xvector_output_dim=8,
+        num_buckets=32,
         max_bucket_distance=64,
     )
     WavLMForXVector(cfg).save_pretrained(path)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True,
-                             return_attention_mask=True).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=True
+    ).save_pretrained(path)
     return path
 
 
@@ -275,14 +326,38 @@ def _tiny_clap(path):
     from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
 
     tok = RobertaTokenizer(vocab={**_byte_vocab(["<s>", "<pad>", "</s>", "<unk>"]), "<mask>": 260}, merges=[])
-    fe = ClapFeatureExtractor(feature_size=16, sampling_rate=48000, hop_length=480, max_length_s=1,
-                              fft_window_size=1024, truncation="rand_trunc", padding="repeatpad")
+    fe = ClapFeatureExtractor(
+        feature_size=16,
+        sampling_rate=48000,
+        hop_length=480,
+        max_length_s=1,
+        fft_window_size=1024,
+        truncation="rand_trunc",
+        padding="repeatpad",
+    )
     cfg = ClapConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
-                         eos_token_id=2),
-        audio_config=dict(depths=[1, 1], num_attention_heads=[2, 2], patch_embeds_hidden_size=8, hidden_size=16,
-                          num_mel_bins=16, spec_size=64, window_size=4, patch_size=2, patch_stride=[2, 2]),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        ),
+        audio_config=dict(
+            depths=[1, 1],
+            num_attention_heads=[2, 2],
+            patch_embeds_hidden_size=8,
+            hidden_size=16,
+            num_mel_bins=16,
+            spec_size=64,
+            window_size=4,
+            patch_size=2,
+            patch_stride=[2, 2],
+        ),
         projection_dim=8,
     )
     ClapModel(cfg).save_pretrained(path)
@@ -308,8 +383,12 @@ def judge_paths(tmp_path_factory):
     torch.manual_seed(0)
     mos = d / "utmos.pt"
     torch.jit.script(_TinyMos()).save(str(mos))
-    return {"asr": str(_tiny_whisper(d / "whisper")), "speaker": str(_tiny_xvector(d / "xvector")),
-            "utmos": str(mos), "clap": str(_tiny_clap(d / "clap"))}
+    return {
+        "asr": str(_tiny_whisper(d / "whisper")),
+        "speaker": str(_tiny_xvector(d / "xvector")),
+        "utmos": str(mos),
+        "clap": str(_tiny_clap(d / "clap")),
+    }
 
 
 def _tone(seconds: float, sr: int = 16000, hz: float = 220.0) -> np.ndarray:
@@ -337,8 +416,14 @@ def test_each_judge_loads_its_tiny_random_model(judge_paths):
 def test_harness_with_every_judge(setup, judge_paths):
     s = setup
     judges = load_judges(**judge_paths)
-    report = run_eval(s["model"], s["prompts"], s["codec"], judges, EvalConfig(rows_per_task=2, sampling=QUICK),
-                      shards=[s["dir"] / "shards"])
+    report = run_eval(
+        s["model"],
+        s["prompts"],
+        s["codec"],
+        judges,
+        EvalConfig(rows_per_task=2, sampling=QUICK),
+        shards=[s["dir"] / "shards"],
+    )
     assert report["skipped"] == {}
     recs = report["items"]
     rows = read_rows([s["dir"] / "shards"], TASKS, 2)

@@ -25,18 +25,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from unimoe_ray.checkpoint import load_pretrained, save_pretrained
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.expert_parallel import (
-    ExpertElsewhere, ExpertParallelExperts, ExpertParallelGroups, make_groups, shard_experts,
+    ExpertElsewhere,
+    ExpertParallelExperts,
+    ExpertParallelGroups,
+    make_groups,
+    shard_experts,
 )
 from unimoe_ray.model.moe import DCMoE
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompts import PromptBuilder, config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 from unimoe_ray.train.batches import ExampleBuilder, collate
 from unimoe_ray.train.config import TrainConfigError, stage_config
 from unimoe_ray.train.expert_parallel import (
-    ExpertParallelBackend, exchange_metrics, optimizer_order, restore_optimizer, save_sharded_checkpoint,
+    ExpertParallelBackend,
+    exchange_metrics,
+    optimizer_order,
+    restore_optimizer,
+    save_sharded_checkpoint,
 )
 from unimoe_ray.train.optim import TorchBackend
 from unimoe_ray.train.state import load_train_state, save_train_state
@@ -80,8 +88,18 @@ def _snapshot(named) -> dict:
     return {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
 
 
-def _run(root: Path, init: str, *, rank: int, groups: ExpertParallelGroups | None, single: bool = False,
-         steps: int = STEPS, save_at: int | None = None, resume: Path | None = None, start: int = 0) -> dict:
+def _run(
+    root: Path,
+    init: str,
+    *,
+    rank: int,
+    groups: ExpertParallelGroups | None,
+    single: bool = False,
+    steps: int = STEPS,
+    save_at: int | None = None,
+    resume: Path | None = None,
+    start: int = 0,
+) -> dict:
     """Train `steps` steps from `init` (or resume from `resume` at step `start`) as the loop
     does: per-rank seed, lm_head frozen, sharded + ExpertParallelBackend when `groups`, DDP
     when 2 ranks without it, one process with both ranks' batches as micro-batches if `single`.
@@ -140,8 +158,9 @@ def _run(root: Path, init: str, *, rank: int, groups: ExpertParallelGroups | Non
             rngs = [None] * W
             dist.all_gather_object(rngs, torch.get_rng_state())
             if groups is not None:
-                save_sharded_checkpoint(backend, model, root / "ckpt", meta={"step": save_at}, rngs=rngs,
-                                        max_shard_bytes=64 * 1024)
+                save_sharded_checkpoint(
+                    backend, model, root / "ckpt", meta={"step": save_at}, rngs=rngs, max_shard_bytes=64 * 1024
+                )
             elif rank == 0:  # what the loop's rank 0 writes without expert parallelism
                 save_pretrained(model, root / "ckpt_plain")
                 save_train_state(root / "ckpt_plain", {"backend": backend.state_dict(), "rng": rngs})
@@ -159,8 +178,7 @@ def _worker(rank: int, root: Path, init_file: str) -> None:
     }
     dist.barrier()  # every rank's part of the checkpoints is written
     out["resumed"] = _run(root, root / "init", rank=rank, groups=None, resume=root / "ckpt", start=2, steps=1)
-    out["resharded"] = _run(root, root / "init", rank=rank, groups=groups, resume=root / "ckpt_plain",
-                            start=2, steps=1)
+    out["resharded"] = _run(root, root / "init", rank=rank, groups=groups, resume=root / "ckpt_plain", start=2, steps=1)
     out["ddp_drop"] = _run(root, root / "init_drop", rank=rank, groups=None)
     out["ep_drop"] = _run(root, root / "init_drop", rank=rank, groups=groups)
     torch.save(out, root / f"rank{rank}.pt")
@@ -246,8 +264,12 @@ def test_sharded_training_equals_ddp(runs, sharded, plain):
     for s in range(STEPS):
         grads = ranks[0][plain]["grads"][s]
         _assert_same(_union([ranks[r][sharded]["grads"][s] for r in range(W)]), grads, f"step {s + 1} gradients")
-    _assert_same(_union([ranks[r][sharded]["params"] for r in range(W)]), ranks[0][plain]["params"],
-                 f"parameters after {STEPS} steps", noise_only=NEAR_ZERO_GRADIENT)
+    _assert_same(
+        _union([ranks[r][sharded]["params"] for r in range(W)]),
+        ranks[0][plain]["params"],
+        f"parameters after {STEPS} steps",
+        noise_only=NEAR_ZERO_GRADIENT,
+    )
 
 
 def test_sharded_training_equals_one_process_on_the_union(runs):
@@ -260,9 +282,15 @@ def test_sharded_training_equals_one_process_on_the_union(runs):
         for r in range(W):
             for y in range(L):
                 assert torch.equal(single["masks"][(s * W + r) * L + y], ranks[r]["ep"]["masks"][s * L + y])
-        _assert_same(_union([ranks[r]["ep"]["grads"][s] for r in range(W)]), single["grads"][s],
-                     f"step {s + 1} gradients")
-    _assert_same(_union([ranks[r]["ep"]["params"] for r in range(W)]), single["params"], "parameters", noise_only=NEAR_ZERO_GRADIENT)
+        _assert_same(
+            _union([ranks[r]["ep"]["grads"][s] for r in range(W)]), single["grads"][s], f"step {s + 1} gradients"
+        )
+    _assert_same(
+        _union([ranks[r]["ep"]["params"] for r in range(W)]),
+        single["params"],
+        "parameters",
+        noise_only=NEAR_ZERO_GRADIENT,
+    )
     assert single["losses"][-1] < single["losses"][0]  # it trains
 
 
@@ -286,8 +314,12 @@ def test_checkpoint_at_n2_is_the_released_layout_and_resumes_at_n1(runs):
     # Resumed at N=1 (DDP) from step 2: step 3's loss is the uninterrupted N=1 run's.
     for r in range(W):
         assert ranks[r]["resumed"]["losses"][0] == pytest.approx(ranks[r]["ddp"]["losses"][2], rel=RTOL)
-    _assert_same(ranks[0]["resumed"]["params"], ranks[0]["ddp"]["params"], "parameters after the resumed step",
-                 noise_only=NEAR_ZERO_GRADIENT)
+    _assert_same(
+        ranks[0]["resumed"]["params"],
+        ranks[0]["ddp"]["params"],
+        "parameters after the resumed step",
+        noise_only=NEAR_ZERO_GRADIENT,
+    )
 
 
 def test_plain_checkpoint_resumes_sharded(runs):
@@ -296,8 +328,12 @@ def test_plain_checkpoint_resumes_sharded(runs):
     ranks = runs["ranks"]
     for r in range(W):
         assert ranks[r]["resharded"]["losses"][0] == pytest.approx(ranks[r]["ddp"]["losses"][2], rel=RTOL)
-    _assert_same(_union([ranks[r]["resharded"]["params"] for r in range(W)]), ranks[0]["ddp"]["params"],
-                 "parameters after the resharded step", noise_only=NEAR_ZERO_GRADIENT)
+    _assert_same(
+        _union([ranks[r]["resharded"]["params"] for r in range(W)]),
+        ranks[0]["ddp"]["params"],
+        "parameters after the resharded step",
+        noise_only=NEAR_ZERO_GRADIENT,
+    )
 
 
 def test_exchange_statistics_count_every_assignment(runs):
@@ -323,9 +359,15 @@ def test_exchange_statistics_count_every_assignment(runs):
 def _groups(world: int, rank: int, ep_size: int) -> ExpertParallelGroups:
     """The layout without process groups (sharding itself does not communicate)."""
     start = rank - rank % ep_size
-    return ExpertParallelGroups(world_size=world, rank=rank, ep_size=ep_size, ep_group=None, edp_group=None,
-                                ep_ranks=tuple(range(start, start + ep_size)),
-                                edp_ranks=tuple(range(rank % ep_size, world, ep_size)))
+    return ExpertParallelGroups(
+        world_size=world,
+        rank=rank,
+        ep_size=ep_size,
+        ep_group=None,
+        edp_group=None,
+        ep_ranks=tuple(range(start, start + ep_size)),
+        edp_ranks=tuple(range(rank % ep_size, world, ep_size)),
+    )
 
 
 def test_sharding_frees_the_other_ranks_experts(tiny_cfg):
@@ -375,4 +417,3 @@ def test_stage_jobs_take_expert_parallel():
     add_common_args(p, "stage3")
     args = p.parse_args(["--shards", "s", "--tokenizer", "t", "--out", "o", "--expert-parallel", "2"])
     assert train_config_from_args("stage3", args).expert_parallel == 2
-

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 from unimoe_ray.checkpoint import load_pretrained, save_pretrained
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model import hugepages, kernels
 from unimoe_ray.model.moe import DCMoE
 from unimoe_ray.model.quantize import convert_experts
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.presets import get_preset
 
 
 def _model(seed: int = 0) -> UniMoEAudio:

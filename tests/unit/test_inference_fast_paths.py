@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.attention import Attention, MRoPE, RMSNorm, apply_rope
 from unimoe_ray.model.moe import DCMoE
+from unimoe_ray.presets import get_preset
 
 
 def test_rmsnorm_fp32_fused_equals_qwen2_and_the_bf16_form_is_kept():
@@ -73,14 +73,15 @@ def test_bf16_attention_keeps_its_three_projections():
 def test_mrope_equals_transformers_qwen2_5_vl_bit_for_bit():
     """Our rope (sin pre-signed, rotate-half as a roll) gives transformers' Qwen2.5-VL values."""
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-        Qwen2_5_VLRotaryEmbedding, apply_rotary_pos_emb,
-    )
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding, apply_rotary_pos_emb
 
     section = (2, 3, 3)
-    cfg = Qwen2_5_VLTextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                "mrope_section": list(section)})
+    cfg = Qwen2_5_VLTextConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(section)},
+    )
     ref_rope = Qwen2_5_VLRotaryEmbedding(cfg)
     ours = MRoPE(head_dim=16, theta=10000.0, mrope_section=section)
     gen = torch.Generator().manual_seed(0)

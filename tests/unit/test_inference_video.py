@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.data.mini_corpus import write_mp4
 from unimoe_ray.inference.video import VideoSampling, load_video
 from unimoe_ray.media.video import VideoError
+from unimoe_ray.presets import get_preset
 
 
 @pytest.fixture(scope="module")

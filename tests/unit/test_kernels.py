@@ -105,7 +105,14 @@ def test_fused_plan_still_runs_a_copied_module_whose_gate_and_up_split(name):
 def test_plan_routes_token_counts_to_the_measured_choice():
     plan = kernel_plans.Plan((1, 4, 16), ("wxt_pad2", "xwt_fused", "xwt"), "measured")
     assert [plan.name_for(n) for n in (1, 2, 4, 5, 16, 17, 5000)] == [
-        "wxt_pad2", "xwt_fused", "xwt_fused", "xwt", "xwt", "xwt", "xwt"]
+        "wxt_pad2",
+        "xwt_fused",
+        "xwt_fused",
+        "xwt",
+        "xwt",
+        "xwt",
+        "xwt",
+    ]
 
 
 def test_swiglu_runs_the_registered_candidate(monkeypatch):
@@ -142,7 +149,7 @@ def test_select_measures_caches_and_reads_back(tmp_path, monkeypatch):
     assert all(s.plan.source == "measured" and s.plan.limits == (1, 4, 32) for s in first)
     assert all(set(s.plan.ms[1]) >= {"xwt", "xwt_fused", "wxt"} for s in first)
     data = json.loads((tmp_path / "kernels.json").read_text())
-    (mkey, entries), = data["machines"].items()
+    ((mkey, entries),) = data["machines"].items()
     assert mkey == kernel_cache.machine_key("cpu") and "threads=1" in mkey and f"torch={torch.__version__}" in mkey
     assert set(entries) == keys
     # A new process (plans cleared) takes the cached choice without measuring.

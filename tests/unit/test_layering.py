@@ -40,13 +40,7 @@ CORE = {
 }
 # Ray layers: any core unit, plus the layers named here. `eval` imports no Ray itself, but it
 # reads data's row layout and train's batches and loss, so it sits beside them, not in the core.
-RAY_LAYERS = {
-    "parallel": set(),
-    "data": set(),
-    "serve": {"parallel"},
-    "train": {"data"},
-    "eval": {"data", "train"},
-}
+RAY_LAYERS = {"parallel": set(), "data": set(), "serve": {"parallel"}, "train": {"data"}, "eval": {"data", "train"}}
 # Applications (the `apps` subpackage: cli, cli_generate, demo, product): may import anything; no
 # core unit or Ray layer may import them.
 APPLICATIONS = {"apps"}
@@ -99,8 +93,7 @@ def read_graph(root: Path = ROOT) -> tuple[set[str], list[Edge]]:
                 if names or node.module not in files:
                     edges.append(Edge(mod, node.module, tuple(names), node.lineno))
         for node in ast.walk(tree):  # `kernels._plan` on an imported module
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                    and node.value.id in module_aliases):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in module_aliases:
                 edges.append(Edge(mod, module_aliases[node.value.id], (node.attr,), node.lineno))
     return set(files), edges
 
@@ -120,7 +113,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(v)
         for w in sorted(graph.get(v, ())):
             if state.get(w) == 1:
-                return stack[stack.index(w):] + [w]
+                return stack[stack.index(w) :] + [w]
             if w not in state and (found := visit(w)):
                 return found
         stack.pop()
@@ -133,8 +126,9 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def violations(modules: set[str], edges: list[Edge], allowed: dict[str, set[str]] = ALLOWED,
-               core: set[str] = set(CORE)) -> list[str]:
+def violations(
+    modules: set[str], edges: list[Edge], allowed: dict[str, set[str]] = ALLOWED, core: set[str] = set(CORE)
+) -> list[str]:
     """Every broken rule, one line each (empty when the graph is layered)."""
     found = []
     for unit in sorted({unit_of(m) for m in modules} - set(allowed)):
@@ -160,8 +154,10 @@ def violations(modules: set[str], edges: list[Edge], allowed: dict[str, set[str]
             module_graph.setdefault(e.source, set()).add(e.target)
             for name in e.names:
                 if name.startswith("_") and not name.startswith("__"):
-                    found.append(f"{where} uses {e.target}.{name}: a private name of another module "
-                                 "(make it public where it is defined)")
+                    found.append(
+                        f"{where} uses {e.target}.{name}: a private name of another module "
+                        "(make it public where it is defined)"
+                    )
     for what, graph in (("units", unit_graph), ("modules", module_graph)):
         if cycle := _cycle(graph):
             found.append(f"import cycle between {what}: {' -> '.join(cycle)}")
@@ -175,8 +171,14 @@ def test_the_package_is_layered():
 
 
 # A synthetic package that keeps the rules, then one planted violation per rule.
-_MODULES = {"unimoe_ray", "unimoe_ray.config", "unimoe_ray.model.moe", "unimoe_ray.inference.generate",
-            "unimoe_ray.serve.app", "unimoe_ray.apps.demo"}
+_MODULES = {
+    "unimoe_ray",
+    "unimoe_ray.config",
+    "unimoe_ray.model.moe",
+    "unimoe_ray.inference.generate",
+    "unimoe_ray.serve.app",
+    "unimoe_ray.apps.demo",
+}
 _CLEAN = [
     Edge("unimoe_ray.model.moe", "unimoe_ray.config", ("ModelConfig",)),
     Edge("unimoe_ray.inference.generate", "unimoe_ray.model.moe", ("DCMoE",)),
@@ -197,36 +199,52 @@ def test_core_importing_ray_is_caught():
 
 
 def test_a_layer_importing_an_application_is_caught():
-    found = violations(_MODULES, _CLEAN + [Edge("unimoe_ray.serve.app", "unimoe_ray.apps.demo", ("reference_voice",), 3)])
+    found = violations(
+        _MODULES, _CLEAN + [Edge("unimoe_ray.serve.app", "unimoe_ray.apps.demo", ("reference_voice",), 3)]
+    )
     # serve -> apps breaks the table, and apps -> serve makes it a cycle as well
-    assert found[0] == ("unimoe_ray.serve.app (line 3) imports unimoe_ray.apps.demo: 'serve' may not import an "
-                        "application")
+    assert found[0] == (
+        "unimoe_ray.serve.app (line 3) imports unimoe_ray.apps.demo: 'serve' may not import an application"
+    )
     assert any(f.startswith("import cycle between units: apps -> serve -> apps") for f in found)
 
 
 def test_an_upward_core_import_and_its_cycle_are_caught():
     found = violations(_MODULES, _CLEAN + [Edge("unimoe_ray.model.moe", "unimoe_ray.inference.generate", ("x",), 9)])
-    assert "unimoe_ray.model.moe (line 9) imports unimoe_ray.inference.generate: 'model' may not import 'inference'" in found
+    assert (
+        "unimoe_ray.model.moe (line 9) imports unimoe_ray.inference.generate: 'model' may not import 'inference'"
+        in found
+    )
     assert "import cycle between units: inference -> model -> inference" in found
-    assert "import cycle between modules: unimoe_ray.inference.generate -> unimoe_ray.model.moe -> " \
-           "unimoe_ray.inference.generate" in found
+    assert (
+        "import cycle between modules: unimoe_ray.inference.generate -> unimoe_ray.model.moe -> "
+        "unimoe_ray.inference.generate" in found
+    )
 
 
 def test_a_cycle_inside_one_unit_is_caught():
     modules = _MODULES | {"unimoe_ray.model.router"}
-    edges = _CLEAN + [Edge("unimoe_ray.model.router", "unimoe_ray.model.moe", ("a",)),
-                      Edge("unimoe_ray.model.moe", "unimoe_ray.model.router", ("b",))]
+    edges = _CLEAN + [
+        Edge("unimoe_ray.model.router", "unimoe_ray.model.moe", ("a",)),
+        Edge("unimoe_ray.model.moe", "unimoe_ray.model.router", ("b",)),
+    ]
     assert violations(modules, edges) == [
-        "import cycle between modules: unimoe_ray.model.moe -> unimoe_ray.model.router -> unimoe_ray.model.moe"]
+        "import cycle between modules: unimoe_ray.model.moe -> unimoe_ray.model.router -> unimoe_ray.model.moe"
+    ]
 
 
 def test_a_private_name_across_modules_is_caught():
-    found = violations(_MODULES, _CLEAN + [Edge("unimoe_ray.serve.app", "unimoe_ray.inference.generate",
-                                                 ("_batch_prompts",), 5)])
-    assert found == ["unimoe_ray.serve.app (line 5) uses unimoe_ray.inference.generate._batch_prompts: a private "
-                     "name of another module (make it public where it is defined)"]
-    assert violations(_MODULES, _CLEAN + [Edge("unimoe_ray.serve.app", "unimoe_ray.inference.generate",
-                                               ("__version__",))]) == []  # dunders are public
+    found = violations(
+        _MODULES, _CLEAN + [Edge("unimoe_ray.serve.app", "unimoe_ray.inference.generate", ("_batch_prompts",), 5)]
+    )
+    assert found == [
+        "unimoe_ray.serve.app (line 5) uses unimoe_ray.inference.generate._batch_prompts: a private "
+        "name of another module (make it public where it is defined)"
+    ]
+    assert (
+        violations(_MODULES, _CLEAN + [Edge("unimoe_ray.serve.app", "unimoe_ray.inference.generate", ("__version__",))])
+        == []
+    )  # dunders are public
 
 
 def test_a_new_unit_must_be_placed_in_a_layer():
@@ -241,7 +259,8 @@ def test_the_reader_sees_lazy_module_and_attribute_imports(tmp_path):
     (pkg / "model" / "__init__.py").write_text("")
     (pkg / "model" / "kernels.py").write_text("def _plan(): pass\n")
     (pkg / "model" / "moe.py").write_text(
-        "def f():\n    import ray\n    from unimoe_ray.model import kernels\n    return kernels._plan()\n")
+        "def f():\n    import ray\n    from unimoe_ray.model import kernels\n    return kernels._plan()\n"
+    )
     modules, edges = read_graph(pkg)
     assert modules == {"unimoe_ray", "unimoe_ray.model", "unimoe_ray.model.kernels", "unimoe_ray.model.moe"}
     assert Edge("unimoe_ray.model.moe", "ray", (), 2) in edges
@@ -256,7 +275,7 @@ def test_the_design_doc_shows_the_allowed_table():
     import re
 
     text = (ROOT.parent / "docs/DESIGN.md").read_text(encoding="utf-8")
-    section = text[text.index("## 3."):text.index("## 4.")]
+    section = text[text.index("## 3.") : text.index("## 4.")]
     table = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -5,13 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unimoe_ray.media.video import (
-    CLIP_MEAN,
-    CLIP_STD,
-    frames_to_patches,
-    sample_frame_indices,
-    smart_resize,
-)
+from unimoe_ray.media.video import CLIP_MEAN, CLIP_STD, frames_to_patches, sample_frame_indices, smart_resize
 
 
 def _transformers_pil():
@@ -20,10 +14,7 @@ def _transformers_pil():
     try:
         from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl
     except ImportError as err:
-        pytest.fail(
-            "the reference Qwen2VLImageProcessorPil needs transformers>=5.5 "
-            f"(pip install -e '.[dev]'): {err}"
-        )
+        pytest.fail(f"the reference Qwen2VLImageProcessorPil needs transformers>=5.5 (pip install -e '.[dev]'): {err}")
     return image_processing_pil_qwen2_vl
 
 
@@ -54,11 +45,7 @@ def test_layout_by_hand():
     x_TCHW = np.concatenate([x_TCHW, x_TCHW[-1:]])  # last frame repeated
 
     def patch(t: int, y: int, x: int) -> np.ndarray:  # t: temporal pair, y/x: patch row/col
-        return (
-            x_TCHW[2 * t : 2 * t + 2, :, 14 * y : 14 * y + 14, 14 * x : 14 * x + 14]
-            .transpose(1, 0, 2, 3)
-            .ravel()
-        )
+        return x_TCHW[2 * t : 2 * t + 2, :, 14 * y : 14 * y + 14, 14 * x : 14 * x + 14].transpose(1, 0, 2, 3).ravel()
 
     # first block (rows 0-1, cols 0-1), then the block to its right, then the next pair
     expected_order = [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 0, 2), (0, 0, 3), (0, 1, 2)]
@@ -77,9 +64,7 @@ def test_rejects_sizes_off_the_merge_grid():
 def test_smart_resize_matches_transformers(hw):
     pil = _transformers_pil()
     for lo, hi in ((56 * 56, 224 * 224), (3136, 1003520)):
-        assert smart_resize(*hw, 28, lo, hi) == pil.smart_resize(
-            *hw, factor=28, min_pixels=lo, max_pixels=hi
-        )
+        assert smart_resize(*hw, 28, lo, hi) == pil.smart_resize(*hw, factor=28, min_pixels=lo, max_pixels=hi)
 
 
 def test_sample_frame_indices():

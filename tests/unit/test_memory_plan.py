@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.expert_parallel import ExpertParallelGroups, shard_experts
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.presets import get_preset
 from unimoe_ray.train.integrate import apply_trainable
 from unimoe_ray.train.memory_plan import GIB, markdown_table, plan, plan_grid
 
@@ -23,8 +23,12 @@ def test_plan_matches_a_sharded_model_and_its_adamw_state(tiny_cfg, trainable):
     model = UniMoEAudio(tiny_cfg)
     apply_trainable(model, trainable)
     model.lm_head.weight.requires_grad_(False)
-    shard_experts(model, ExpertParallelGroups(world_size=W, rank=1, ep_size=N, ep_group=None, edp_group=None,
-                                              ep_ranks=(0, 1), edp_ranks=(1, 3)))
+    shard_experts(
+        model,
+        ExpertParallelGroups(
+            world_size=W, rank=1, ep_size=N, ep_group=None, edp_group=None, ep_ranks=(0, 1), edp_ranks=(1, 3)
+        ),
+    )
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     for p in trainable_params:
         p.grad = torch.ones_like(p)
@@ -60,14 +64,35 @@ def test_the_grid_leaves_out_layouts_that_do_not_divide(tiny_cfg):
     assert tiny_cfg.moe.num_routed == 4
     rows = plan_grid(tiny_cfg, workers=[2, 4, 6], expert_parallel=[1, 3, 4], zero_stages=[0, 2], seq_len=64)
     assert [(r["workers"], r["expert_parallel"], r["zero"]) for r in rows] == [
-        (2, 1, 0), (2, 1, 2), (4, 1, 0), (4, 1, 2), (4, 4, 0), (4, 4, 2), (6, 1, 0), (6, 1, 2)]
-    assert rows[5] == {"workers": 4, "expert_parallel": 4, "zero": 2,
-                       **plan(tiny_cfg, workers=4, expert_parallel=4, zero_stage=2, seq_len=64).as_dict()}
+        (2, 1, 0),
+        (2, 1, 2),
+        (4, 1, 0),
+        (4, 1, 2),
+        (4, 4, 0),
+        (4, 4, 2),
+        (6, 1, 0),
+        (6, 1, 2),
+    ]
+    assert rows[5] == {
+        "workers": 4,
+        "expert_parallel": 4,
+        "zero": 2,
+        **plan(tiny_cfg, workers=4, expert_parallel=4, zero_stage=2, seq_len=64).as_dict(),
+    }
 
 
 def test_the_table_shows_gib_what_fits_and_what_if():
-    row = dict(workers=8, expert_parallel=2, zero=2, params=3 * GIB, expert_params=GIB, grads=GIB // 2,
-               optimizer=2 * GIB, activations=GIB // 4, runs_in_trainer=False)
+    row = dict(
+        workers=8,
+        expert_parallel=2,
+        zero=2,
+        params=3 * GIB,
+        expert_params=GIB,
+        grads=GIB // 2,
+        optimizer=2 * GIB,
+        activations=GIB // 4,
+        runs_in_trainer=False,
+    )
     rows = [{**row, "total": 6 * GIB}, {**row, "zero": 0, "runs_in_trainer": True, "total": 5 * GIB}]
     assert markdown_table(rows, device_gib=5).splitlines() == [
         "| W | N | ZeRO | params (experts) | grads | AdamW | activations | total | fits 5 GiB |",

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from unimoe_ray.audio.delay import DelayPattern
-from unimoe_ray.presets import get_preset
 from unimoe_ray.inference.generate import SamplingConfig, generate
 from unimoe_ray.model.unimoe_audio import UniMoEAudio, mrope_position_ids
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompt import Prompt
 
 
@@ -57,8 +57,12 @@ def test_eos_ends_generation_and_respects_the_delay_pattern(tiny_model, tiny_cfg
     bias = torch.zeros(12, 1027)
     bias[0, tiny_cfg.codec_eos] = 1e4
     head.bias = torch.nn.Parameter(bias.view(-1))
-    out = generate(tiny_model, [Prompt(torch.arange(5))], None,
-                   SamplingConfig(guidance_scale=0, max_frames=50, min_frames=1, seed=0))
+    out = generate(
+        tiny_model,
+        [Prompt(torch.arange(5))],
+        None,
+        SamplingConfig(guidance_scale=0, max_frames=50, min_frames=1, seed=0),
+    )
     assert out[0].shape == (12, 1)  # EOS forbidden at step 0 (min_frames=1), taken at step 1
     assert out[0].max() < 1024
 

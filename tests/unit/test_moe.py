@@ -12,8 +12,7 @@ DIM = 16
 
 
 def make(**kw) -> DCMoE:
-    cfg = MoEConfig(num_routed=4, num_null=1, num_shared=2, routed_intermediate=24,
-                    shared_intermediate=8, **kw)
+    cfg = MoEConfig(num_routed=4, num_null=1, num_shared=2, routed_intermediate=24, shared_intermediate=8, **kw)
     return DCMoE(dim=DIM, cfg=cfg).eval()
 
 

@@ -47,8 +47,9 @@ def test_swiglu_fast_paths_match_autograd_path(n, name):
 @pytest.mark.parametrize("num_tokens", [1, 3, 40, 300])
 def test_dcmoe_inference_matches_grad_mode(weighting, num_tokens):
     torch.manual_seed(num_tokens)
-    cfg = MoEConfig(num_routed=4, num_null=1, num_shared=2, routed_intermediate=24,
-                    shared_intermediate=8, weighting=weighting)
+    cfg = MoEConfig(
+        num_routed=4, num_null=1, num_shared=2, routed_intermediate=24, shared_intermediate=8, weighting=weighting
+    )
     moe = DCMoE(dim=DIM, cfg=cfg).eval()
     x = torch.randn(num_tokens, DIM)
     expected, stats = moe(x)
@@ -62,8 +63,7 @@ def test_dcmoe_inference_matches_grad_mode(weighting, num_tokens):
 def test_frozen_experts_still_pass_gradient_to_router():
     """Stage-2 warm-up: experts frozen (fast path), router trains through the combine weights."""
     torch.manual_seed(0)
-    cfg = MoEConfig(num_routed=4, num_null=1, num_shared=2, routed_intermediate=24,
-                    shared_intermediate=8)
+    cfg = MoEConfig(num_routed=4, num_null=1, num_shared=2, routed_intermediate=24, shared_intermediate=8)
     moe = DCMoE(dim=DIM, cfg=cfg).train()
     for p in list(moe.routed_experts.parameters()) + list(moe.shared_experts.parameters()):
         p.requires_grad_(False)
@@ -74,8 +74,9 @@ def test_frozen_experts_still_pass_gradient_to_router():
 
 def _layer_with_stacked_experts(dtype=torch.float32):
     torch.manual_seed(7)
-    cfg = MoEConfig(num_routed=4, num_null=1, num_shared=2, routed_intermediate=24,
-                    shared_intermediate=8, weighting="released")
+    cfg = MoEConfig(
+        num_routed=4, num_null=1, num_shared=2, routed_intermediate=24, shared_intermediate=8, weighting="released"
+    )
     moe = DCMoE(dim=DIM, cfg=cfg).eval()
     ref = copy.deepcopy(moe)
     stack_experts(moe.routed_experts, dtype)
@@ -185,8 +186,9 @@ def test_int8_layer_call_is_the_per_expert_loop_bit_for_bit(candidate, num_token
 
     torch.manual_seed(num_tokens)
     # Inner dims multiples of 16: torch's bf16-activation int8 kernel needs them.
-    cfg = MoEConfig(num_routed=4, num_null=1, num_shared=2, routed_intermediate=32,
-                    shared_intermediate=16, weighting="released")
+    cfg = MoEConfig(
+        num_routed=4, num_null=1, num_shared=2, routed_intermediate=32, shared_intermediate=16, weighting="released"
+    )
     moe = convert_experts(DCMoE(dim=DIM, cfg=cfg).eval(), "int8", select=False, hugepages=False)
     for experts in (moe.routed_experts, moe.shared_experts):
         kernel_plans.register(experts[0].expert_weights().key, kernel_plans.Plan((1,), (candidate,), "measured"))

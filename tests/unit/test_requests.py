@@ -4,9 +4,9 @@ sampling, for AudioGenerator and the Serve runtime alike."""
 import pytest
 import torch
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.inference.requests import VOICE_NEEDS_TRANSCRIPT, assemble
 from unimoe_ray.inference.sampling import task_sampling
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompts import MUSIC_NEGATIVE, PromptBuilder, config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 
@@ -23,8 +23,15 @@ def _same(a, b):
 
 def test_speech_with_a_voice_prompt(builder):
     voice_KT = torch.randint(0, 1024, (12, 5))
-    prompt, negative, sampling = assemble(builder, "speech", "Hello.", voice_text="My voice.", voice_codes_KT=voice_KT,
-                                          max_frames=50, overrides={"top_k": 7, "seed": None})
+    prompt, negative, sampling = assemble(
+        builder,
+        "speech",
+        "Hello.",
+        voice_text="My voice.",
+        voice_codes_KT=voice_KT,
+        max_frames=50,
+        overrides={"top_k": 7, "seed": None},
+    )
     assert _same(prompt, builder.tts("Hello.", prompt_text="My voice.", prompt_codes_KT=voice_KT))
     assert _same(negative, builder.tts_negative(prompt_text="My voice.", prompt_codes_KT=voice_KT))
     # the released speech defaults, the frame cap, the override; min_frames (100) capped at 50

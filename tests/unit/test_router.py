@@ -9,12 +9,14 @@ from unimoe_ray.model import router
 
 
 def test_top_p_k_per_token_for_known_probabilities():
-    probs = torch.tensor([
-        [0.50, 0.30, 0.10, 0.10],  # cumsum 0.5 < 0.7, 0.8 ≥ 0.7 → k = 2
-        [0.80, 0.10, 0.05, 0.05],  # the top expert alone reaches p → k = 1
-        [0.25, 0.25, 0.25, 0.25],  # 0.25, 0.5 < 0.7 → k = 3
-        [0.10, 0.60, 0.20, 0.10],  # sorted 0.6, 0.2: 0.6 < 0.7 → k = 2 (experts 1 and 2)
-    ])
+    probs = torch.tensor(
+        [
+            [0.50, 0.30, 0.10, 0.10],  # cumsum 0.5 < 0.7, 0.8 ≥ 0.7 → k = 2
+            [0.80, 0.10, 0.05, 0.05],  # the top expert alone reaches p → k = 1
+            [0.25, 0.25, 0.25, 0.25],  # 0.25, 0.5 < 0.7 → k = 3
+            [0.10, 0.60, 0.20, 0.10],  # sorted 0.6, 0.2: 0.6 < 0.7 → k = 2 (experts 1 and 2)
+        ]
+    )
     mask = router.top_p_mask(probs, 0.7)
     assert mask.sum(-1).tolist() == [2, 1, 3, 2]
     assert mask[3].tolist() == [False, True, True, False]
@@ -66,7 +68,8 @@ def _sparsemixer_one_token(logits, mask, eps):
         top_i = max((i for i in chosen if i not in picked), key=lambda i: logits[i])
         top = logits[top_i]
         near = [
-            i for i in range(len(logits))
+            i
+            for i in range(len(logits))
             if i not in picked and not (top - logits[i]) / max(abs(logits[i]), top) > 2 * eps
         ]
         z = sum(math.exp(logits[i]) for i in near)
@@ -126,10 +129,7 @@ def test_capacity_drops_lowest_weight_tokens():
 
 def test_route_top_k_mode_picks_k():
     logits = torch.randn(16, 7)
-    r = router.route(
-        logits, num_dynamic=5, mode="top_k", top_p=0.7, top_k=2, weighting="paper",
-        sparsemixer_eps=0.01,
-    )
+    r = router.route(logits, num_dynamic=5, mode="top_k", top_p=0.7, top_k=2, weighting="paper", sparsemixer_eps=0.01)
     assert r.k_T.tolist() == [2] * 16
     torch.testing.assert_close(r.weights_TR.sum(-1), torch.ones(16))
     assert r.shared_weights_TS.shape == (16, 2)
@@ -153,8 +153,9 @@ def test_bf16_routing_picks_the_experts_the_released_rule_picks():
     takes the k highest logits (lower index first), k from the bf16 probability cumsum."""
     g = torch.Generator().manual_seed(3)
     logits = (torch.randn(512, 5, generator=g) * 0.02).to(torch.bfloat16)
-    r = router.route(logits, num_dynamic=5, mode="top_p", top_p=0.7, top_k=2,
-                     weighting="released", sparsemixer_eps=0.01)
+    r = router.route(
+        logits, num_dynamic=5, mode="top_p", top_p=0.7, top_k=2, weighting="released", sparsemixer_eps=0.01
+    )
     probs = logits.softmax(-1)
     for t in range(logits.shape[0]):
         k = int((probs[t].sort(descending=True).values.cumsum(-1) < 0.7).sum()) + 1
@@ -163,6 +164,7 @@ def test_bf16_routing_picks_the_experts_the_released_rule_picks():
 
 
 # ---- the released training path with ignore_differentiable_router=false (SparseMixer) ----
+
 
 def _sparsemixer_by_hand(scores, k, eps, gumbel, coin, upstream):
     """The released rule written out one token and one pick at a time, in plain Python floats:
@@ -176,8 +178,10 @@ def _sparsemixer_by_hand(scores, k, eps, gumbel, coin, upstream):
         top = max(remaining)
         argmax = remaining.index(top)
         masked = [
-            -math.inf if remaining[r] == -math.inf or (top - scores[r]) / max(abs(scores[r]), abs(top)) > 2 * eps
-            else remaining[r] for r in range(R)
+            -math.inf
+            if remaining[r] == -math.inf or (top - scores[r]) / max(abs(scores[r]), abs(top)) > 2 * eps
+            else remaining[r]
+            for r in range(R)
         ]
         noisy = [m + g for m, g in zip(masked, gumbel[j])]
         sel = noisy.index(max(noisy))
@@ -197,20 +201,27 @@ def test_sparsemixer_training_picks_and_backward_follow_the_released_rule():
     eps = 0.05
     # Token 0 has near-ties (three logits within 2·eps relative), token 1 one clear winner
     # and a close second, token 2 takes one pick only.
-    scores = torch.tensor([[2.00, 1.95, 1.92, 0.50], [3.00, -1.00, 2.90, 0.10], [0.30, 0.31, -2.0, 0.0]],
-                          dtype=torch.float64, requires_grad=True)
+    scores = torch.tensor(
+        [[2.00, 1.95, 1.92, 0.50], [3.00, -1.00, 2.90, 0.10], [0.30, 0.31, -2.0, 0.0]],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
     k_T = torch.tensor([3, 2, 1])
     g = torch.Generator().manual_seed(3)
     gumbel = -torch.log(-torch.log(torch.rand(3, 3, 4, generator=g, dtype=torch.float64)))
     coin = torch.tensor([[0.9, 0.1, 0.2], [0.1, 0.8, 0.0], [0.5, 0.0, 0.0]], dtype=torch.float64)
     mult_TR, mask_TR = router.sparsemixer_train_picks(scores, k_T, eps, gumbel_TkR=gumbel, coin_Tk=coin)
-    upstream_TR = torch.tensor([[0.3, -1.2, 0.7, 2.0], [1.5, 0.4, -0.6, 0.2], [-0.8, 1.1, 0.3, 0.9]], dtype=torch.float64)
+    upstream_TR = torch.tensor(
+        [[0.3, -1.2, 0.7, 2.0], [1.5, 0.4, -0.6, 0.2], [-0.8, 1.1, 0.3, 0.9]], dtype=torch.float64
+    )
     (mult_TR * upstream_TR).sum().backward()
     for t in range(3):
         picks_seen = []
         k = int(k_T[t])
         # upstream of pick j is the upstream of the expert it picked (the multiplier sits there)
-        mults, picks, _ = _sparsemixer_by_hand(scores[t].tolist(), k, eps, gumbel[t].tolist(), coin[t].tolist(), [0.0] * k)
+        mults, picks, _ = _sparsemixer_by_hand(
+            scores[t].tolist(), k, eps, gumbel[t].tolist(), coin[t].tolist(), [0.0] * k
+        )
         up = [float(upstream_TR[t, p]) for p in picks]
         _, _, grad = _sparsemixer_by_hand(scores[t].tolist(), k, eps, gumbel[t].tolist(), coin[t].tolist(), up)
         for m, p in zip(mults, picks):
@@ -225,8 +236,16 @@ def test_sparsemixer_training_picks_and_backward_follow_the_released_rule():
 def test_differentiable_route_trains_the_router_through_the_picks():
     torch.manual_seed(0)
     logits_TE = torch.randn(16, 6, requires_grad=True)  # 4 dynamic + 2 shared
-    r = router.route(logits_TE, num_dynamic=4, mode="top_p", top_p=0.7, top_k=2, weighting="released",
-                     sparsemixer_eps=0.01, differentiable=True)
+    r = router.route(
+        logits_TE,
+        num_dynamic=4,
+        mode="top_p",
+        top_p=0.7,
+        top_k=2,
+        weighting="released",
+        sparsemixer_eps=0.01,
+        differentiable=True,
+    )
     assert torch.equal(r.k_T, r.mask_TR.sum(-1)) and bool((r.k_T >= 1).all())
     # Routed weights sum to the dynamic share; with the shared weights they sum to 1.
     total_T = r.weights_TR.sum(-1) + r.shared_weights_TS.sum(-1)
@@ -234,5 +253,13 @@ def test_differentiable_route_trains_the_router_through_the_picks():
     (r.weights_TR * torch.randn(16, 4)).sum().backward()
     assert logits_TE.grad[:, :4].abs().sum() > 0
     with pytest.raises(ValueError, match="released"):
-        router.route(logits_TE, num_dynamic=4, mode="top_p", top_p=0.7, top_k=2, weighting="paper",
-                     sparsemixer_eps=0.01, differentiable=True)
+        router.route(
+            logits_TE,
+            num_dynamic=4,
+            mode="top_p",
+            top_p=0.7,
+            top_k=2,
+            weighting="paper",
+            sparsemixer_eps=0.01,
+            differentiable=True,
+        )

@@ -16,9 +16,16 @@ from fastapi.responses import StreamingResponse
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from unimoe_ray.serve.auth import (CallerLimits, KeyRing, LimitExceeded, LimitPolicy, ResponseEndMiddleware,
-                                   key_owner, on_response_end)
-from unimoe_ray.serve.runtime import SettingsError
+from unimoe_ray.serve.auth import (
+    CallerLimits,
+    KeyRing,
+    LimitExceeded,
+    LimitPolicy,
+    ResponseEndMiddleware,
+    key_owner,
+    on_response_end,
+)
+from unimoe_ray.serve.settings import SettingsError
 from unimoe_ray.serve.voices import ANONYMOUS, VoiceStore, VoiceStoreError
 
 
@@ -37,6 +44,7 @@ def _write(path, text: str, tick: int) -> None:
 
 
 # ---- KeyRing ----
+
 
 def test_a_bad_key_file_is_an_error_at_build_never_auth_off(tmp_path):
     with pytest.raises(SettingsError, match=f"api_keys_file {tmp_path / 'nope.txt'} does not exist: create it"):
@@ -118,12 +126,18 @@ def test_the_ingress_fails_closed_on_a_bad_key_file_and_keeps_its_state(tmp_path
     from unimoe_ray.serve.settings import IngressSettings
 
     reconfigure = APIIngress.func_or_class.reconfigure  # the class Serve wraps; Ray is not needed
-    ingress = SimpleNamespace(settings=IngressSettings(), keyring=KeyRing(), limits=CallerLimits(),
-                              _library_ready=True, store=None)
+    ingress = SimpleNamespace(
+        settings=IngressSettings(), keyring=KeyRing(), limits=CallerLimits(), _library_ready=True, store=None
+    )
     keys = tmp_path / "keys.txt"
     keys.write_text("good-key\n")
-    config = {"voices_dir": str(tmp_path / "voices"), "api_keys_env": None, "api_keys_file": str(keys),
-              "max_concurrent_per_key": 2, "rate_limit_per_minute": None}
+    config = {
+        "voices_dir": str(tmp_path / "voices"),
+        "api_keys_env": None,
+        "api_keys_file": str(keys),
+        "max_concurrent_per_key": 2,
+        "rate_limit_per_minute": None,
+    }
     reconfigure(ingress, config)
     assert ingress.keyring.enabled and ingress.keyring.identify("good-key") == key_owner("good-key")
     assert ingress.limits.policy == LimitPolicy(per_minute=None, burst=20, max_in_flight=2, retry_after_s=2)
@@ -137,6 +151,7 @@ def test_the_ingress_fails_closed_on_a_bad_key_file_and_keeps_its_state(tmp_path
 
 
 # ---- limits ----
+
 
 def test_token_bucket_refill_maths():
     clock = Clock()
@@ -197,13 +212,16 @@ def test_in_flight_places_are_released_once_and_refusals_take_nothing():
         unlimited.admit("a", counted=True)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"per_minute": 0}, "rate_limit_per_minute=0: must be > 0"),
-    ({"burst": 0}, "rate_limit_burst=0"),
-    ({"burst": 2.5}, "rate_limit_burst=2.5"),
-    ({"max_in_flight": 0}, "max_concurrent_per_key=0"),
-    ({"retry_after_s": 0}, "retry_after_s=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"per_minute": 0}, "rate_limit_per_minute=0: must be > 0"),
+        ({"burst": 0}, "rate_limit_burst=0"),
+        ({"burst": 2.5}, "rate_limit_burst=2.5"),
+        ({"max_in_flight": 0}, "max_concurrent_per_key=0"),
+        ({"retry_after_s": 0}, "retry_after_s=0"),
+    ],
+)
 def test_limit_policy_refuses_bad_values(kwargs, match):
     with pytest.raises(SettingsError, match=match):
         LimitPolicy(**kwargs)
@@ -274,9 +292,20 @@ async def _call(app, path: str, *, leave_after_first_chunk: bool) -> list[dict]:
         if message["type"] == "http.response.body" and message.get("body"):
             first_chunk.set()
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": [],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
     await asyncio.wait_for(app(scope, receive, send), timeout=60)
     return sent
 
@@ -352,8 +381,11 @@ def test_voice_cap_is_per_owner(tmp_path):
 
 def test_voices_without_an_owner_belong_to_the_anonymous_owner(tmp_path):
     # A voice stored before owners existed: name, ref_text, origin, created_at only.
-    save_file({"codes_KT": CODES.to(torch.int16)}, str(tmp_path / "voice_0123456789abcdef.safetensors"),
-              metadata={"name": "narrator", "ref_text": "Old voice.", "origin": "upload", "created_at": "1"})
+    save_file(
+        {"codes_KT": CODES.to(torch.int16)},
+        str(tmp_path / "voice_0123456789abcdef.safetensors"),
+        metadata={"name": "narrator", "ref_text": "Old voice.", "origin": "upload", "created_at": "1"},
+    )
     store = VoiceStore(tmp_path, max_voices=5)
     v, codes = store.get("narrator", owner=ANONYMOUS)  # what auth-off callers are
     assert v.owner == ANONYMOUS and torch.equal(codes, CODES)

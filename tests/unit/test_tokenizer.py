@@ -162,5 +162,10 @@ def test_qwen_bpe_is_qwen25(qwen_tok):
     # Ids of Qwen2.5's BPE (the same in every Qwen2/2.5 tokenizer).
     assert qwen_tok.encode("Hello world!", add_special_tokens=False) == [9707, 1879, 0]
     assert qwen_tok.encode("You are a helpful assistant.", add_special_tokens=False) == [
-        2610, 525, 264, 10950, 17847, 13,
+        2610,
+        525,
+        264,
+        10950,
+        17847,
+        13,
     ]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from unimoe_ray.audio.delay import DelayPattern
-from unimoe_ray.presets import get_preset
 from unimoe_ray.data.schema import codes_of
 from unimoe_ray.model.unimoe_audio import IGNORE_INDEX
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompts import PromptBuilder, config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 from unimoe_ray.train.batches import ExampleBuilder, batch_stream, collate, epoch_batches, pack_by_tokens

@@ -40,10 +40,31 @@ def test_every_field_has_a_flag_or_a_reason_not_to():
 
 def test_the_flags_users_and_the_job_tests_pass_are_still_there():
     options = set(_parser("stage3")._option_string_actions)
-    used = {"--shards", "--tokenizer", "--out", "--storage-path", "--name", "--num-workers", "--cpus-per-worker",
-            "--use-gpu", "--npu", "--deepspeed", "--lr", "--warmup-steps", "--max-steps", "--grad-accum",
-            "--grad-clip", "--max-tokens", "--precision", "--val-every", "--checkpoint-every", "--num-to-keep",
-            "--max-failures", "--seed", "--expert-parallel"}
+    used = {
+        "--shards",
+        "--tokenizer",
+        "--out",
+        "--storage-path",
+        "--name",
+        "--num-workers",
+        "--cpus-per-worker",
+        "--use-gpu",
+        "--npu",
+        "--deepspeed",
+        "--lr",
+        "--warmup-steps",
+        "--max-steps",
+        "--grad-accum",
+        "--grad-clip",
+        "--max-tokens",
+        "--precision",
+        "--val-every",
+        "--checkpoint-every",
+        "--num-to-keep",
+        "--max-failures",
+        "--seed",
+        "--expert-parallel",
+    }
     assert used <= options, used - options
 
 
@@ -57,9 +78,25 @@ def test_no_flags_give_the_stage_defaults(stage):
 def test_every_flag_round_trips():
     default = stage_config("stage3")
     wanted = stage_config(
-        "stage3", lr=2e-5, min_lr_ratio=0.2, warmup_steps=3, max_steps=7, weight_decay=0.05, betas=(0.8, 0.99),
-        grad_clip=0.5, grad_accum=2, max_tokens=512, shuffle_window=32, precision="bf16", val_every=0,
-        val_max_rows=4, checkpoint_every=7, log_every=2, seed=5, max_bad_steps=1, expert_parallel=2,
+        "stage3",
+        lr=2e-5,
+        min_lr_ratio=0.2,
+        warmup_steps=3,
+        max_steps=7,
+        weight_decay=0.05,
+        betas=(0.8, 0.99),
+        grad_clip=0.5,
+        grad_accum=2,
+        max_tokens=512,
+        shuffle_window=32,
+        precision="bf16",
+        val_every=0,
+        val_max_rows=4,
+        checkpoint_every=7,
+        log_every=2,
+        seed=5,
+        max_bad_steps=1,
+        expert_parallel=2,
     )
     names = train_flags("stage3")
     assert all(getattr(wanted, n) != getattr(default, n) for n in names), "give the new flag a value here"

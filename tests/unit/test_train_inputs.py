@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from unimoe_ray.checkpoint import save_pretrained
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompts import config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 from unimoe_ray.train.config import stage_config
@@ -42,8 +42,15 @@ def env(tmp_path_factory):
 
 
 def _stage2(common, specialists, **kw):
-    return stage2(common, specialists=specialists, train=stage_config("stage2", max_steps=1),
-                  out="/nonexistent/out", name="s2", tasks=("tts_en", "v2m"), **kw)
+    return stage2(
+        common,
+        specialists=specialists,
+        train=stage_config("stage2", max_steps=1),
+        out="/nonexistent/out",
+        name="s2",
+        tasks=("tts_en", "v2m"),
+        **kw,
+    )
 
 
 def test_missing_checkpoint(env):
@@ -97,9 +104,22 @@ def test_more_workers_than_rows(env):
 def test_job_prints_one_clear_line_and_exits_2(env):
     root, _, _, _ = env
     done = subprocess.run(
-        [sys.executable, "jobs/train_stage3.py", "--init", str(root / "missing"), "--shards", str(root / "shards"),
-         "--tokenizer", str(root / "tok"), "--out", str(root / "o")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "jobs/train_stage3.py",
+            "--init",
+            str(root / "missing"),
+            "--shards",
+            str(root / "shards"),
+            "--tokenizer",
+            str(root / "tok"),
+            "--out",
+            str(root / "o"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error:") and "does not exist" in done.stderr
@@ -125,5 +145,11 @@ def test_zero3_with_video_is_refused_before_ray_starts(env):
     init = save_pretrained(UniMoEAudio(cfg), root / "moe3")
     zero3 = json.loads((REPO / "configs" / "zero3.json").read_text())
     with pytest.raises(InputError, match="ZeRO-3 cannot train the v2m task"):
-        stage3(common, init=str(init), train=stage_config("stage3", deepspeed_config=zero3), out="/x", name="z3",
-               tasks=("tts_en", "v2m"))
+        stage3(
+            common,
+            init=str(init),
+            train=stage_config("stage3", deepspeed_config=zero3),
+            out="/x",
+            name="z3",
+            tasks=("tts_en", "v2m"),
+        )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.presets import get_preset
 from unimoe_ray.train.config import stage_config
 from unimoe_ray.train.integrate import (
     IntegrationError,
@@ -24,7 +24,9 @@ TASKS = ["tts_zh", "tts_en", "t2m", "v2m"]
 @pytest.fixture(scope="module")
 def merged():
     # 4 specialists × 2 proto-experts = 8 routed experts of width 16 (specialist FFN width 32).
-    target = get_preset("tiny").replace(moe=dict(num_routed=8, routed_intermediate=16, input_jitter=0.0, router_jitter=0.0))
+    target = get_preset("tiny").replace(
+        moe=dict(num_routed=8, routed_intermediate=16, input_jitter=0.0, router_jitter=0.0)
+    )
     spec_cfg = specialist_config(target, 4)
     assert spec_cfg.moe.mode == "dense" and spec_cfg.moe.dense_intermediate == 32
     specialists = {t: UniMoEAudio(spec_cfg).init_weights(seed=i) for i, t in enumerate(TASKS)}
@@ -82,8 +84,14 @@ def test_stage2_freezes_all_but_router_and_shared_experts(merged):
     K, L = cfg.codec_channels, 40
     ids = torch.full((2, L), cfg.codec_placeholder_id)
     codes = torch.randint(0, 1024, (2, K, L))
-    batch = Batch(input_ids_BL=ids, audio_codes_BKL=codes, labels_BKL=codes.clone(),
-                  attention_mask_BL=torch.ones(2, L, dtype=torch.bool), sample_ids=["a", "b"], tasks=["t2m"] * 2)
+    batch = Batch(
+        input_ids_BL=ids,
+        audio_codes_BKL=codes,
+        labels_BKL=codes.clone(),
+        attention_mask_BL=torch.ones(2, L, dtype=torch.bool),
+        sample_ids=["a", "b"],
+        tasks=["t2m"] * 2,
+    )
     from unimoe_ray.train.step import train_step
 
     for _ in range(3):

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
+from unimoe_ray.presets import get_preset
 from unimoe_ray.text.prompts import PromptBuilder, config_for_tokenizer
 from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
 from unimoe_ray.train.batches import ExampleBuilder, collate

@@ -15,9 +15,9 @@ import soundfile as sf
 import torch
 from starlette.requests import Request
 
-from unimoe_ray.presets import get_preset
 from unimoe_ray.data.mini_corpus import write_mp4
 from unimoe_ray.inference.video import VideoSampling, load_video
+from unimoe_ray.presets import get_preset
 from unimoe_ray.serve.sandbox import run_isolated
 from unimoe_ray.serve.untrusted_media import (
     VideoPlan,
@@ -46,6 +46,7 @@ def _wav(samples_NC: np.ndarray, rate: int) -> bytes:
 
 
 # ---- the hostile files ----
+
 
 def test_the_script_regenerates_the_committed_files_byte_for_byte(tmp_path):
     subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], check=True)
@@ -102,12 +103,15 @@ def test_eight_channels_are_accepted_and_averaged_to_mono():
     np.testing.assert_allclose(out["wav"], expected_N, rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("name,message", [
-    ("playlist.m3u8", r"the video is an HLS playlist \(m3u8\), not a video file"),
-    ("text.mp4", r"the video is not an mp4/mov, webm or mkv file"),
-    ("garbage.bin", r"the video is not an mp4/mov, webm or mkv file"),
-    ("sample_rate_bomb.wav", r"the video is not an mp4/mov, webm or mkv file"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("playlist.m3u8", r"the video is an HLS playlist \(m3u8\), not a video file"),
+        ("text.mp4", r"the video is not an mp4/mov, webm or mkv file"),
+        ("garbage.bin", r"the video is not an mp4/mov, webm or mkv file"),
+        ("sample_rate_bomb.wav", r"the video is not an mp4/mov, webm or mkv file"),
+    ],
+)
 def test_hostile_videos_are_refused_before_ffmpeg_sees_them(name, message):
     plan = VideoPlan.of(get_preset("tiny").vision, VideoSampling())
     with pytest.raises(ValueError, match=message):
@@ -122,6 +126,7 @@ def test_a_fake_mp4_box_then_junk_fails_in_the_demuxer_with_a_clear_error():
 
 
 # ---- audio limits ----
+
 
 def test_duration_cap_and_frame_cap():
     two_s = _wav(np.zeros((32000, 1), np.float32), 16000)
@@ -148,6 +153,7 @@ def test_rates_whose_resampling_filter_is_huge_are_refused():
 
 # ---- the child process ----
 
+
 def test_the_child_decodes_what_the_function_decodes_and_carries_its_refusals():
     data = _hostile("channels_8.wav")
     wav, rate = read_audio_upload(data, max_seconds=30, target_rate=16000)
@@ -161,12 +167,20 @@ def test_a_decode_past_the_memory_cap_fails_in_the_child_not_here():
     # 10 s of 8-channel 48 kHz audio: 15 MB as float32, under an 8 MB cap on top of the child's imports.
     big = _wav(np.zeros((480_000, 8), np.float32), 48000)
     with pytest.raises(ValueError, match=r"decoding the audio needs more than 8 MB of memory: refused"):
-        run_isolated("unimoe_ray.serve.untrusted_media:decode_audio",
-                     {"data": big, "max_seconds": 30, "target_rate": 16000}, memory_mb=8, timeout_s=60,
-                     what="the audio")
-    out = run_isolated("unimoe_ray.serve.untrusted_media:decode_audio",
-                       {"data": big, "max_seconds": 30, "target_rate": 16000}, memory_mb=256, timeout_s=60,
-                       what="the audio")
+        run_isolated(
+            "unimoe_ray.serve.untrusted_media:decode_audio",
+            {"data": big, "max_seconds": 30, "target_rate": 16000},
+            memory_mb=8,
+            timeout_s=60,
+            what="the audio",
+        )
+    out = run_isolated(
+        "unimoe_ray.serve.untrusted_media:decode_audio",
+        {"data": big, "max_seconds": 30, "target_rate": 16000},
+        memory_mb=256,
+        timeout_s=60,
+        what="the audio",
+    )
     assert out["wav"].shape == (480_000,) and out["sample_rate"] == 48000
 
 
@@ -192,25 +206,45 @@ def test_a_crashing_decoder_is_a_clear_error():
 
 # ---- video: PyAV for uploads gives load_video's (decord's) vision inputs ----
 
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     """The same 3 s of 2 fps video as mp4 (H.264), mkv (the same stream remuxed) and webm (VP9)."""
     tmp = tmp_path_factory.mktemp("clips")
     y_HW, x_HW = np.mgrid[0:64, 0:96]
-    frames_THWC = np.stack([np.stack([(x_HW * 2 + 10 * t) % 256, (y_HW * 3) % 256, ((x_HW + y_HW) * 2) % 256], -1)
-                            for t in range(6)]).astype(np.uint8)
+    frames_THWC = np.stack(
+        [np.stack([(x_HW * 2 + 10 * t) % 256, (y_HW * 3) % 256, ((x_HW + y_HW) * 2) % 256], -1) for t in range(6)]
+    ).astype(np.uint8)
     write_mp4(tmp / "clip.mp4", frames_THWC, fps=2)
     run = dict(check=True, capture_output=True)
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(tmp / "clip.mp4"), "-c", "copy", str(tmp / "clip.mkv")],
-                   **run)
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(tmp / "clip.mp4"), "-c:v", "libvpx-vp9", "-threads", "1",
-                    str(tmp / "clip.webm")], **run)
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-i", str(tmp / "clip.mp4"), "-c", "copy", str(tmp / "clip.mkv")], **run
+    )
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-y",
+            "-i",
+            str(tmp / "clip.mp4"),
+            "-c:v",
+            "libvpx-vp9",
+            "-threads",
+            "1",
+            str(tmp / "clip.webm"),
+        ],
+        **run,
+    )
     return {ext: tmp / f"clip.{ext}" for ext in ("mp4", "mkv", "webm")}
 
 
 @pytest.mark.parametrize("ext", ["mp4", "mkv", "webm"])
-@pytest.mark.parametrize("sampling", [VideoSampling(), VideoSampling(fps=2.0, max_frames=None),
-                                      VideoSampling(fps=1.0, max_frames=3)], ids=["released", "all-2fps", "3-at-1fps"])
+@pytest.mark.parametrize(
+    "sampling",
+    [VideoSampling(), VideoSampling(fps=2.0, max_frames=None), VideoSampling(fps=1.0, max_frames=3)],
+    ids=["released", "all-2fps", "3-at-1fps"],
+)
 def test_pyav_upload_path_equals_decord_load_video(clips, ext, sampling):
     """Bit for bit: both scale with FFmpeg's bilinear filter in YUV, then convert to RGB."""
     vision = get_preset("tiny").vision
@@ -232,6 +266,7 @@ def test_the_video_child_returns_the_same_inputs(clips):
 
 
 # ---- bodies under a cap ----
+
 
 class _Client:
     """An ASGI receive that sends `chunks` (then, if endless, more of the last chunk forever)
@@ -299,7 +334,7 @@ def _multipart(*parts: bytes, close: bool = True) -> bytes:
 
 
 def _chunks(body: bytes, size: int = 256) -> list[bytes]:
-    return [body[i:i + size] for i in range(0, len(body), size)]
+    return [body[i : i + size] for i in range(0, len(body), size)]
 
 
 def _form(body: bytes, **kw):
@@ -310,16 +345,23 @@ def _form(body: bytes, **kw):
 
 def test_multipart_fields_and_file_are_parsed_in_memory():
     audio = bytes(range(256)) * 10  # 2560 bytes, CR/LF and dashes included
-    form, _ = _form(_multipart(_part("name", "narrator é".encode()), _part("ref_text", b"Hello."),
-                               _part("audio_sample", audio, "me.wav", "audio/wav")))
+    form, _ = _form(
+        _multipart(
+            _part("name", "narrator é".encode()),
+            _part("ref_text", b"Hello."),
+            _part("audio_sample", audio, "me.wav", "audio/wav"),
+        )
+    )
     assert form.fields == {"name": "narrator é", "ref_text": "Hello."}
     f = form.files["audio_sample"]
     assert (f.filename, f.content_type, f.data) == ("me.wav", "audio/wav", audio)
 
 
 def test_a_file_part_past_its_cap_is_a_413_naming_it_without_reading_the_rest():
-    head = _part("name", b"x") + f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="audio_sample"; ' \
-        f'filename="a.wav"\r\n\r\n'.encode()
+    head = (
+        _part("name", b"x")
+        + f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="audio_sample"; filename="a.wav"\r\n\r\n'.encode()
+    )
     client = _Client(_chunks(head, 256) + [b"\0" * 256], endless=True)  # a file that never ends
     request = _request(client, f"multipart/form-data; boundary={BOUNDARY}")
     with pytest.raises(UploadError, match=r"audio_sample is over 0\.00 MB") as err:
@@ -329,16 +371,27 @@ def test_a_file_part_past_its_cap_is_a_413_naming_it_without_reading_the_rest():
     assert client.pulled == len(_chunks(head, 256)) + 16
 
 
-@pytest.mark.parametrize("parts,status,message,param", [
-    ([_part("video", b"v", "v.mp4")], 400, r"unexpected file field 'video': only \['audio_sample'\] may be files",
-     "video"),
-    ([_part("audio_sample", b"not a file")], 400, r"audio_sample must be an uploaded file", "audio_sample"),
-    ([_part("audio_sample", b"a", "a.wav"), _part("audio_sample", b"b", "b.wav")], 400, r"given twice",
-     "audio_sample"),
-    ([_part("ref_text", b"x" * 101)], 413, r"ref_text is over", "ref_text"),
-    ([_part("ref_text", b"\xff\xfe")], 400, r"form field 'ref_text' is not valid UTF-8", "ref_text"),
-    ([_part(f"f{i}", b"x") for i in range(17)], 400, r"more than 16 form fields", None),
-])
+@pytest.mark.parametrize(
+    "parts,status,message,param",
+    [
+        (
+            [_part("video", b"v", "v.mp4")],
+            400,
+            r"unexpected file field 'video': only \['audio_sample'\] may be files",
+            "video",
+        ),
+        ([_part("audio_sample", b"not a file")], 400, r"audio_sample must be an uploaded file", "audio_sample"),
+        (
+            [_part("audio_sample", b"a", "a.wav"), _part("audio_sample", b"b", "b.wav")],
+            400,
+            r"given twice",
+            "audio_sample",
+        ),
+        ([_part("ref_text", b"x" * 101)], 413, r"ref_text is over", "ref_text"),
+        ([_part("ref_text", b"\xff\xfe")], 400, r"form field 'ref_text' is not valid UTF-8", "ref_text"),
+        ([_part(f"f{i}", b"x") for i in range(17)], 400, r"more than 16 form fields", None),
+    ],
+)
 def test_multipart_refusals(parts, status, message, param):
     with pytest.raises(UploadError, match=message) as err:
         _form(_multipart(*parts))
@@ -362,6 +415,7 @@ def test_a_multipart_body_past_its_total_is_refused_from_content_length():
 
 
 # ---- the voice checks made before the DAC encode ----
+
 
 def test_check_can_add_refuses_bad_names_taken_names_and_a_full_store(tmp_path):
     store = VoiceStore(tmp_path, max_voices=1)

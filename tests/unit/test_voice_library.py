@@ -55,8 +55,9 @@ def test_the_default_voice_is_generated_encoded_once_and_stored(tmp_path):
 
 def test_a_library_file_is_shipped_instead_of_the_default(tmp_path):
     write_wav(tmp_path / "n.wav", reference_voice(seconds=1.0), 16000)
-    (tmp_path / "lib.json").write_text(json.dumps({"voices": {"narrator": {"audio_path": "n.wav",
-                                                                           "prompt": "Once upon a time."}}}))
+    (tmp_path / "lib.json").write_text(
+        json.dumps({"voices": {"narrator": {"audio_path": "n.wav", "prompt": "Once upon a time."}}})
+    )
     settings = IngressSettings(voices_dir=str(tmp_path / "voices"), voice_library=str(tmp_path / "lib.json"))
     store = VoiceStore(tmp_path / "voices", max_voices=5)
     encoder = FakeEncoder()
@@ -77,8 +78,9 @@ def test_a_voice_another_replica_stored_first_is_not_an_error(tmp_path):
     settings = IngressSettings(voices_dir=str(tmp_path))
     store = VoiceStore(tmp_path, max_voices=5)
     # While this replica encodes, another one (same folder) stores the voice.
-    other = FakeEncoder(before_return=lambda: store.add("default", "Stored first.", torch.zeros(12, 2),
-                                                        origin="library"))
+    other = FakeEncoder(
+        before_return=lambda: store.add("default", "Stored first.", torch.zeros(12, 2), origin="library")
+    )
     _ship(store, settings, other)
     assert [v.ref_text for v in store.list()] == ["Stored first."]
 

@@ -7,11 +7,16 @@ import pytest
 from unimoe_ray.inference.tasks import TaskError, TaskRequest, read_task_file
 from unimoe_ray.inference.voices import VoiceError, VoiceLibrary
 
-RELEASED = {"audio_prompts": {
-    "english": {"female": {"prompt": "They're calling to us.", "audio_path": "assets/prompt_audios/en_female.wav"},
-                "male": {"prompt": "Using script blockers.", "audio_path": "assets/prompt_audios/en_male.wav"}},
-    "chinese": {"male": {"prompt": "小偷却一点也不气馁。", "audio_path": "assets/prompt_audios/zh_male.wav"}},
-}, "metadata": {"version": "1.0"}}
+RELEASED = {
+    "audio_prompts": {
+        "english": {
+            "female": {"prompt": "They're calling to us.", "audio_path": "assets/prompt_audios/en_female.wav"},
+            "male": {"prompt": "Using script blockers.", "audio_path": "assets/prompt_audios/en_male.wav"},
+        },
+        "chinese": {"male": {"prompt": "小偷却一点也不气馁。", "audio_path": "assets/prompt_audios/zh_male.wav"}},
+    },
+    "metadata": {"version": "1.0"},
+}
 
 
 def test_released_library_names_and_paths(tmp_path):
@@ -42,9 +47,17 @@ def test_bad_libraries(tmp_path):
 
 
 def test_task_file_forms_and_checks(tmp_path):
-    released = [{"task_type": "text_to_music", "task_id": "m", "caption": "jazz", "output_path": "./out/music"},
-                {"task_type": "text_to_speech", "task_id": "s", "target_text": "hi", "reference_audio": "r.wav",
-                 "reference_text": "me", "output_path": "./out/speech"}]
+    released = [
+        {"task_type": "text_to_music", "task_id": "m", "caption": "jazz", "output_path": "./out/music"},
+        {
+            "task_type": "text_to_speech",
+            "task_id": "s",
+            "target_text": "hi",
+            "reference_audio": "r.wav",
+            "reference_text": "me",
+            "output_path": "./out/speech",
+        },
+    ]
     (tmp_path / "t.json").write_text(json.dumps(released))
     (tmp_path / "t.jsonl").write_text(json.dumps(released[0]) + "\n{broken\n")
     assert read_task_file(tmp_path / "t.json") == released
@@ -63,4 +76,6 @@ def test_task_file_forms_and_checks(tmp_path):
     with pytest.raises(TaskError, match="needs video_path"):
         TaskRequest.from_released({"task_type": "video_text_to_music", "caption": "x"}, 5).check(None)
     with pytest.raises(TaskError, match="bad sampling option"):
-        TaskRequest.from_released({"task_type": "text_to_music", "caption": "x", "sampling": {"topk": 3}}, 6).check(None)
+        TaskRequest.from_released({"task_type": "text_to_music", "caption": "x", "sampling": {"topk": 3}}, 6).check(
+            None
+        )

@@ -44,7 +44,8 @@ def token_configured() -> bool:
     """Whether Ray would find a token here (its order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
     ~/.ray/auth_token)."""
     return bool(
-        os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
         or (Path.home() / ".ray" / "auth_token").is_file()
     )
 
@@ -103,8 +104,11 @@ def _connect(args: argparse.Namespace) -> None:
     stderr_fd = os.dup(2)
 
     def give_up() -> None:  # Ray's client retries for minutes: end the process here
-        os.write(stderr_fd, f"unimoe-ray: error: the Ray cluster at {address} did not accept a connection "
-                            f"within {args.timeout:g}s{hint}\n".encode())
+        os.write(
+            stderr_fd,
+            f"unimoe-ray: error: the Ray cluster at {address} did not accept a connection "
+            f"within {args.timeout:g}s{hint}\n".encode(),
+        )
         os._exit(2)
 
     watchdog = threading.Timer(args.timeout, give_up)
@@ -148,16 +152,17 @@ def add_experts_parser(subparsers: argparse._SubParsersAction) -> None:
     cluster.add_argument("--namespace", default="unimoe", help="Ray namespace of the expert group")
     cluster.add_argument("--group", default="default", help="expert group (one controller and its replicas)")
     cluster.add_argument(
-        "--timeout", type=float, default=15.0,
+        "--timeout",
+        type=float,
+        default=15.0,
         help="seconds to wait for the cluster to accept the connection and the controller to answer",
     )
 
-    experts = subparsers.add_parser(
-        "experts", help="inspect and scale the routed-expert actors of a running cluster"
-    )
+    experts = subparsers.add_parser("experts", help="inspect and scale the routed-expert actors of a running cluster")
     commands = experts.add_subparsers(dest="experts_command", required=True, metavar="{status,scale}")
     status = commands.add_parser(
-        "status", parents=[cluster],
+        "status",
+        parents=[cluster],
         help="per expert: replicas, nodes, tokens routed in the last window; mean experts per token per layer",
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")

@@ -28,30 +28,52 @@ def _run(args: argparse.Namespace) -> None:
 
     text = args.text if args.task == "tts" else args.caption
     overrides = {
-        "guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
-        "top_p": args.top_p, "eos_factor": args.eos_factor, "min_frames": args.min_frames,
-        "max_tokens": args.max_tokens, "seed": args.seed,
+        "guidance_scale": args.guidance_scale,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "eos_factor": args.eos_factor,
+        "min_frames": args.min_frames,
+        "max_tokens": args.max_tokens,
+        "seed": args.seed,
         "max_frames": None if args.max_seconds is None else max(1, round(args.max_seconds * FRAME_RATE)),
         "greedy": True if args.greedy else None,
     }
     req = TaskRequest(
-        task=args.task, task_id=args.task, text=text or "", voice=getattr(args, "voice", None),
-        reference_audio=getattr(args, "ref_audio", None), reference_text=getattr(args, "ref_text", None),
-        video_path=getattr(args, "video", None), output_path=args.output or f"output/{args.task}.wav",
+        task=args.task,
+        task_id=args.task,
+        text=text or "",
+        voice=getattr(args, "voice", None),
+        reference_audio=getattr(args, "ref_audio", None),
+        reference_text=getattr(args, "ref_text", None),
+        video_path=getattr(args, "video", None),
+        output_path=args.output or f"output/{args.task}.wav",
         sampling={k: v for k, v in overrides.items() if v is not None},
     )
-    voices = VoiceLibrary.load(args.voice_library, root=args.voice_root) if getattr(args, "voice_library", None) else None
+    voices = (
+        VoiceLibrary.load(args.voice_library, root=args.voice_root) if getattr(args, "voice_library", None) else None
+    )
     req.check(voices)  # bad input fails here, before the model loads
     if args.seed is not None:
         torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    gen = AudioGenerator.load(args.checkpoint, args.tokenizer or args.checkpoint, args.dac_path,
-                              device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype)
+    gen = AudioGenerator.load(
+        args.checkpoint,
+        args.tokenizer or args.checkpoint,
+        args.dac_path,
+        device=args.device,
+        dtype=args.dtype,
+        expert_dtype=args.expert_dtype,
+    )
     t_load = time.perf_counter() - t0
-    video_sampling = VideoSampling(fps=args.video_fps, max_frames=args.video_max_frames) if args.task == "v2m" else VideoSampling()
+    video_sampling = (
+        VideoSampling(fps=args.video_fps, max_frames=args.video_max_frames) if args.task == "v2m" else VideoSampling()
+    )
     row = run_task(gen, req, voices, video_sampling)
-    print(f"wrote {row['output']}: {row['seconds_audio']:.2f} s of audio ({row['frames']} frames) "
-          f"in {row['seconds_wall']:.1f} s (model load {t_load:.1f} s)")
+    print(
+        f"wrote {row['output']}: {row['seconds_audio']:.2f} s of audio ({row['frames']} frames) "
+        f"in {row['seconds_wall']:.1f} s (model load {t_load:.1f} s)"
+    )
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -63,20 +85,30 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     common.add_argument("--seed", type=int, default=None)
     common.add_argument("--device", default="cpu", help="cpu | cuda | cuda:1 | npu")
     common.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: the checkpoint's torch_dtype)")
-    common.add_argument("--expert-dtype", default=None, choices=["fp32", "bf16", "int8"],
-                        help="store the routed/shared experts in this dtype (int8: weight-only, per-channel scales)")
+    common.add_argument(
+        "--expert-dtype",
+        default=None,
+        choices=["fp32", "bf16", "int8"],
+        help="store the routed/shared experts in this dtype (int8: weight-only, per-channel scales)",
+    )
     s = common.add_argument_group("sampling (default: the released values for the task)")
     s.add_argument("--guidance-scale", type=float, default=None)
     s.add_argument("--temperature", type=float, default=None)
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--eos-factor", type=float, default=None, help="x codebook 0's EOS logit (released: speech 1.0, music 0.6)")
+    s.add_argument(
+        "--eos-factor", type=float, default=None, help="x codebook 0's EOS logit (released: speech 1.0, music 0.6)"
+    )
     s.add_argument("--min-frames", type=int, default=None, help="no EOS before this many frames (50 = 1 s)")
-    s.add_argument("--max-tokens", type=int, default=None, help="released length rule: frames <= max_tokens - max_delay - 1")
+    s.add_argument(
+        "--max-tokens", type=int, default=None, help="released length rule: frames <= max_tokens - max_delay - 1"
+    )
     s.add_argument("--max-seconds", type=float, default=None, help="cap on the audio length")
     s.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
 
-    gen = subparsers.add_parser("generate", help="generate speech or music in this process (released examples/inference.py)")
+    gen = subparsers.add_parser(
+        "generate", help="generate speech or music in this process (released examples/inference.py)"
+    )
     tasks = gen.add_subparsers(dest="task", required=True, metavar="{tts,t2m,v2m}")
     tts = tasks.add_parser("tts", parents=[common], help="voice-cloned text-to-speech")
     tts.add_argument("--text", "-i", required=True, help="the words to speak")

@@ -52,17 +52,27 @@ class _Generator:
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt, tok, dac = prepare_artifacts(ArtifactsConfig(
-        out_dir=cfg.out_dir, preset=cfg.preset, checkpoint=cfg.checkpoint, tokenizer=cfg.tokenizer,
-        dac_path=cfg.dac_path, seed=cfg.seed))
+    ckpt, tok, dac = prepare_artifacts(
+        ArtifactsConfig(
+            out_dir=cfg.out_dir,
+            preset=cfg.preset,
+            checkpoint=cfg.checkpoint,
+            tokenizer=cfg.tokenizer,
+            dac_path=cfg.dac_path,
+            seed=cfg.seed,
+        )
+    )
     if not ray.is_initialized():
         ray.init(include_dashboard=False)  # joins RAY_ADDRESS when set, else starts a local Ray
     worker = ray.remote(num_cpus=1)(_Generator).remote(str(ckpt), str(tok), str(dac))
     sampling = dict(max_frames=cfg.max_frames, seed=cfg.seed)
     t0 = time.perf_counter()
     speech_ref = worker.tts.remote(
-        [cfg.tts_text], voice_wav=reference_voice(), voice_sample_rate=16000,
-        voice_text="This is my voice.", sampling=task_sampling("speech", **sampling),
+        [cfg.tts_text],
+        voice_wav=reference_voice(),
+        voice_sample_rate=16000,
+        voice_text="This is my voice.",
+        sampling=task_sampling("speech", **sampling),
     )
     music_ref = worker.music.remote([cfg.music_caption], sampling=task_sampling("music", **sampling))
     results = {"tts": ray.get(speech_ref)[0], "music": ray.get(music_ref)[0]}
@@ -71,8 +81,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     for name, audio in results.items():
         np.save(out / f"{name}_codes.npy", audio.codes_KT.numpy().astype(np.uint16))
         write_wav(out / f"{name}.wav", audio.wav, audio.sample_rate)
-        summary[name] = {"frames": int(audio.codes_KT.shape[1]), "seconds_audio": round(audio.seconds, 2),
-                         "codes": f"{name}_codes.npy", "wav": f"{name}.wav"}
+        summary[name] = {
+            "frames": int(audio.codes_KT.shape[1]),
+            "seconds_audio": round(audio.seconds, 2),
+            "codes": f"{name}_codes.npy",
+            "wav": f"{name}.wav",
+        }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     ray.kill(worker)
     return summary

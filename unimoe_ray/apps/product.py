@@ -26,7 +26,6 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -41,19 +40,20 @@ import ray
 import torch
 from ray import serve
 
+from unimoe_ray.apps.ports import free_port
 from unimoe_ray.audio.codec import DACCodec
 from unimoe_ray.audio.io import read_audio, write_wav
 from unimoe_ray.builders import new_model
 from unimoe_ray.checkpoint import load_pretrained
 from unimoe_ray.data.config import EncodeConfig, PreprocessConfig
-from unimoe_ray.data.mini_corpus import MiniCorpusConfig, make_mini_corpus
+from unimoe_ray.data.mini_corpus import MiniCorpusConfig, make_mini_corpus, write_test_assets
 from unimoe_ray.data.pipeline import run_preprocess
 from unimoe_ray.data.shards import shard_paths
 from unimoe_ray.eval.harness import EvalConfig, run_eval, teacher_forced
 from unimoe_ray.eval.judges import load_judges
 from unimoe_ray.serve.app import build_app
 from unimoe_ray.text.prompts import PromptBuilder
-from unimoe_ray.text.tokenizer import build_test_tokenizer, load_tokenizer
+from unimoe_ray.text.tokenizer import load_tokenizer
 from unimoe_ray.train.batches import split_rows
 from unimoe_ray.train.config import stage_config
 from unimoe_ray.train.stages import ALL_TASKS, Common, stage1, stage2, stage3
@@ -96,8 +96,7 @@ def console_to_log(log_path: Path) -> Iterator[Callable[[str], None]]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
-    console = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding=sys.stdout.encoding or "utf-8",
-                        errors="replace")
+    console = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding=sys.stdout.encoding or "utf-8", errors="replace")
     log = open(log_path, "a", buffering=1, encoding="utf-8")
 
     def say(msg: str) -> None:
@@ -124,12 +123,6 @@ def console_to_log(log_path: Path) -> Iterator[Callable[[str], None]]:
         log.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mean_ends(losses: list[float]) -> tuple[int, float, float]:
     """(k, mean of the first k, mean of the last k) with k = min(3, half the steps, at least 1):
     one step's loss on a tiny batch is noisy (its rows and their lengths change every step)."""
@@ -145,9 +138,16 @@ def _stage_summary(run_dir: Path, val_start: dict[str, float]) -> dict:
     rows = [r for r in rows if not r.get("skipped")]
     first, last = rows[0], rows[-1]
     k, head, tail = _mean_ends([r["loss"] for r in rows])
-    out = {"steps": last["step"], "loss_first": round(first["loss"], 3), "loss_last": round(last["loss"], 3),
-           "loss_mean_steps": k, "loss_first_mean": round(head, 3), "loss_last_mean": round(tail, 3),
-           "ce_last": round(last["ce"], 3), "aux_last": round(last["aux_loss"], 4)}
+    out = {
+        "steps": last["step"],
+        "loss_first": round(first["loss"], 3),
+        "loss_last": round(last["loss"], 3),
+        "loss_mean_steps": k,
+        "loss_first_mean": round(head, 3),
+        "loss_last_mean": round(tail, 3),
+        "ce_last": round(last["ce"], 3),
+        "aux_last": round(last["aux_loss"], 4),
+    }
     ept = [v for k, v in last.items() if k.endswith("/experts_per_token")]
     if ept:
         out["experts_per_token"] = round(float(np.mean(ept)), 2)
@@ -169,8 +169,11 @@ def validation_rows(shards: list[str | Path], tasks: tuple[str, ...]) -> dict[st
     index = ds.to_table(columns=["sample_id", "task", "source_id"]).to_pylist()
     _, val_ids = split_rows(index, stage_config("stage3", tasks=tasks, val_every=1))
     rows = ds.to_table(filter=pc.field("sample_id").isin(sorted(val_ids))).to_pylist()
-    return {t: sorted((r for r in rows if r["task"] == t), key=lambda r: r["sample_id"])
-            for t in tasks if any(r["task"] == t for r in rows)}
+    return {
+        t: sorted((r for r in rows if r["task"] == t), key=lambda r: r["sample_id"])
+        for t in tasks
+        if any(r["task"] == t for r in rows)
+    }
 
 
 def _val_ce(model_dir: Path, tokenizer, rows: dict[str, list[dict]], max_tokens: int) -> dict[str, float]:
@@ -184,12 +187,25 @@ def _val_ce(model_dir: Path, tokenizer, rows: dict[str, list[dict]], max_tokens:
 
 
 # Weight-free metrics the summary keeps per task and model (eval.json's names).
-EVAL_KEYS = ("rows", "ce", "accuracy", "ce_per_codebook", "accuracy_per_codebook", "experts_per_token",
-             "null_share", "generated", "eos_rate", "mean_frames", "silence_ratio", "clipping_ratio")
+EVAL_KEYS = (
+    "rows",
+    "ce",
+    "accuracy",
+    "ce_per_codebook",
+    "accuracy_per_codebook",
+    "experts_per_token",
+    "null_share",
+    "generated",
+    "eos_rate",
+    "mean_frames",
+    "silence_ratio",
+    "clipping_ratio",
+)
 
 
-def compare_to_random_init(checkpoint: Path, tokenizer_dir: Path, dac: Path, rows: dict[str, list[dict]],
-                           cfg: "ProductConfig") -> dict:
+def compare_to_random_init(
+    checkpoint: Path, tokenizer_dir: Path, dac: Path, rows: dict[str, list[dict]], cfg: "ProductConfig"
+) -> dict:
     """The stage-3 model's weight-free metrics (unimoe_ray.eval) beside a random-init model's of
     the same config and seed, on the validation rows: teacher-forced CE and accuracy (per
     codebook too), experts per token and null share; with `cfg.eval_frames` > 0 also the EOS
@@ -200,15 +216,25 @@ def compare_to_random_init(checkpoint: Path, tokenizer_dir: Path, dac: Path, row
     trained = load_pretrained(checkpoint, dtype=torch.float32)
     models = {"random_init": new_model(trained.cfg, tok, seed=cfg.seed), "stage3": trained}
     gen = cfg.eval_frames > 0
-    ecfg = EvalConfig(tasks=tuple(rows), max_tokens=max(cfg.max_tokens, 4096), generate=gen, gen_batch=4,
-                      seed=cfg.seed, sampling={"max_frames": cfg.eval_frames, "min_frames": 0} if gen else {})
+    ecfg = EvalConfig(
+        tasks=tuple(rows),
+        max_tokens=max(cfg.max_tokens, 4096),
+        generate=gen,
+        gen_batch=4,
+        seed=cfg.seed,
+        sampling={"max_frames": cfg.eval_frames, "min_frames": 0} if gen else {},
+    )
     codec = DACCodec.load(str(dac))
-    out: dict = {"rows": {t: len(r) for t, r in rows.items()},
-                 "generation": (f"≤ {cfg.eval_frames} frames, EOS from frame 0" if gen else
-                                "off: --eval-frames N for EOS rate, silence, clipping")}
+    out: dict = {
+        "rows": {t: len(r) for t, r in rows.items()},
+        "generation": (
+            f"≤ {cfg.eval_frames} frames, EOS from frame 0"
+            if gen
+            else "off: --eval-frames N for EOS rate, silence, clipping"
+        ),
+    }
     for name, model in models.items():
-        report = run_eval(model.eval(), PromptBuilder(tok, model.cfg), codec, load_judges(), ecfg, rows=rows,
-                          log=print)
+        report = run_eval(model.eval(), PromptBuilder(tok, model.cfg), codec, load_judges(), ecfg, rows=rows, log=print)
         out[name] = {t: {k: m[k] for k in EVAL_KEYS if k in m} for t, m in report["tasks"].items()}
     return out
 
@@ -227,8 +253,12 @@ def _request(http: httpx.Client, method: str, path: str, out: Path, **kw) -> dic
     latency = time.perf_counter() - t0
     pcm = np.frombuffer(b"".join(chunks), dtype="<i2").astype(np.float32) / 32768.0
     write_wav(out, pcm, SAMPLE_RATE)
-    return {"wav": out.name, "seconds_audio": round(len(pcm) / SAMPLE_RATE, 2),
-            "ttfa_s": round(ttfa or latency, 2), "latency_s": round(latency, 2)}
+    return {
+        "wav": out.name,
+        "seconds_audio": round(len(pcm) / SAMPLE_RATE, 2),
+        "ttfa_s": round(ttfa or latency, 2),
+        "latency_s": round(latency, 2),
+    }
 
 
 def run_product(cfg: ProductConfig) -> dict:
@@ -254,17 +284,25 @@ def _run_product(cfg: ProductConfig, out: Path, say: Callable[[str], None]) -> d
     summary: dict = {"config": asdict(cfg)}
     say("1/6 generating the mini corpus (espeak-ng speech, synthesised music, videos) ...")
     n_en, n_zh, n_t2m, n_v2m = cfg.corpus
-    manifest = make_mini_corpus(out / "corpus", MiniCorpusConfig(
-        n_tts_en=n_en, n_tts_zh=n_zh, n_t2m=n_t2m, n_v2m=n_v2m, long_music_seconds=0.0, seed=cfg.seed))
-    tokenizer = build_test_tokenizer(out / "assets" / "tokenizer")
-    dac = DACCodec.random(seed=cfg.seed).save(out / "assets" / "dac_random.pth")
+    manifest = make_mini_corpus(
+        out / "corpus",
+        MiniCorpusConfig(n_tts_en=n_en, n_tts_zh=n_zh, n_t2m=n_t2m, n_v2m=n_v2m, long_music_seconds=0.0, seed=cfg.seed),
+    )
+    tokenizer, dac = write_test_assets(out / "assets", seed=cfg.seed)
 
     say("2/6 preprocessing with Ray Data (decode, score, DAC-encode, balance → Parquet shards) ...")
-    stats = run_preprocess(manifest, out / "shards", PreprocessConfig(
-        tokenizer_path=str(tokenizer), encode=EncodeConfig(dac_path=str(dac))))
-    summary["preprocess"] = {"items_in": stats["items_in"], "rows_out": stats["out"]["rows"],
-                             "by_task": {t: v["rows"] for t, v in stats["out"]["by_task"].items()},
-                             "quarantined": stats["quarantined"]["rows"], "filtered": stats["filtered"]["rows"]}
+    stats = run_preprocess(
+        manifest,
+        out / "shards",
+        PreprocessConfig(tokenizer_path=str(tokenizer), encode=EncodeConfig(dac_path=str(dac))),
+    )
+    summary["preprocess"] = {
+        "items_in": stats["items_in"],
+        "rows_out": stats["out"]["rows"],
+        "by_task": {t: v["rows"] for t, v in stats["out"]["by_task"].items()},
+        "quarantined": stats["quarantined"]["rows"],
+        "filtered": stats["filtered"]["rows"],
+    }
     say(f"   shards: {summary['preprocess']}")
 
     common = Common(shards=[str(out / "shards")], tokenizer=str(tokenizer), storage_path=str(out / "runs"))
@@ -277,14 +315,19 @@ def _run_product(cfg: ProductConfig, out: Path, say: Callable[[str], None]) -> d
     train = dict(max_tokens=cfg.max_tokens, warmup_steps=cfg.warmup_steps, seed=cfg.seed)
     summary["stages"] = {}
 
-    def run_stage(name: str, lr: float, init: Callable[[], Path], tasks: tuple[str, ...], fit: Callable[[], Path]) -> Path:
+    def run_stage(
+        name: str, lr: float, init: Callable[[], Path], tasks: tuple[str, ...], fit: Callable[[], Path]
+    ) -> Path:
         """fit() the stage; then its initial model (`init()`, once the stage has written it) is
         scored on the validation rows of its tasks: the start of its validation CE."""
         t0 = time.perf_counter()
         model = fit()
         start = _val_ce(init(), tok, {t: val_rows[t] for t in tasks if t in val_rows}, cfg.max_tokens)
-        summary["stages"][name] = {"lr": lr, **_stage_summary(out / "runs" / name, start),
-                                   "seconds": round(time.perf_counter() - t0, 1)}
+        summary["stages"][name] = {
+            "lr": lr,
+            **_stage_summary(out / "runs" / name, start),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         return model
 
     def stage_init(name: str) -> Callable[[], Path]:
@@ -295,53 +338,132 @@ def _run_product(cfg: ProductConfig, out: Path, say: Callable[[str], None]) -> d
         say(f"3/6 stage 1: dense specialist for {task} ({s1} steps, lr {lr1:g}, Ray Train) ...")
         name = f"stage1_{task}"
         # Every specialist starts from the same weights: new_model(config, seed) in stage1.
-        specialists.append(str(run_stage(name, lr1, stage_init(name), (task,), lambda: stage1(
-            common, task=task, preset=cfg.preset, name=name, out=str(out / "models" / name),
-            train=stage_config("stage1", lr=lr1, max_steps=s1, checkpoint_every=s1, val_every=s1, **train)))))
+        specialists.append(
+            str(
+                run_stage(
+                    name,
+                    lr1,
+                    stage_init(name),
+                    (task,),
+                    lambda: stage1(
+                        common,
+                        task=task,
+                        preset=cfg.preset,
+                        name=name,
+                        out=str(out / "models" / name),
+                        train=stage_config("stage1", lr=lr1, max_steps=s1, checkpoint_every=s1, val_every=s1, **train),
+                    ),
+                )
+            )
+        )
     say(f"4/6 stage 2: specialists → DCMoE, router + shared experts warm up ({s2} steps, lr {lr2:g}) ...")
-    m2 = run_stage("stage2", lr2, stage_init("stage2"), ALL_TASKS, lambda: stage2(
-        common, specialists=specialists, name="stage2", out=str(out / "models" / "stage2"),
-        train=stage_config("stage2", lr=lr2, max_steps=s2, checkpoint_every=s2, val_every=s2, **train)))
+    m2 = run_stage(
+        "stage2",
+        lr2,
+        stage_init("stage2"),
+        ALL_TASKS,
+        lambda: stage2(
+            common,
+            specialists=specialists,
+            name="stage2",
+            out=str(out / "models" / "stage2"),
+            train=stage_config("stage2", lr=lr2, max_steps=s2, checkpoint_every=s2, val_every=s2, **train),
+        ),
+    )
     say(f"5/6 stage 3: everything trains, aux-loss weight decaying ({s3} steps, lr {lr3:g}) ...")
-    m3 = run_stage("stage3", lr3, lambda: m2, ALL_TASKS, lambda: stage3(
-        common, init=str(m2), name="stage3", out=str(out / "models" / "stage3"),
-        train=stage_config("stage3", lr=lr3, max_steps=s3, checkpoint_every=s3, val_every=s3, **train)))
-    say(f"   evaluating the stage-3 model beside a random-init one on the {sum(summary['validation_rows'].values())}"
-        " validation rows (unimoe_ray.eval) ...")
+    m3 = run_stage(
+        "stage3",
+        lr3,
+        lambda: m2,
+        ALL_TASKS,
+        lambda: stage3(
+            common,
+            init=str(m2),
+            name="stage3",
+            out=str(out / "models" / "stage3"),
+            train=stage_config("stage3", lr=lr3, max_steps=s3, checkpoint_every=s3, val_every=s3, **train),
+        ),
+    )
+    say(
+        f"   evaluating the stage-3 model beside a random-init one on the {sum(summary['validation_rows'].values())}"
+        " validation rows (unimoe_ray.eval) ..."
+    )
     t0 = time.perf_counter()
     summary["eval"] = compare_to_random_init(m3, tokenizer, dac, val_rows, cfg)
     summary["eval"]["seconds"] = round(time.perf_counter() - t0, 1)
 
     say("6/6 serving the stage-3 model on Ray Serve and calling it over HTTP ...")
-    model = {"checkpoint": str(m3), "tokenizer": str(tokenizer), "dac_path": str(dac), "preset": cfg.preset,
-             "max_rows": 4, "max_len": 1400, "torch_threads": 1}
-    ingress = {"voices_dir": str(out / "voices"), "api_keys_env": None, "speech_max_seconds": 20,
-               "music_max_seconds": 20}
-    port = _free_port()
+    model = {
+        "checkpoint": str(m3),
+        "tokenizer": str(tokenizer),
+        "dac_path": str(dac),
+        "preset": cfg.preset,
+        "max_rows": 4,
+        "max_len": 1400,
+        "torch_threads": 1,
+    }
+    ingress = {
+        "voices_dir": str(out / "voices"),
+        "api_keys_env": None,
+        "speech_max_seconds": 20,
+        "music_max_seconds": 20,
+    }
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"ingress": ingress, "speech": model, "music": model}), name="unimoe", route_prefix="/")
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     ref = next(r for r in rows if r["task"] == "tts_en" and "expect" not in r)
     video = next(r for r in rows if r["task"] == "v2m" and "expect" not in r)
     ref_wav, ref_sr = read_audio(out / "corpus" / ref["audio"])
-    buf = (out / "reference.wav")
+    buf = out / "reference.wav"
     write_wav(buf, ref_wav[: int(3 * ref_sr)], ref_sr)
     requests = {}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
-            requests["tts_cloned"] = _request(http, "POST", "/v1/audio/speech", out / "tts.wav", json={
-                "model": "unimoe-audio", "input": cfg.tts_text, "response_format": "pcm", "stream_format": "audio",
-                "reference_audio": base64.b64encode(buf.read_bytes()).decode(), "reference_text": ref["text"],
-                "max_seconds": cfg.seconds, "seed": cfg.seed})
-            requests["text_to_music"] = _request(http, "POST", "/v1/audio/music", out / "music.wav", json={
-                "prompt": cfg.music_caption, "duration": cfg.seconds, "response_format": "pcm", "stream": True,
-                "seed": cfg.seed})
+            requests["tts_cloned"] = _request(
+                http,
+                "POST",
+                "/v1/audio/speech",
+                out / "tts.wav",
+                json={
+                    "model": "unimoe-audio",
+                    "input": cfg.tts_text,
+                    "response_format": "pcm",
+                    "stream_format": "audio",
+                    "reference_audio": base64.b64encode(buf.read_bytes()).decode(),
+                    "reference_text": ref["text"],
+                    "max_seconds": cfg.seconds,
+                    "seed": cfg.seed,
+                },
+            )
+            requests["text_to_music"] = _request(
+                http,
+                "POST",
+                "/v1/audio/music",
+                out / "music.wav",
+                json={
+                    "prompt": cfg.music_caption,
+                    "duration": cfg.seconds,
+                    "response_format": "pcm",
+                    "stream": True,
+                    "seed": cfg.seed,
+                },
+            )
             with open(out / "corpus" / video["video"], "rb") as f:
                 requests["video_to_music"] = _request(
-                    http, "POST", "/v1/audio/music", out / "video_music.wav",
+                    http,
+                    "POST",
+                    "/v1/audio/music",
+                    out / "video_music.wav",
                     files={"video": ("clip.mp4", f, "video/mp4")},
-                    data={"prompt": video.get("text") or "Music for this clip.", "duration": str(cfg.seconds),
-                          "response_format": "pcm", "stream": "true", "seed": str(cfg.seed)})
+                    data={
+                        "prompt": video.get("text") or "Music for this clip.",
+                        "duration": str(cfg.seconds),
+                        "response_format": "pcm",
+                        "stream": "true",
+                        "seed": str(cfg.seed),
+                    },
+                )
     finally:
         serve.shutdown()
     summary["requests"] = requests
@@ -361,18 +483,22 @@ def format_summary(s: dict) -> str:
     stage-3 model's weight-free metrics beside a random-init model's; per request its timing."""
     lines = ["stage              steps  lr      loss first→last   mean first→last   val CE start→end  experts/token"]
     for name, st in s["stages"].items():
-        lines.append(f"{name:18s} {st['steps']:5d}  {st['lr']:<6g}  {_arrow(st['loss_first'], st['loss_last'], '6.2f')}"
-                     f"   {_arrow(st['loss_first_mean'], st['loss_last_mean'], '6.2f')}"
-                     f"   {_arrow(st.get('val_ce_start_mean'), st.get('val_ce_end_mean'), '6.2f'):>16s}"
-                     f"  {st.get('experts_per_token', '-'):>13}")
+        lines.append(
+            f"{name:18s} {st['steps']:5d}  {st['lr']:<6g}  {_arrow(st['loss_first'], st['loss_last'], '6.2f')}"
+            f"   {_arrow(st['loss_first_mean'], st['loss_last_mean'], '6.2f')}"
+            f"   {_arrow(st.get('val_ce_start_mean'), st.get('val_ce_end_mean'), '6.2f'):>16s}"
+            f"  {st.get('experts_per_token', '-'):>13}"
+        )
     ev = s.get("eval")
     if ev:
         lines.append(f"validation rows: random init → stage 3 (generation {ev['generation']})")
         lines.append("task     rows  CE                acc              EOS rate      experts/token")
         for task, n in ev["rows"].items():
             r, t = ev["random_init"].get(task, {}), ev["stage3"].get(task, {})
-            cells = [_arrow(r.get(k), t.get(k), f) for k, f in
-                     (("ce", "6.2f"), ("accuracy", ".3f"), ("eos_rate", ".2f"), ("experts_per_token", ".2f"))]
+            cells = [
+                _arrow(r.get(k), t.get(k), f)
+                for k, f in (("ce", "6.2f"), ("accuracy", ".3f"), ("eos_rate", ".2f"), ("experts_per_token", ".2f"))
+            ]
             lines.append(f"{task:8s} {n:4d}  {cells[0]:16s}  {cells[1]:15s}  {cells[2]:12s}  {cells[3]}")
     lines.append("request          audio s  TTFA s  latency s  wav")
     for name, r in s["requests"].items():

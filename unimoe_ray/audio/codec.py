@@ -96,8 +96,7 @@ class DACCodec:
             path = os.environ.get(DAC_PATH_ENV)
         if not path:
             raise FileNotFoundError(
-                f"No DAC checkpoint given: pass DACCodec.load(path=...) or set {DAC_PATH_ENV}. "
-                + _HOW_TO_GET_WEIGHTS
+                f"No DAC checkpoint given: pass DACCodec.load(path=...) or set {DAC_PATH_ENV}. " + _HOW_TO_GET_WEIGHTS
             )
         path = Path(path)
         if not path.is_file():
@@ -165,10 +164,7 @@ class DACCodec:
 
     @torch.inference_mode()
     def encode_batch(
-        self,
-        wavs: Sequence[np.ndarray | torch.Tensor],
-        sample_rate: int,
-        batch_size: int = 16,
+        self, wavs: Sequence[np.ndarray | torch.Tensor], sample_rate: int, batch_size: int = 16
     ) -> list[torch.Tensor]:
         """Encode several mono signals, `batch_size` at a time, shortest with shortest.
 
@@ -254,8 +250,7 @@ class DACCodec:
             raise ValueError(f"codes must be integers, got {codes.dtype}")
         if codes.shape[-2] != self.n_codebooks:
             raise ValueError(
-                f"expected {self.n_codebooks} codebooks, got {codes.shape[-2]} "
-                f"(codes shape {tuple(codes.shape)})"
+                f"expected {self.n_codebooks} codebooks, got {codes.shape[-2]} (codes shape {tuple(codes.shape)})"
             )
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(

@@ -48,13 +48,9 @@ class DelayPattern:
 
     def _check_codes(self, codes_KT: torch.Tensor) -> None:
         if codes_KT.dim() != 2 or codes_KT.shape[0] != self.num_codebooks:
-            raise ValueError(
-                f"codes must be ({self.num_codebooks} codebooks, frames); got {tuple(codes_KT.shape)}"
-            )
+            raise ValueError(f"codes must be ({self.num_codebooks} codebooks, frames); got {tuple(codes_KT.shape)}")
         if codes_KT.numel() and (codes_KT.min() < 0 or codes_KT.max() >= self.codebook_size):
-            raise ValueError(
-                f"codes must be in [0, {self.codebook_size}) before the delay pattern is applied"
-            )
+            raise ValueError(f"codes must be in [0, {self.codebook_size}) before the delay pattern is applied")
 
     def apply(self, codes_KT: torch.Tensor) -> torch.Tensor:
         """(K, T) frames → (K, T + max_delay + 1) delayed steps with bos / eos / pad."""
@@ -83,14 +79,10 @@ class DelayPattern:
     def revert(self, delayed_KS: torch.Tensor) -> torch.Tensor:
         """(K, S) delayed steps → (K, T) frames, T = S − max_delay − 1."""
         if delayed_KS.dim() != 2 or delayed_KS.shape[0] != self.num_codebooks:
-            raise ValueError(
-                f"delayed codes must be ({self.num_codebooks}, steps); got {tuple(delayed_KS.shape)}"
-            )
+            raise ValueError(f"delayed codes must be ({self.num_codebooks}, steps); got {tuple(delayed_KS.shape)}")
         T = delayed_KS.shape[1] - self.max_delay - 1
         if T < 0:
-            raise ValueError(
-                f"{delayed_KS.shape[1]} steps is shorter than the pattern's {self.max_delay + 1}"
-            )
+            raise ValueError(f"{delayed_KS.shape[1]} steps is shorter than the pattern's {self.max_delay + 1}")
         codes_KT = torch.stack([delayed_KS[c, d : d + T] for c, d in enumerate(self.delays)])
         if codes_KT.numel() and codes_KT.max() >= self.codebook_size:
             raise ValueError("delayed codes hold a bos/eos/pad inside the frame span: not a valid pattern")

@@ -52,9 +52,7 @@ def _rank_key(seed: int, sample_id: str) -> str:
     return hashlib.sha1(f"{seed}\0{sample_id}".encode()).hexdigest()
 
 
-def select_balanced(
-    ids_by_task: dict[str, list[str]], targets: dict[str, int], seed: int
-) -> set[str]:
+def select_balanced(ids_by_task: dict[str, list[str]], targets: dict[str, int], seed: int) -> set[str]:
     """The first targets[task] ids of each task in seeded-hash order."""
     keep: set[str] = set()
     for task, ids in ids_by_task.items():

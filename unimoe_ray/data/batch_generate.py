@@ -62,8 +62,14 @@ class GenerateTasks:
 
         torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.cfg = cfg
-        self.gen = AudioGenerator.load(cfg.checkpoint, cfg.tokenizer or cfg.checkpoint, cfg.dac_path,
-                                       device=cfg.device, dtype=cfg.dtype, expert_dtype=cfg.expert_dtype)
+        self.gen = AudioGenerator.load(
+            cfg.checkpoint,
+            cfg.tokenizer or cfg.checkpoint,
+            cfg.dac_path,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            expert_dtype=cfg.expert_dtype,
+        )
         self.voices = VoiceLibrary.load(cfg.voice_library, root=cfg.voice_root) if cfg.voice_library else None
 
     def __call__(self, batch: dict) -> dict:
@@ -87,8 +93,16 @@ class GenerateTasks:
 
 
 def _failed(task_id: str, task: str | None, reason: str) -> dict:
-    return {"task_id": task_id, "task": task, "status": "failed", "output": None, "frames": None,
-            "seconds_audio": None, "seconds_wall": None, "error": reason}
+    return {
+        "task_id": task_id,
+        "task": task,
+        "status": "failed",
+        "output": None,
+        "frames": None,
+        "seconds_audio": None,
+        "seconds_wall": None,
+        "error": reason,
+    }
 
 
 def parse_tasks(path: str | Path, voices=None) -> tuple[list[TaskRequest], list[dict], list[str]]:
@@ -168,8 +182,9 @@ def _write_atomically(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
-def run_batch(tasks_file: str | Path, out_manifest: str | Path, cfg: BatchConfig, *,
-              resume: bool = False) -> list[dict]:
+def run_batch(
+    tasks_file: str | Path, out_manifest: str | Path, cfg: BatchConfig, *, resume: bool = False
+) -> list[dict]:
     """Run every task of `tasks_file`; write the manifest (JSONL) as items finish and return
     its rows. resume: skip the tasks the manifest already records as ok with their WAV on
     disk (failed ones run again)."""
@@ -180,8 +195,11 @@ def run_batch(tasks_file: str | Path, out_manifest: str | Path, cfg: BatchConfig
     out = Path(out_manifest)
     done: dict[str, dict] = {}
     if resume:
-        done = {tid: r for tid, r in read_manifest_rows(out).items()
-                if r.get("status") == "ok" and r.get("output") and Path(r["output"]).is_file()}
+        done = {
+            tid: r
+            for tid, r in read_manifest_rows(out).items()
+            if r.get("status") == "ok" and r.get("output") and Path(r["output"]).is_file()
+        }
         good = [r for r in good if r.task_id not in done]
         print(f"resume: {len(done)} tasks already done in {out}; {len(good)} to run")
     rows = list(done.values())
@@ -194,9 +212,12 @@ def run_batch(tasks_file: str | Path, out_manifest: str | Path, cfg: BatchConfig
         if good:
             items = [{"task_json": json.dumps(r.__dict__)} for r in good]
             ds = ray.data.from_items(items).map_batches(
-                GenerateTasks, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
+                GenerateTasks,
+                fn_constructor_kwargs={"cfg": cfg},
+                batch_size=1,
                 compute=ActorPoolStrategy(size=min(cfg.actors, len(good))),
-                num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+                num_cpus=cfg.cpus_per_actor,
+                num_gpus=cfg.gpus_per_actor or None,
             )
             for r in ds.iter_rows():  # streamed: each row as its item finishes
                 row = {k: _plain(v) for k, v in r.items()}

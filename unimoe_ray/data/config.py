@@ -78,9 +78,7 @@ class EncodeConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ValueError(
-                f"encode max_error_fraction={self.max_error_fraction}: use a fraction in [0, 1]"
-            )
+            raise ValueError(f"encode max_error_fraction={self.max_error_fraction}: use a fraction in [0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,8 +150,7 @@ def check_rules(cfg: QualityConfig) -> None:
         unknown_tasks = sorted(set(rule.tasks) - set(TASKS))
         if unknown_tasks:
             raise PreprocessConfigError(
-                f"quality rule on {rule.scorer!r} names unknown tasks {unknown_tasks}; "
-                f"tasks are {', '.join(TASKS)}"
+                f"quality rule on {rule.scorer!r} names unknown tasks {unknown_tasks}; tasks are {', '.join(TASKS)}"
             )
 
 
@@ -215,7 +212,7 @@ def parse_pairs(
 
 
 def model_scorer_spec(item: str) -> ModelScorerSpec:
-    """"KIND[:OUTPUT]=PATH", e.g. "utmos=/w/utmos.pt" or "aesthetics:2=/w/audiobox.pt" (output 2
+    """ "KIND[:OUTPUT]=PATH", e.g. "utmos=/w/utmos.pt" or "aesthetics:2=/w/audiobox.pt" (output 2
     of a multi-output module). The scorer judges the tasks of MODEL_SCORER_TASKS[KIND]."""
     ((kind_output, path),) = parse_pairs([item], option="--model-scorer", metavar="KIND[:OUTPUT]=PATH")
     kind, _, output = kind_output.partition(":")
@@ -233,8 +230,7 @@ def model_scorer_spec(item: str) -> ModelScorerSpec:
 
 
 def quality_config(
-    *, model_scorers: Sequence[str] = (), mins: Sequence[str] = (), maxs: Sequence[str] = (),
-    default_rules: bool = True,
+    *, model_scorers: Sequence[str] = (), mins: Sequence[str] = (), maxs: Sequence[str] = (), default_rules: bool = True
 ) -> QualityConfig:
     """The scorers (KIND[:OUTPUT]=PATH) and the rules: DEFAULT_RULES unless `default_rules` is
     False, then one per SCORE=VALUE of `mins` / `maxs`, on the tasks the score's scorer judges
@@ -269,13 +265,23 @@ def balance_config(*, targets: Sequence[str] = (), total: int | None = None, see
 
 
 def preprocess_config(
-    *, tokenizer: str, dac_path: str | None = None, encode_actors: int = EncodeConfig.actors,
-    threads_per_actor: int = EncodeConfig.threads_per_actor, batch_rows: int = EncodeConfig.batch_rows,
+    *,
+    tokenizer: str,
+    dac_path: str | None = None,
+    encode_actors: int = EncodeConfig.actors,
+    threads_per_actor: int = EncodeConfig.threads_per_actor,
+    batch_rows: int = EncodeConfig.batch_rows,
     max_encode_error_fraction: float = EncodeConfig.max_error_fraction,
-    music_window_s: float = AudioConfig.music_window_s, min_duration_s: float = AudioConfig.min_duration_s,
-    video_fps: float = VideoConfig.fps, model_scorers: Sequence[str] = (), mins: Sequence[str] = (),
-    maxs: Sequence[str] = (), default_rules: bool = True, targets: Sequence[str] = (),
-    balance_total: int | None = None, seed: int = BalanceConfig.seed,
+    music_window_s: float = AudioConfig.music_window_s,
+    min_duration_s: float = AudioConfig.min_duration_s,
+    video_fps: float = VideoConfig.fps,
+    model_scorers: Sequence[str] = (),
+    mins: Sequence[str] = (),
+    maxs: Sequence[str] = (),
+    default_rules: bool = True,
+    targets: Sequence[str] = (),
+    balance_total: int | None = None,
+    seed: int = BalanceConfig.seed,
     rows_per_shard: int = PreprocessConfig.rows_per_shard,
 ) -> PreprocessConfig:
     """The PreprocessConfig of the preprocess job's options (one keyword per flag, e.g.
@@ -286,7 +292,10 @@ def preprocess_config(
         audio=AudioConfig(music_window_s=music_window_s, min_duration_s=min_duration_s),
         video=VideoConfig(fps=video_fps),
         encode=EncodeConfig(
-            dac_path=dac_path, actors=encode_actors, threads_per_actor=threads_per_actor, batch_rows=batch_rows,
+            dac_path=dac_path,
+            actors=encode_actors,
+            threads_per_actor=threads_per_actor,
+            batch_rows=batch_rows,
             max_error_fraction=max_encode_error_fraction,
         ),
         quality=quality_config(model_scorers=model_scorers, mins=mins, maxs=maxs, default_rules=default_rules),

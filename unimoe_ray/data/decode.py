@@ -53,15 +53,7 @@ def _clip_problem(clip: np.ndarray, task: str, cfg: AudioConfig) -> tuple[str, s
 
 
 def _item(
-    row: dict,
-    segment: int,
-    start: int,
-    stop: int,
-    sr: int,
-    status: str,
-    reason: str,
-    detail: str,
-    wav: np.ndarray,
+    row: dict, segment: int, start: int, stop: int, sr: int, status: str, reason: str, detail: str, wav: np.ndarray
 ) -> dict:
     item = dict(row)
     item.update(

@@ -29,9 +29,7 @@ def error_kind(detail: str) -> str:
     return detail.split(":", 1)[0]
 
 
-def check_encode_errors(
-    statuses: list[str], reasons: list[str], details: list[str], max_fraction: float
-) -> None:
+def check_encode_errors(statuses: list[str], reasons: list[str], details: list[str], max_fraction: float) -> None:
     """Raise RuntimeError when one kind of encode error hit more than `max_fraction` of the rows
     that reached the codec (rows still OK, plus those it quarantined); see
     EncodeConfig.max_error_fraction.

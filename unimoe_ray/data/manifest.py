@@ -43,12 +43,8 @@ def _load_rows(path: Path) -> list[dict]:
         return pq.read_table(path).to_pylist()
     if path.suffix == ".csv":
         # Every column as string: a transcript like "1984" must not become an integer.
-        table = pacsv.read_csv(
-            path, convert_options=pacsv.ConvertOptions(strings_can_be_null=False)
-        )
-        return table.cast(
-            pa.schema([pa.field(n, pa.string()) for n in table.column_names])
-        ).to_pylist()
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+        return table.cast(pa.schema([pa.field(n, pa.string()) for n in table.column_names])).to_pylist()
     if path.suffix in (".jsonl", ".json"):
         with path.open(encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]

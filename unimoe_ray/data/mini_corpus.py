@@ -31,12 +31,7 @@ import soundfile as sf
 
 from unimoe_ray.data import music
 
-_EN_SPEAKERS = (
-    ("en-us", "+m3", 50),
-    ("en-us", "+f2", 60),
-    ("en-gb", "+m1", 40),
-    ("en-gb", "+f4", 55),
-)
+_EN_SPEAKERS = (("en-us", "+m3", 50), ("en-us", "+f2", 60), ("en-gb", "+m1", 40), ("en-gb", "+f4", 55))
 _ZH_SPEAKERS = (("cmn", "+m3", 45), ("cmn", "+f2", 60), ("cmn", "+m1", 35), ("cmn", "+f4", 55))
 _EN = {
     "det": ("The", "A", "My", "Our", "That"),
@@ -111,18 +106,7 @@ def speak(text: str, path: Path, voice: str, variant: str, pitch: int, speed: in
     if shutil.which("espeak-ng") is None:
         raise FileNotFoundError("espeak-ng is not installed: apt-get install -y espeak-ng")
     subprocess.run(
-        [
-            "espeak-ng",
-            "-v",
-            voice + variant,
-            "-p",
-            str(pitch),
-            "-s",
-            str(speed),
-            "-w",
-            str(path),
-            text,
-        ],
+        ["espeak-ng", "-v", voice + variant, "-p", str(pitch), "-s", str(speed), "-w", str(path), text],
         check=True,
         capture_output=True,
     )
@@ -138,9 +122,7 @@ def ball_video_frames(piece: music.Piece, duration_s: float, size: int, fps: int
     cx_T = size / 2 + 0.3 * size * np.cos(angle_T)
     cy_T = size / 2 + 0.3 * size * np.sin(angle_T)
     yy, xx = np.mgrid[0:size, 0:size]
-    inside_THW = (yy - cy_T[:, None, None]) ** 2 + (xx - cx_T[:, None, None]) ** 2 <= radius_T[
-        :, None, None
-    ] ** 2
+    inside_THW = (yy - cy_T[:, None, None]) ** 2 + (xx - cx_T[:, None, None]) ** 2 <= radius_T[:, None, None] ** 2
     frames = np.empty((len(t_T), size, size, 3), np.uint8)
     frames[:] = _MOOD_COLOURS[mode]
     frames[inside_THW] = _INSTRUMENT_COLOURS[piece.instrument]
@@ -183,9 +165,7 @@ def write_mp4(path: Path, frames_THWC: np.ndarray, fps: int) -> None:
         "-1",
         str(path),
     ]
-    subprocess.run(
-        cmd, input=np.ascontiguousarray(frames_THWC).tobytes(), check=True, capture_output=True
-    )
+    subprocess.run(cmd, input=np.ascontiguousarray(frames_THWC).tobytes(), check=True, capture_output=True)
 
 
 def _write_music(path: Path, wav: np.ndarray, sr: int, channels: int) -> None:
@@ -243,17 +223,11 @@ def make_mini_corpus(out_dir: str | Path, cfg: MiniCorpusConfig = MiniCorpusConf
             text = sentence(rng)
             rel = f"speech/{lang}_{i:04d}.wav"
             speak(text, out / rel, voice, variant, pitch, int(rng.integers(145, 181)))
-            rows.append(
-                dict(task=task, audio=rel, text=text, speaker=f"{voice}{variant}", language=lang)
-            )
+            rows.append(dict(task=task, audio=rel, text=text, speaker=f"{voice}{variant}", language=lang))
 
     for i in range(cfg.n_t2m):
         rng = _rng(cfg.seed, 3, i)
-        seconds = (
-            cfg.long_music_seconds
-            if i == 0 and cfg.long_music_seconds
-            else rng.uniform(*cfg.music_seconds)
-        )
+        seconds = cfg.long_music_seconds if i == 0 and cfg.long_music_seconds else rng.uniform(*cfg.music_seconds)
         piece = _piece(rng, seconds)
         sr, channels = _MUSIC_FORMATS[i % len(_MUSIC_FORMATS)]
         rel = f"music/t2m_{i:04d}.wav"
@@ -266,9 +240,7 @@ def make_mini_corpus(out_dir: str | Path, cfg: MiniCorpusConfig = MiniCorpusConf
         rel, rel_video = f"music/v2m_{i:04d}.wav", f"video/v2m_{i:04d}.mp4"
         _write_music(out / rel, music.render(piece, 22050, rng), 22050, 1)
         write_mp4(
-            out / rel_video,
-            ball_video_frames(piece, piece.duration_s, cfg.video_size, cfg.video_fps),
-            cfg.video_fps,
+            out / rel_video, ball_video_frames(piece, piece.duration_s, cfg.video_size, cfg.video_fps), cfg.video_fps
         )
         rows.append(dict(task="v2m", audio=rel, video=rel_video, text=music.caption(piece, rng)))
 
@@ -320,12 +292,7 @@ def _broken_rows(out: Path, cfg: MiniCorpusConfig, good_rows: list[dict]) -> lis
 
     piece = _piece(rng, 6.0)
     clipped_caption = music.caption(piece, rng)
-    sf.write(
-        b / "clipped_music.wav",
-        np.clip(8.0 * music.render(piece, 16000, rng), -1, 1),
-        16000,
-        subtype="PCM_16",
-    )
+    sf.write(b / "clipped_music.wav", np.clip(8.0 * music.render(piece, 16000, rng), -1, 1), 16000, subtype="PCM_16")
     for name in ("v2m_music_a.wav", "v2m_music_b.wav"):  # two rows, two sample ids
         sf.write(b / name, music.render(_piece(rng, 4.0), 16000, rng), 16000, subtype="PCM_16")
     first_tts = next(r for r in good_rows if r["task"] == "tts_en")
@@ -334,23 +301,11 @@ def _broken_rows(out: Path, cfg: MiniCorpusConfig, good_rows: list[dict]) -> lis
         return f"quarantined:{reason}"
 
     return [
-        dict(
-            task="tts_en",
-            audio="broken/corrupt.wav",
-            text="Corrupt bytes.",
-            expect=q("corrupt_audio"),
-        ),
-        dict(
-            task="tts_en", audio="broken/empty.wav", text="An empty file.", expect=q("empty_file")
-        ),
+        dict(task="tts_en", audio="broken/corrupt.wav", text="Corrupt bytes.", expect=q("corrupt_audio")),
+        dict(task="tts_en", audio="broken/empty.wav", text="An empty file.", expect=q("empty_file")),
         dict(task="t2m", audio="broken/silence.wav", text="Silence.", expect=q("silent")),
         dict(task="tts_zh", audio="broken/short.wav", text="太短了。", expect=q("too_short")),
-        dict(
-            task="tts_zh",
-            audio="broken/does_not_exist.wav",
-            text="没有文件。",
-            expect=q("missing_audio"),
-        ),
+        dict(task="tts_zh", audio="broken/does_not_exist.wav", text="没有文件。", expect=q("missing_audio")),
         dict(
             task="v2m",
             audio="broken/v2m_music_a.wav",
@@ -366,20 +321,8 @@ def _broken_rows(out: Path, cfg: MiniCorpusConfig, good_rows: list[dict]) -> lis
             expect=q("corrupt_video"),
         ),
         # Zero-width spaces and a tab: nothing left once text is normalised.
-        dict(
-            task="tts_en",
-            audio="broken/blank_text.wav",
-            text="\u200b\u200b \t\u200b",
-            expect=q("empty_text"),
-        ),
+        dict(task="tts_en", audio="broken/blank_text.wav", text="\u200b\u200b \t\u200b", expect=q("empty_text")),
         dict(first_tts, expect=q("duplicate")),
-        dict(
-            task="tts_en", audio="broken/noisy_speech.wav", text=text, expect="filtered:low_snr_db"
-        ),
-        dict(
-            task="t2m",
-            audio="broken/clipped_music.wav",
-            text=clipped_caption,
-            expect="filtered:high_clipping_ratio",
-        ),
+        dict(task="tts_en", audio="broken/noisy_speech.wav", text=text, expect="filtered:low_snr_db"),
+        dict(task="t2m", audio="broken/clipped_music.wav", text=clipped_caption, expect="filtered:high_clipping_ratio"),
     ]

@@ -58,14 +58,7 @@ class Piece:
 
 
 def compose(
-    rng: np.random.Generator,
-    *,
-    tonic: int,
-    mode: str,
-    bpm: int,
-    n_bars: int,
-    instrument: str,
-    drums: bool,
+    rng: np.random.Generator, *, tonic: int, mode: str, bpm: int, n_bars: int, instrument: str, drums: bool
 ) -> Piece:
     """A 4/4 melody in (tonic pitch class, mode): chord tones on the beats, scale steps between,
     ending on a long tonic; the accompaniment holds each bar's triad (I-IV-V-I)."""
@@ -123,8 +116,7 @@ def caption(piece: Piece, rng: np.random.Generator) -> str:
     templates = (
         f"A {mood} {pace} {piece.instrument} melody in {tonic} {mode} at {piece.bpm} BPM, {beat}.",
         f"{mood.capitalize()} {piece.instrument} tune in {tonic} {mode}, {piece.bpm} BPM, {beat}.",
-        f"{pace.capitalize()} {mood} music played on {piece.instrument}, {tonic} {mode}, "
-        f"{piece.bpm} BPM, {beat}.",
+        f"{pace.capitalize()} {mood} music played on {piece.instrument}, {tonic} {mode}, {piece.bpm} BPM, {beat}.",
     )
     return templates[rng.integers(len(templates))]
 
@@ -153,15 +145,11 @@ def _karplus_strong(freq: float, n: int, sr: int, rng: np.random.Generator) -> n
     buf[1 : period + 1] = rng.uniform(-1, 1, period)
     for start in range(period + 1, n + 1, period):
         stop = min(start + period, n + 1)
-        buf[start:stop] = 0.498 * (
-            buf[start - period : stop - period] + buf[start - period - 1 : stop - period - 1]
-        )
+        buf[start:stop] = 0.498 * (buf[start - period : stop - period] + buf[start - period - 1 : stop - period - 1])
     return buf[1 : n + 1]
 
 
-def _note_wave(
-    note: Note, instrument: str, spb: float, sr: int, rng: np.random.Generator
-) -> np.ndarray:
+def _note_wave(note: Note, instrument: str, spb: float, sr: int, rng: np.random.Generator) -> np.ndarray:
     n = int(note.duration * spb * sr)
     t_N = np.arange(n) / sr
     freq = _midi_hz(note.pitch)
@@ -176,9 +164,7 @@ def _note_wave(
     elif instrument == "guitar":
         wave, attack = _karplus_strong(freq, n, sr, rng), 0.002
     elif instrument == "marimba":
-        wave = np.sin(2 * np.pi * freq * t_N) + 0.4 * np.sin(2 * np.pi * 4 * freq * t_N) * np.exp(
-            -t_N * 20
-        )
+        wave = np.sin(2 * np.pi * freq * t_N) + 0.4 * np.sin(2 * np.pi * 4 * freq * t_N) * np.exp(-t_N * 20)
         wave *= np.exp(-t_N * 4)
         attack = 0.002
     elif instrument == "bass":
@@ -193,9 +179,7 @@ def _note_wave(
 def _drums(n_beats: int, spb: float, sr: int, rng: np.random.Generator, n: int) -> np.ndarray:
     """Kick (a falling sine) on every beat, hi-hat (a noise tick) half a beat later."""
     kick_t = np.arange(int(0.15 * sr)) / sr
-    kick = np.sin(2 * np.pi * (50 * kick_t + 70 * (1 - np.exp(-kick_t * 30)) / 30)) * np.exp(
-        -kick_t * 25
-    )
+    kick = np.sin(2 * np.pi * (50 * kick_t + 70 * (1 - np.exp(-kick_t * 30)) / 30)) * np.exp(-kick_t * 25)
     hat_n = int(0.03 * sr)
     out = np.zeros(n)
     for beat in range(n_beats):

@@ -39,18 +39,13 @@ log = logging.getLogger(__name__)
 def build_dataset(rows: list[dict], cfg: PreprocessConfig) -> ray.data.Dataset:
     """Source rows -> the lazy Ray dataset of staging rows (nothing runs until consumed)."""
     light = cfg.light_cpus
-    blocks = [
-        pa.Table.from_pylist(rows[i : i + cfg.block_rows])
-        for i in range(0, len(rows), cfg.block_rows)
-    ]
+    blocks = [pa.Table.from_pylist(rows[i : i + cfg.block_rows]) for i in range(0, len(rows), cfg.block_rows)]
     ds = ray.data.from_arrow(blocks)
     # Capped task pools: fractional CPUs alone would let Ray start a worker process per
     # quarter core, each importing torch.
     tasks = TaskPoolStrategy(size=cfg.light_tasks)
     ds = ds.flat_map(decode_row, fn_kwargs={"cfg": cfg.audio}, compute=tasks, num_cpus=light)
-    ds = ds.map_batches(
-        attach_video, fn_kwargs={"cfg": cfg.video}, batch_size=4, compute=tasks, num_cpus=light
-    )
+    ds = ds.map_batches(attach_video, fn_kwargs={"cfg": cfg.video}, batch_size=4, compute=tasks, num_cpus=light)
     ds = ds.map_batches(
         TokenizeText,
         fn_constructor_kwargs={"tokenizer_path": cfg.tokenizer_path},
@@ -74,11 +69,7 @@ def build_dataset(rows: list[dict], cfg: PreprocessConfig) -> ray.data.Dataset:
     )
     names = score_names(cfg.quality.model_scorers)
     return ds.map_batches(
-        to_staging_table,
-        fn_kwargs={"score_names": names},
-        batch_size=64,
-        compute=tasks,
-        num_cpus=light,
+        to_staging_table, fn_kwargs={"score_names": names}, batch_size=64, compute=tasks, num_cpus=light
     )
 
 

@@ -91,9 +91,7 @@ class TorchModuleScorer:
     outputs (Audiobox gives CE, CU, PC, PQ) `output_index` picks one.
     """
 
-    def __init__(
-        self, name: str, path: str | Path, sample_rate: int = 16000, output_index: int | None = None
-    ):
+    def __init__(self, name: str, path: str | Path, sample_rate: int = 16000, output_index: int | None = None):
         import torch  # lazy: only model scorers need it
 
         path = Path(path)
@@ -132,9 +130,7 @@ class ClapScorer:
         try:
             import laion_clap
         except ImportError as err:
-            raise ImportError(
-                f"CLAP scoring ({path}) needs the laion_clap package: pip install laion-clap"
-            ) from err
+            raise ImportError(f"CLAP scoring ({path}) needs the laion_clap package: pip install laion-clap") from err
         if not path.is_file():
             raise FileNotFoundError(f"CLAP checkpoint {path} does not exist")
         self.name = name
@@ -162,9 +158,7 @@ def build_model_scorer(spec: ModelScorerSpec) -> Scorer:
     raise ValueError(f"unknown model scorer kind {spec.kind!r}: use utmos, aesthetics or clap")
 
 
-def failed_rule(
-    scores: dict[str, float], task: str, rules: tuple[QualityRule, ...]
-) -> tuple[str, str]:
+def failed_rule(scores: dict[str, float], task: str, rules: tuple[QualityRule, ...]) -> tuple[str, str]:
     """(reason, detail) of the first rule the row breaks, e.g. ("low_snr_db", "snr_db=3.1 <
     15"); ("", "") if it passes. A missing or NaN score passes (the scorer did not apply)."""
     for rule in rules:

@@ -66,11 +66,7 @@ _PAYLOAD_FIELDS = [
     pa.field("video_frames", pa.binary()),
     pa.field("video_thw", pa.list_(pa.int32())),
 ]
-_STATUS_FIELDS = [
-    pa.field("status", pa.string()),
-    pa.field("reason", pa.string()),
-    pa.field("detail", pa.string()),
-]
+_STATUS_FIELDS = [pa.field("status", pa.string()), pa.field("reason", pa.string()), pa.field("detail", pa.string())]
 
 
 def _score_fields(score_names: tuple[str, ...]) -> list[pa.Field]:

@@ -36,14 +36,7 @@ import pyarrow.parquet as pq
 from unimoe_ray.data.balance import resolve_targets, select_balanced
 from unimoe_ray.data.config import TASKS, BalanceConfig, EncodeConfig
 from unimoe_ray.data.encode import check_encode_errors
-from unimoe_ray.data.schema import (
-    FILTERED,
-    OK,
-    QUARANTINED,
-    filtered_schema,
-    quarantine_schema,
-    shard_schema,
-)
+from unimoe_ray.data.schema import FILTERED, OK, QUARANTINED, filtered_schema, quarantine_schema, shard_schema
 
 _META = ["sample_id", "source_id", "task", "status", "reason", "duration_s"]
 
@@ -62,7 +55,9 @@ def shard_paths(shards: list[str | Path]) -> list[str]:
         if p.is_dir():
             found = sorted(p.glob("shard-*.parquet"))
             if not found:
-                raise ShardPathError(f"{p} holds no shard-*.parquet files: point --shards at the output of jobs/preprocess.py")
+                raise ShardPathError(
+                    f"{p} holds no shard-*.parquet files: point --shards at the output of jobs/preprocess.py"
+                )
             paths += [str(f.resolve()) for f in found]
         elif p.is_file():
             paths.append(str(p.resolve()))
@@ -138,16 +133,13 @@ def finalize(
     meta = staged.to_table(columns=_META).sort_by("sample_id")  # fixed order: sums repeat exactly
     outcome = staged.to_table(columns=["status", "reason", "detail"])
     check_encode_errors(
-        *(outcome.column(c).to_pylist() for c in outcome.column_names),
-        max_fraction=max_encode_error_fraction,
+        *(outcome.column(c).to_pylist() for c in outcome.column_names), max_fraction=max_encode_error_fraction
     )
     if len(set(meta["sample_id"].to_pylist())) != meta.num_rows:
         raise RuntimeError("duplicate sample ids in staging: a stage emitted a row twice")
     missing = set(source_ids) - set(meta["source_id"].to_pylist())
     if missing:
-        raise RuntimeError(
-            f"{len(missing)} manifest rows produced no item, e.g. {sorted(missing)[:3]}"
-        )
+        raise RuntimeError(f"{len(missing)} manifest rows produced no item, e.g. {sorted(missing)[:3]}")
 
     ok = meta.filter(pc.equal(meta["status"], OK))
     ids_by_task: dict[str, list[str]] = defaultdict(list)
@@ -162,18 +154,13 @@ def finalize(
 
     quarantine_cols = quarantine_schema().names
     _write(
-        staged.to_table(columns=quarantine_cols, filter=pc.field("status") == QUARANTINED).cast(
-            quarantine_schema()
-        ),
+        staged.to_table(columns=quarantine_cols, filter=pc.field("status") == QUARANTINED).cast(quarantine_schema()),
         out_dir / "quarantine.parquet",
     )
     filtered = staged.to_table(
-        columns=filtered_schema(score_names).names + ["status"],
-        filter=pc.field("status") != QUARANTINED,
+        columns=filtered_schema(score_names).names + ["status"], filter=pc.field("status") != QUARANTINED
     )
-    filtered = filtered.filter(
-        pc.invert(pc.is_in(filtered["sample_id"], pa.array(sorted(keep), pa.string())))
-    )
+    filtered = filtered.filter(pc.invert(pc.is_in(filtered["sample_id"], pa.array(sorted(keep), pa.string()))))
     balance_dropped = pc.equal(filtered["status"], OK)
     filtered = filtered.set_column(
         filtered.schema.get_field_index("reason"),
@@ -188,11 +175,7 @@ def finalize(
 
 
 def _write_shards(
-    staged: pads.Dataset,
-    out_dir: Path,
-    keep: set[str],
-    score_names: tuple[str, ...],
-    rows_per_shard: int,
+    staged: pads.Dataset, out_dir: Path, keep: set[str], score_names: tuple[str, ...], rows_per_shard: int
 ) -> list[str]:
     """Two passes: route each staging file's selected rows to per-shard parts, then sort and
     write each shard."""
@@ -205,9 +188,7 @@ def _write_shards(
         table = fragment.to_table(columns=schema.names, filter=pc.field("status") == OK)
         if table.num_rows == 0:
             continue
-        shard_of = pa.array(
-            [order.get(sid, -1) for sid in table["sample_id"].to_pylist()], pa.int64()
-        )
+        shard_of = pa.array([order.get(sid, -1) for sid in table["sample_id"].to_pylist()], pa.int64())
         for k in sorted(set(shard_of.to_pylist()) - {-1}):
             part = table.filter(pc.equal(shard_of, k))
             (parts / f"{k:05d}").mkdir(parents=True, exist_ok=True)
@@ -232,11 +213,7 @@ def _stats(
     rows = meta.to_pylist()
     out = [r for r in rows if r["sample_id"] in keep]
     quarantined = [r for r in rows if r["status"] == QUARANTINED]
-    filtered = [
-        r
-        for r in rows
-        if r["status"] == FILTERED or (r["status"] == OK and r["sample_id"] not in keep)
-    ]
+    filtered = [r for r in rows if r["status"] == FILTERED or (r["status"] == OK and r["sample_id"] not in keep)]
     for r in filtered:
         if r["status"] == OK:
             r["reason"] = "balance"

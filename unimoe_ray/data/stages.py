@@ -31,11 +31,7 @@ def normalize_text(text: str) -> str:
     """NFKC, control and format characters (zero-width spaces, BOMs, ...) removed, runs of
     whitespace collapsed to one space, trimmed."""
     text = unicodedata.normalize("NFKC", str(text))
-    kept = (
-        " " if ch.isspace() else ch
-        for ch in text
-        if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf")
-    )
+    kept = (" " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf"))
     return " ".join("".join(kept).split())
 
 
@@ -140,6 +136,4 @@ def to_staging_table(batch: dict, *, score_names: tuple[str, ...]) -> pa.Table:
     columns["video_thw"] = [np.asarray(v, np.int32) for v in batch["video_thw"]]
     for name in score_names:
         columns[score_column(name)] = np.asarray(batch[score_column(name)], np.float32)
-    return pa.Table.from_arrays(
-        [pa.array(columns[f.name], type=f.type) for f in schema], schema=schema
-    )
+    return pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)

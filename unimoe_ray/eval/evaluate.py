@@ -37,10 +37,19 @@ def sampling_options(text: str) -> dict:
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, cfg: EvalConfig, out: str | Path, *, shards: list[str | Path] | None = None,
-    task_file: str | Path | None = None, tokenizer: str | Path | None = None, dac_path: str | Path | None = None,
-    judge_paths: dict[str, str | None] | None = None, voice_library: str | Path | None = None,
-    device: str = "cpu", dtype: str | None = None, log: Callable[[str], None] = print,
+    checkpoint: str | Path,
+    cfg: EvalConfig,
+    out: str | Path,
+    *,
+    shards: list[str | Path] | None = None,
+    task_file: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    dac_path: str | Path | None = None,
+    judge_paths: dict[str, str | None] | None = None,
+    voice_library: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    log: Callable[[str], None] = print,
 ) -> tuple[Path, Path]:
     """Evaluate `checkpoint` (save_pretrained layout or the released checkpoint) on `shards` or
     `task_file` (exactly one) and write OUT/eval.json and OUT/eval.md; returns their paths.

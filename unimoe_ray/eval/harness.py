@@ -52,9 +52,9 @@ from unimoe_ray.inference.tasks import TaskError, TaskRequest, read_task_file
 from unimoe_ray.inference.video import VideoSampling, load_video
 from unimoe_ray.inference.voices import VoiceLibrary
 from unimoe_ray.model.unimoe_audio import IGNORE_INDEX, UniMoEAudio
+from unimoe_ray.tasks import MUSIC_TASKS, SPEECH_TASKS, sampling_task
 from unimoe_ray.text.prompt import Prompt
 from unimoe_ray.text.prompts import PromptBuilder
-from unimoe_ray.tasks import MUSIC_TASKS, SPEECH_TASKS, sampling_task
 from unimoe_ray.train.batches import ExampleBuilder, collate, pack_by_tokens
 from unimoe_ray.train.routing import RoutingTally
 from unimoe_ray.train.step import LossModule
@@ -129,8 +129,9 @@ class EvalItem:
     sampling: dict = field(default_factory=dict)
 
 
-def items_from_rows(rows_by_task: dict[str, list[dict]], prompts: PromptBuilder, codec: DACCodec,
-                    *, with_reference: bool) -> list[EvalItem]:
+def items_from_rows(
+    rows_by_task: dict[str, list[dict]], prompts: PromptBuilder, codec: DACCodec, *, with_reference: bool
+) -> list[EvalItem]:
     """Shard rows → items: the training prompt (`ExampleBuilder.prompt`), its negative, and the
     row's own length as the request."""
     build = ExampleBuilder(prompts, prompts.cfg)
@@ -144,11 +145,18 @@ def items_from_rows(rows_by_task: dict[str, list[dict]], prompts: PromptBuilder,
                 video = None if prompt.pixel_values is None else (prompt.pixel_values, prompt.video_grid_thw)
                 negative = prompts.music_negative(video=video)
             ref = codec.decode(torch.from_numpy(codes_of(row))) if with_reference else None
-            items.append(EvalItem(
-                item_id=str(row["sample_id"]), task=task, text=str(row["text"]), prompt=prompt, negative=negative,
-                requested_frames=int(row["n_frames"]), reference_wav=ref,
-                reference_kind="target clip (its codes decoded)",
-            ))
+            items.append(
+                EvalItem(
+                    item_id=str(row["sample_id"]),
+                    task=task,
+                    text=str(row["text"]),
+                    prompt=prompt,
+                    negative=negative,
+                    requested_frames=int(row["n_frames"]),
+                    reference_wav=ref,
+                    reference_kind="target clip (its codes decoded)",
+                )
+            )
     return items
 
 
@@ -160,8 +168,13 @@ def _speech_task(item: dict, text: str) -> str:
 
 
 def items_from_task_file(
-    path: str | Path, prompts: PromptBuilder, codec: DACCodec, tasks: tuple[str, ...], *,
-    voices: VoiceLibrary | None = None, video_sampling: VideoSampling = VideoSampling(),
+    path: str | Path,
+    prompts: PromptBuilder,
+    codec: DACCodec,
+    tasks: tuple[str, ...],
+    *,
+    voices: VoiceLibrary | None = None,
+    video_sampling: VideoSampling = VideoSampling(),
 ) -> list[EvalItem]:
     """A released-style task file (inference/tasks.py) → items. Optional keys beside the
     released ones: `duration_s` (the requested length) and `language` ("en" | "zh"; default:
@@ -194,10 +207,19 @@ def items_from_task_file(
         if seconds is not None and not float(seconds) > 0:
             raise TaskError(f"task {req.task_id}: duration_s={seconds}: the requested length must be > 0 seconds")
         requested = round(float(seconds) * codec.frame_rate) if seconds is not None else req.sampling.get("max_frames")
-        items.append(EvalItem(
-            item_id=req.task_id, task=task, text=req.text, prompt=prompt, negative=negative,
-            requested_frames=requested, reference_wav=ref, reference_kind="prompt voice", sampling=req.sampling,
-        ))
+        items.append(
+            EvalItem(
+                item_id=req.task_id,
+                task=task,
+                text=req.text,
+                prompt=prompt,
+                negative=negative,
+                requested_frames=requested,
+                reference_wav=ref,
+                reference_kind="prompt voice",
+                sampling=req.sampling,
+            )
+        )
     if not items:
         raise EvalError(f"task file {path} holds no task of {list(tasks)}")
     return items
@@ -257,8 +279,9 @@ class Generated:
     frame_limit: int
 
 
-def generate_items(model: UniMoEAudio, codec: DACCodec, items: list[EvalItem], cfg: EvalConfig,
-                   log: Callable[[str], None] = print) -> list[Generated]:
+def generate_items(
+    model: UniMoEAudio, codec: DACCodec, items: list[EvalItem], cfg: EvalConfig, log: Callable[[str], None] = print
+) -> list[Generated]:
     """Generate every item (batches of `gen_batch` items of one task) and decode it."""
     max_delay = max(model.cfg.codec_delay_pattern)
     out: list[Generated] = []
@@ -287,9 +310,14 @@ def _judge_item(g: Generated, judges: Judges, sr: int, frame_rate: float) -> dic
     it = g.item
     frames = int(g.codes_KT.shape[1])
     rec = {
-        "item_id": it.item_id, "task": it.task, "frames": frames, "frame_limit": g.frame_limit,
-        "requested_frames": it.requested_frames, "ended_by_eos": metrics.ended_by_eos(frames, g.frame_limit),
-        "silence_ratio": SilenceScorer().score(g.wav, sr), "clipping_ratio": ClippingScorer().score(g.wav, sr),
+        "item_id": it.item_id,
+        "task": it.task,
+        "frames": frames,
+        "frame_limit": g.frame_limit,
+        "requested_frames": it.requested_frames,
+        "ended_by_eos": metrics.ended_by_eos(frames, g.frame_limit),
+        "silence_ratio": SilenceScorer().score(g.wav, sr),
+        "clipping_ratio": ClippingScorer().score(g.wav, sr),
     }
     if it.requested_frames:
         rec["duration"] = metrics.duration_error(frames, it.requested_frames, frame_rate)
@@ -338,8 +366,11 @@ def generation_summary(records: list[dict], items: list[EvalItem], judges: Judge
                 s[key] = _mean(vals)
         if task in MUSIC_TASKS and judges.clap is not None:
             gen_emb = [r["clap_embedding"] for r in recs if "clap_embedding" in r]
-            refs = [it.reference_wav for it in items
-                    if it.task == task and it.reference_wav is not None and it.reference_wav.size]
+            refs = [
+                it.reference_wav
+                for it in items
+                if it.task == task and it.reference_wav is not None and it.reference_wav.size
+            ]
             if len(gen_emb) >= 2 and len(refs) >= 2:
                 s["fad"] = metrics.fad(np.stack(gen_emb), np.stack([judges.clap.audio_embed(w, sr) for w in refs]))
                 # FAD from few clips is biased upwards (covariances of N < D embeddings): say how many.
@@ -358,10 +389,19 @@ def generation_summary(records: list[dict], items: list[EvalItem], judges: Judge
 # ---- the whole run ----
 
 
-def run_eval(model: UniMoEAudio, prompts: PromptBuilder, codec: DACCodec, judges: Judges, cfg: EvalConfig, *,
-             shards: list[str | Path] | None = None, task_file: str | Path | None = None,
-             rows: dict[str, list[dict]] | None = None,
-             voices: VoiceLibrary | None = None, log: Callable[[str], None] = print) -> dict:
+def run_eval(
+    model: UniMoEAudio,
+    prompts: PromptBuilder,
+    codec: DACCodec,
+    judges: Judges,
+    cfg: EvalConfig,
+    *,
+    shards: list[str | Path] | None = None,
+    task_file: str | Path | None = None,
+    rows: dict[str, list[dict]] | None = None,
+    voices: VoiceLibrary | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Evaluate on shard rows (teacher forcing + generation) or a task file (generation only).
     `rows` (task → shard rows, e.g. a training run's validation split) replaces `shards` when
     the caller has chosen the rows itself (`cfg.rows_per_task` then does not apply).
@@ -391,8 +431,10 @@ def run_eval(model: UniMoEAudio, prompts: PromptBuilder, codec: DACCodec, judges
         )
         items = items_from_task_file(task_file, prompts, codec, cfg.tasks, voices=voices)
     if cfg.generate:
-        records = [_judge_item(g, judges, codec.sample_rate, codec.frame_rate)
-                   for g in generate_items(model, codec, items, cfg, log)]
+        records = [
+            _judge_item(g, judges, codec.sample_rate, codec.frame_rate)
+            for g in generate_items(model, codec, items, cfg, log)
+        ]
         summary, notes = generation_summary(records, items, judges, codec.sample_rate)
         for t, s in summary.items():
             tasks.setdefault(t, {}).update(s)

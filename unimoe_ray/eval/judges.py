@@ -138,14 +138,23 @@ class Judges:
 
 # metric → (judge, flag that supplies its weights)
 MODEL_METRICS = {
-    "wer": ("asr", "--asr-model"), "cer": ("asr", "--asr-model"),
-    "speaker_sim": ("speaker", "--speaker-model"), "utmos": ("utmos", "--utmos-model"),
-    "clap_score": ("clap", "--clap-model"), "fad": ("clap", "--clap-model"),
+    "wer": ("asr", "--asr-model"),
+    "cer": ("asr", "--asr-model"),
+    "speaker_sim": ("speaker", "--speaker-model"),
+    "utmos": ("utmos", "--utmos-model"),
+    "clap_score": ("clap", "--clap-model"),
+    "fad": ("clap", "--clap-model"),
 }
 
 
-def load_judges(*, asr: str | None = None, speaker: str | None = None, utmos: str | None = None,
-                clap: str | None = None, device: str = "cpu") -> Judges:
+def load_judges(
+    *,
+    asr: str | None = None,
+    speaker: str | None = None,
+    utmos: str | None = None,
+    clap: str | None = None,
+    device: str = "cpu",
+) -> Judges:
     """Load the judges whose paths are given. A path that is given but unusable is an error
     (FileNotFoundError naming it); a path not given skips its metrics, with the reason."""
     from unimoe_ray.data.quality import TorchModuleScorer

@@ -69,7 +69,8 @@ def codebook_tally(logits_TKV: torch.Tensor, labels_TK: torch.Tensor) -> Codeboo
     ).view(T, K)
     correct_TK = (logits_TKV.argmax(-1) == labels_TK) & valid_TK
     return CodebookTally(
-        ce_sum_K=ce_TK.double().sum(0).cpu(), correct_K=correct_TK.double().sum(0).cpu(),
+        ce_sum_K=ce_TK.double().sum(0).cpu(),
+        correct_K=correct_TK.double().sum(0).cpu(),
         count_K=valid_TK.double().sum(0).cpu(),
     )
 
@@ -90,11 +91,7 @@ def duration_error(frames: int, requested_frames: int, frame_rate: float) -> dic
     if requested_frames <= 0:
         raise ValueError(f"requested length {requested_frames} frames: must be > 0")
     diff = frames - requested_frames
-    return {
-        "signed_s": diff / frame_rate,
-        "abs_s": abs(diff) / frame_rate,
-        "rel": abs(diff) / requested_frames,
-    }
+    return {"signed_s": diff / frame_rate, "abs_s": abs(diff) / frame_rate, "rel": abs(diff) / requested_frames}
 
 
 def eos_rate(frames: list[int], frame_limits: list[int]) -> float:
@@ -163,8 +160,9 @@ def gaussian_stats(emb_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0), np.cov(x, rowvar=False)
 
 
-def frechet_distance(mu1_D: np.ndarray, sigma1_DD: np.ndarray, mu2_D: np.ndarray, sigma2_DD: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1_D: np.ndarray, sigma1_DD: np.ndarray, mu2_D: np.ndarray, sigma2_DD: np.ndarray, eps: float = 1e-6
+) -> float:
     """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½) (Fréchet distance of two Gaussians; FAD, fadtk and
     pytorch-fid compute it so). Where the product is singular (fewer clips than dimensions)
     and its square root not finite, ε·I is added to both covariances, as they do."""

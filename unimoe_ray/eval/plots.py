@@ -38,8 +38,12 @@ def plot_routing(report: dict, out: str | Path, prefix: str = "") -> list[Path]:
     im = ax.imshow([lay["k_share"] for lay in layers], aspect="auto", cmap="viridis", vmin=0, vmax=1)
     for y, lay in enumerate(layers):
         ax.plot(lay["mean_routed_experts"], y, "w|", markersize=14, mew=2)
-    ax.set(xlabel="routed experts per token (| = mean)", ylabel="layer", xticks=range(E + 1),
-           title="Share of tokens by number of routed experts")
+    ax.set(
+        xlabel="routed experts per token (| = mean)",
+        ylabel="layer",
+        xticks=range(E + 1),
+        title="Share of tokens by number of routed experts",
+    )
     fig.colorbar(im, ax=ax, label="share of tokens")
     fig.tight_layout()
     paths.append(_save(fig, out / f"{prefix}experts_per_token.png"))
@@ -48,8 +52,13 @@ def plot_routing(report: dict, out: str | Path, prefix: str = "") -> list[Path]:
     x = [lay["layer"] for lay in layers]
     for t in tasks:
         ax.plot(x, [lay["mean_routed_experts_by_task"][t] for lay in layers], marker="o", label=t)
-    ax.set(xlabel="layer", ylabel="routed experts per token", xticks=x, ylim=(0, E),
-           title="Mean routed experts per token, by task")
+    ax.set(
+        xlabel="layer",
+        ylabel="routed experts per token",
+        xticks=x,
+        ylim=(0, E),
+        title="Mean routed experts per token, by task",
+    )
     ax.legend()
     fig.tight_layout()
     paths.append(_save(fig, out / f"{prefix}experts_per_token_by_task.png"))
@@ -60,7 +69,9 @@ def plot_routing(report: dict, out: str | Path, prefix: str = "") -> list[Path]:
     for i, lay in enumerate(layers):
         ax = axes[i // cols][i % cols]
         im = ax.imshow([lay["expert_share_by_task"][t] for t in tasks], aspect="auto", cmap="magma", vmin=0, vmax=1)
-        ax.set(title=f"layer {lay['layer']}", xticks=range(E), yticks=range(len(tasks)), yticklabels=tasks, xlabel="expert")
+        ax.set(
+            title=f"layer {lay['layer']}", xticks=range(E), yticks=range(len(tasks)), yticklabels=tasks, xlabel="expert"
+        )
     for j in range(len(layers), rows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), label="share of the task's tokens")
@@ -101,12 +112,25 @@ def plot_loss_curves(curves: dict[str, dict[str, list]], budget: float, out: str
             n = min(len(seed) for seed in c["val"])
             xv = [np.mean([seed[j][0] for seed in c["val"]]) / budget for j in range(n)]
             yv = np.asarray([[seed[j][1] for seed in c["val"]] for j in range(n)])
-            ax_v.errorbar(xv, yv.mean(1), yerr=[yv.mean(1) - yv.min(1), yv.max(1) - yv.mean(1)],
-                          color=color, marker="o", capsize=3, label=variant)
-    ax_t.set(xlabel="training FLOPs spent / budget", ylabel="train loss (Σ codebook CE)",
-             title=f"Train loss (running mean of {smooth} steps; band: min–max over seeds)")
-    ax_v.set(xlabel="training FLOPs spent / budget", ylabel="validation loss (mean over tasks)",
-             title="Validation loss (mean over seeds; bars: min–max)")
+            ax_v.errorbar(
+                xv,
+                yv.mean(1),
+                yerr=[yv.mean(1) - yv.min(1), yv.max(1) - yv.mean(1)],
+                color=color,
+                marker="o",
+                capsize=3,
+                label=variant,
+            )
+    ax_t.set(
+        xlabel="training FLOPs spent / budget",
+        ylabel="train loss (Σ codebook CE)",
+        title=f"Train loss (running mean of {smooth} steps; band: min–max over seeds)",
+    )
+    ax_v.set(
+        xlabel="training FLOPs spent / budget",
+        ylabel="validation loss (mean over tasks)",
+        title="Validation loss (mean over seeds; bars: min–max)",
+    )
     for ax in (ax_t, ax_v):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

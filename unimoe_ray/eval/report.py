@@ -7,12 +7,21 @@ import json
 from pathlib import Path
 
 _COLUMNS = (  # (key, header, format)
-    ("rows", "rows", "{:d}"), ("ce", "CE", "{:.3f}"), ("accuracy", "acc", "{:.3f}"),
-    ("experts_per_token", "experts/token", "{:.2f}"), ("generated", "gens", "{:d}"),
-    ("eos_rate", "EOS rate", "{:.2f}"), ("duration_abs_s", "dur err s", "{:.2f}"),
-    ("duration_rel", "dur err rel", "{:.2f}"), ("silence_ratio", "silence", "{:.3f}"),
-    ("clipping_ratio", "clipping", "{:.3f}"), ("wer", "WER %", "{:.2f}"), ("cer", "CER %", "{:.2f}"),
-    ("speaker_sim", "SIM", "{:.3f}"), ("utmos", "UTMOS", "{:.2f}"), ("clap_score", "CLAP", "{:.3f}"),
+    ("rows", "rows", "{:d}"),
+    ("ce", "CE", "{:.3f}"),
+    ("accuracy", "acc", "{:.3f}"),
+    ("experts_per_token", "experts/token", "{:.2f}"),
+    ("generated", "gens", "{:d}"),
+    ("eos_rate", "EOS rate", "{:.2f}"),
+    ("duration_abs_s", "dur err s", "{:.2f}"),
+    ("duration_rel", "dur err rel", "{:.2f}"),
+    ("silence_ratio", "silence", "{:.3f}"),
+    ("clipping_ratio", "clipping", "{:.3f}"),
+    ("wer", "WER %", "{:.2f}"),
+    ("cer", "CER %", "{:.2f}"),
+    ("speaker_sim", "SIM", "{:.3f}"),
+    ("utmos", "UTMOS", "{:.2f}"),
+    ("clap_score", "CLAP", "{:.3f}"),
     ("fad", "FAD", "{:.3f}"),
 )
 

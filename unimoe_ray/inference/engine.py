@@ -27,7 +27,8 @@ Isolation (one request can never harm another; tests/unit/test_engine_isolation.
   decode on exactly as in a batch without it;
 - every request has a deadline; a row or a queued request past it ends with "timeout".
 
-The KV-cache slots: SlotKVCache (model/kv_cache.py).
+The KV-cache slots: SlotKVCache (model/kv_cache.py). The background thread that runs the steps
+for a server: EngineLoop (inference/engine_loop.py).
 
 Shape legend: R slot capacity (rows), B running rows, G KV heads, S cached columns, d head dim,
 K codebooks, V codec vocab, C running requests.
@@ -39,20 +40,13 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from unimoe_ray.audio.delay import DelayPattern
 from unimoe_ray.inference.generate import batch_prompts, prompt_positions
-from unimoe_ray.inference.sampling import (
-    RowKnobs,
-    SamplingConfig,
-    apply_pattern_rules,
-    row_generators,
-    sample_rows,
-)
+from unimoe_ray.inference.sampling import RowKnobs, SamplingConfig, apply_pattern_rules, row_generators, sample_rows
 from unimoe_ray.model.kv_cache import SlotKVCache
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.text.prompt import Prompt
@@ -135,8 +129,15 @@ class DecodeEngine:
     deadline from submit unless it sets its own.
     """
 
-    def __init__(self, model: UniMoEAudio, *, max_rows: int = 16, max_len: int = 2048, max_waiting: int = 64,
-                 timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        model: UniMoEAudio,
+        *,
+        max_rows: int = 16,
+        max_len: int = 2048,
+        max_waiting: int = 64,
+        timeout_s: float = 600.0,
+    ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s}: must be > 0 (seconds a request may take from submit)")
         self.timeout_s = timeout_s
@@ -149,11 +150,18 @@ class DecodeEngine:
         p = model.codec_head.weight
         self.device = p.device
         self.cache = SlotKVCache(
-            num_layers=cfg.num_layers, rows=max_rows, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-            max_len=max_len, dtype=p.dtype, device=p.device,
+            num_layers=cfg.num_layers,
+            rows=max_rows,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            max_len=max_len,
+            dtype=p.dtype,
+            device=p.device,
         )
         self.max_waiting = max_waiting
-        self._logits_RKV = torch.zeros(max_rows, cfg.codec_channels, cfg.codec_vocab_size, dtype=torch.float32, device=p.device)
+        self._logits_RKV = torch.zeros(
+            max_rows, cfg.codec_channels, cfg.codec_vocab_size, dtype=torch.float32, device=p.device
+        )
         self._delays_K = torch.tensor(cfg.codec_delay_pattern, device=p.device)
         self._delays_cpu_K1 = torch.tensor(cfg.codec_delay_pattern)[:, None]
         self._waiting: deque[tuple[int, EngineRequest, float]] = deque()  # (id, request, deadline)
@@ -184,10 +192,15 @@ class DecodeEngine:
             if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
                 raise ValueError(f"prompt token ids outside [0, {vocab}): the tokenizer does not match the model")
             codes = p.audio_codes_KL
-            if codes is not None and codes.numel() and not (
-                    0 <= int(codes.min()) and int(codes.max()) < self.cfg.codec_vocab_size):
-                raise ValueError(f"prompt audio codes outside [0, {self.cfg.codec_vocab_size}): "
-                                 "the voice was encoded by another codec")
+            if (
+                codes is not None
+                and codes.numel()
+                and not (0 <= int(codes.min()) and int(codes.max()) < self.cfg.codec_vocab_size)
+            ):
+                raise ValueError(
+                    f"prompt audio codes outside [0, {self.cfg.codec_vocab_size}): "
+                    "the voice was encoded by another codec"
+                )
         steps = req.sampling.frame_limit(self.pattern.max_delay) + self.pattern.max_delay + 1
         longest = max(p.input_ids_L.numel() + 1 for p in (req.prompt, req.negative) if p is not None)
         if longest + steps > self.cache.max_len:
@@ -275,8 +288,12 @@ class DecodeEngine:
         knobs = RowKnobs.stack([r.req.sampling for r in run], self.device)
         step_C = torch.tensor([r.step for r in run], device=self.device)
         frame_CK, failures = sample_rows(
-            self._logits_RKV[cond_idx], self._logits_RKV[uncond_idx] if guided else None,
-            knobs, step_C, [r.generator for r in run], eos=cfg.codec_eos,
+            self._logits_RKV[cond_idx],
+            self._logits_RKV[uncond_idx] if guided else None,
+            knobs,
+            step_C,
+            [r.generator for r in run],
+            eos=cfg.codec_eos,
         )
         if failures:
             # The failed rows leave before anything else happens to them; the others' frames
@@ -293,8 +310,14 @@ class DecodeEngine:
         eos_step_C = torch.tensor([r.eos_step for r in run], device=self.device)
         limit_C = torch.tensor([r.limit for r in run], device=self.device)
         frame_CK, eos_step_C = apply_pattern_rules(
-            frame_CK, step_C, eos_step_C, limit_C, self._delays_K,
-            bos=cfg.codec_bos, eos=cfg.codec_eos, pad=cfg.codec_pad,
+            frame_CK,
+            step_C,
+            eos_step_C,
+            limit_C,
+            self._delays_K,
+            bos=cfg.codec_bos,
+            eos=cfg.codec_eos,
+            pad=cfg.codec_pad,
         )
         finished: list[_Running] = []
         frame_CK_cpu, eos_list = frame_CK.cpu(), eos_step_C.tolist()
@@ -345,7 +368,9 @@ class DecodeEngine:
         out = []
         for rid, timeout in [(w[0], w[1].timeout_s) for w in late] + [(r.rid, r.req.timeout_s) for r in gone]:
             t = timeout if timeout is not None else self.timeout_s
-            out.append(self._ended(rid, "timeout", f"the request did not finish within its {t:g} s deadline", "timeout"))
+            out.append(
+                self._ended(rid, "timeout", f"the request did not finish within its {t:g} s deadline", "timeout")
+            )
         self.stats.timed_out += len(out)
         return out
 
@@ -420,19 +445,32 @@ class DecodeEngine:
         L = batch["input_ids"].shape[1]
         prefill = self.model.new_cache(len(rows), L)
         out = self.model(
-            batch["input_ids"], batch["audio"], attention_mask_BL=batch["mask"],
+            batch["input_ids"],
+            batch["audio"],
+            attention_mask_BL=batch["mask"],
             position_ids_3BL=prompt_positions(self.model, batch),
-            pixel_values_videos=batch.get("pixel_values"), video_grid_thw=batch.get("grid"),
-            cache=prefill, logits_last_only=True,
+            pixel_values_videos=batch.get("pixel_values"),
+            video_grid_thw=batch.get("grid"),
+            cache=prefill,
+            logits_last_only=True,
         )
         logits_RKV = out.codec_logits_BLKV[:, -1].float()
         slots = self.cache.join(prefill)
         try:
             self._logits_RKV[slots] = logits_RKV
-            self._running.append(_Running(
-                rid=rid, req=req, generator=gen, limit=limit, guided=guided,
-                slots=slots, joined_at=time.monotonic(), steps_KS=steps_KS, deadline=deadline,
-            ))
+            self._running.append(
+                _Running(
+                    rid=rid,
+                    req=req,
+                    generator=gen,
+                    limit=limit,
+                    guided=guided,
+                    slots=slots,
+                    joined_at=time.monotonic(),
+                    steps_KS=steps_KS,
+                    deadline=deadline,
+                )
+            )
         except BaseException:
             if self._running and self._running[-1].rid == rid:
                 self._running.pop()
@@ -464,76 +502,3 @@ class DecodeEngine:
         if out.moe_stats:
             self.stats.experts_per_token = float(torch.stack([st.k_T.float().mean() for st in out.moe_stats]).mean())
         self.stats.last_step_rows = B
-
-
-class EngineLoop:
-    """Runs a DecodeEngine's steps on a background thread and hands each request's outputs to
-    the callback given at submit (called on that thread). The serving layer bridges the
-    callbacks to its event loop, and asks `health()` for its liveness check."""
-
-    def __init__(self, engine: DecodeEngine) -> None:
-        self.engine = engine
-        self._callbacks: dict[int, Callable[[EngineOutput], None]] = {}
-        self._registry = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = False
-        self.last_progress = time.monotonic()  # the last finished step, or the last idle check
-        self.broken: str | None = None  # set when the slot accounting was found inconsistent
-        self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, req: EngineRequest, callback: Callable[[EngineOutput], None]) -> int:
-        with self._registry:  # the loop dispatches under this lock: it finds the callback
-            rid = self.engine.submit(req)
-            self._callbacks[rid] = callback
-        self._wake.set()
-        return rid
-
-    def cancel(self, rid: int) -> None:
-        self.engine.cancel(rid)
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=30)
-
-    def health(self, stall_s: float) -> str | None:
-        """None when live; else why not: the loop thread died, the slot accounting broke, or
-        the engine has work and finished no step for `stall_s` seconds (a wedged step)."""
-        if not self._thread.is_alive():
-            return "the decode engine thread is not running"
-        if self.broken:
-            return self.broken
-        idle_for = time.monotonic() - self.last_progress
-        if self.engine.has_work() and idle_for > stall_s:
-            e = self.engine
-            return (f"the decode engine made no step for {idle_for:.0f} s with {e.num_running} running and "
-                    f"{e.num_waiting} waiting requests (stall limit {stall_s:g} s)")
-        return None
-
-    def _run(self) -> None:
-        while not self._stop:
-            if not self.engine.has_work():
-                self.last_progress = time.monotonic()
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
-                self.engine.check_invariants()  # before (a corrupt batch would read stale rows) and after
-                outputs = self.engine.step()
-                self.engine.check_invariants()
-            except EngineInvariantError as err:
-                self.broken = str(err)  # the liveness check reports it: Serve replaces the replica
-                outputs = self.engine.fail_all("internal error: the decode engine was reset")
-            except Exception as err:  # a step failing outside any one row: fail the running requests, keep the loop
-                outputs = self.engine.fail_all(f"the decode step failed: {type(err).__name__}")
-            self.last_progress = time.monotonic()
-            for out in outputs:
-                with self._registry:
-                    cb = self._callbacks.pop(out.request_id, None) if out.done else self._callbacks.get(out.request_id)
-                if cb is not None:
-                    try:
-                        cb(out)
-                    except Exception:
-                        pass  # a consumer that went away must not stop the engine

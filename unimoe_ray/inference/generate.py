@@ -11,13 +11,7 @@ from __future__ import annotations
 import torch
 
 from unimoe_ray.audio.delay import DelayPattern
-from unimoe_ray.inference.sampling import (
-    RowKnobs,
-    SamplingConfig,
-    apply_pattern_rules,
-    row_generators,
-    sample_frame,
-)
+from unimoe_ray.inference.sampling import RowKnobs, SamplingConfig, apply_pattern_rules, row_generators, sample_frame
 from unimoe_ray.model.unimoe_audio import UniMoEAudio, mrope_position_ids
 from unimoe_ray.text.prompt import Prompt
 
@@ -43,9 +37,9 @@ def batch_prompts(model: UniMoEAudio, rows: list[Prompt]) -> dict:
     audio = torch.full((B, K, L), cfg.codec_pad, dtype=torch.long)
     mask = torch.zeros(B, L, dtype=torch.bool)
     for b, (i, c) in enumerate(zip(ids, codes)):
-        input_ids[b, L - i.numel():] = i
-        audio[b, :, L - i.numel():] = c
-        mask[b, L - i.numel():] = True
+        input_ids[b, L - i.numel() :] = i
+        audio[b, :, L - i.numel() :] = c
+        mask[b, L - i.numel() :] = True
     batch = {"input_ids": input_ids.to(device), "audio": audio.to(device), "mask": mask.to(device)}
     videos = [p for p in rows if p.pixel_values is not None]
     if videos:
@@ -61,8 +55,11 @@ def prompt_positions(model: UniMoEAudio, batch: dict) -> torch.Tensor | None:
         return None
     v = model.cfg.vision
     return mrope_position_ids(
-        batch["input_ids"], video_token_id=model.cfg.video_token_id, video_grid_thw=batch["grid"],
-        spatial_merge_size=v.spatial_merge_size, attention_mask_BL=batch["mask"],
+        batch["input_ids"],
+        video_token_id=model.cfg.video_token_id,
+        video_grid_thw=batch["grid"],
+        spatial_merge_size=v.spatial_merge_size,
+        attention_mask_BL=batch["mask"],
     )
 
 
@@ -103,9 +100,14 @@ def generate(
     cache = model.new_cache(len(rows), batch["input_ids"].shape[1] + max_steps) if use_cache else None
     ids, audio, mask = batch["input_ids"], batch["audio"], batch["mask"]
     out = model(
-        ids, audio, attention_mask_BL=mask, position_ids_3BL=prompt_positions(model, batch),
-        pixel_values_videos=batch.get("pixel_values"), video_grid_thw=batch.get("grid"),
-        cache=cache, logits_last_only=True,
+        ids,
+        audio,
+        attention_mask_BL=mask,
+        position_ids_3BL=prompt_positions(model, batch),
+        pixel_values_videos=batch.get("pixel_values"),
+        video_grid_thw=batch.get("grid"),
+        cache=cache,
+        logits_last_only=True,
     )
     eos_step_C = torch.full((C,), -1, dtype=torch.long, device=device)
     steps: list[torch.Tensor] = []
@@ -116,8 +118,7 @@ def generate(
             logits_BKV[:C], logits_BKV[C:] if guided else None, knobs, step_C, gens, eos=cfg.codec_eos
         )
         frame_CK, eos_step_C = apply_pattern_rules(
-            frame_CK, step_C, eos_step_C, limit_C, delays_K,
-            bos=cfg.codec_bos, eos=cfg.codec_eos, pad=cfg.codec_pad,
+            frame_CK, step_C, eos_step_C, limit_C, delays_K, bos=cfg.codec_bos, eos=cfg.codec_eos, pad=cfg.codec_pad
         )
         steps.append(frame_CK)
         if bool(((eos_step_C >= 0) & (s - eos_step_C >= pattern.max_delay)).all()):
@@ -133,8 +134,12 @@ def generate(
             mask = torch.cat([mask, torch.ones_like(next_ids, dtype=torch.bool)], dim=1)
             batch.update(input_ids=ids, mask=mask)
             out = model(
-                ids, audio, attention_mask_BL=mask, position_ids_3BL=prompt_positions(model, batch),
-                pixel_values_videos=batch.get("pixel_values"), video_grid_thw=batch.get("grid"),
+                ids,
+                audio,
+                attention_mask_BL=mask,
+                position_ids_3BL=prompt_positions(model, batch),
+                pixel_values_videos=batch.get("pixel_values"),
+                video_grid_thw=batch.get("grid"),
                 logits_last_only=True,
             )
 

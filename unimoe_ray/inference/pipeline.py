@@ -58,8 +58,14 @@ class AudioGenerator:
 
     @classmethod
     def load(
-        cls, checkpoint: str | Path, tokenizer: str | Path, dac_path: str | Path | None = None,
-        *, device: str = "cpu", dtype: torch.dtype | str | None = None, router_precision: str | None = None,
+        cls,
+        checkpoint: str | Path,
+        tokenizer: str | Path,
+        dac_path: str | Path | None = None,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype | str | None = None,
+        router_precision: str | None = None,
         expert_dtype: str | None = None,
     ) -> AudioGenerator:
         """A checkpoint folder, a tokenizer folder and a DAC file (None: the released 16 kHz DAC).
@@ -80,8 +86,13 @@ class AudioGenerator:
         return self.codec.encode(wav, sample_rate)
 
     def tts(
-        self, texts: list[str], *, voice_wav: np.ndarray | None = None, voice_sample_rate: int | None = None,
-        voice_text: str | None = None, voice_codes: torch.Tensor | None = None,
+        self,
+        texts: list[str],
+        *,
+        voice_wav: np.ndarray | None = None,
+        voice_sample_rate: int | None = None,
+        voice_text: str | None = None,
+        voice_codes: torch.Tensor | None = None,
         sampling: SamplingConfig | None = None,
     ) -> list[GeneratedAudio]:
         """Speech for each text; with a voice prompt (a waveform or its DAC codes, plus its
@@ -92,13 +103,19 @@ class AudioGenerator:
             if voice_sample_rate is None:
                 raise ValueError("voice_wav needs voice_sample_rate")
             voice_codes = self.encode_voice(voice_wav, voice_sample_rate)
-        rows = [assemble(self.prompts, "speech", t, voice_text=voice_text, voice_codes_KT=voice_codes,
-                         sampling=sampling) for t in texts]
+        rows = [
+            assemble(self.prompts, "speech", t, voice_text=voice_text, voice_codes_KT=voice_codes, sampling=sampling)
+            for t in texts
+        ]
         return self._generate(rows)
 
     def music(
-        self, captions: list[str], *, video: VideoInput | None = None,
-        video_sampling: VideoSampling = VideoSampling(), sampling: SamplingConfig | None = None,
+        self,
+        captions: list[str],
+        *,
+        video: VideoInput | None = None,
+        video_sampling: VideoSampling = VideoSampling(),
+        sampling: SamplingConfig | None = None,
     ) -> list[GeneratedAudio]:
         """Music for each caption; with `video` (a file path, or prepared
         `(pixel_values, grid_thw)`), scored to that video. Default sampling: the released

@@ -19,14 +19,22 @@ from unimoe_ray.tasks import REQUEST_TASKS
 from unimoe_ray.text.prompt import Prompt
 from unimoe_ray.text.prompts import PromptBuilder
 
-VOICE_NEEDS_TRANSCRIPT = ("a voice prompt needs its transcript (voice_text / reference_text / ref_text): "
-                          "the model reads both")
+VOICE_NEEDS_TRANSCRIPT = (
+    "a voice prompt needs its transcript (voice_text / reference_text / ref_text): the model reads both"
+)
 
 
 def assemble(
-    prompts: PromptBuilder, task: str, text: str, *, voice_text: str | None = None,
-    voice_codes_KT: torch.Tensor | None = None, video: tuple[torch.Tensor, torch.Tensor] | None = None,
-    sampling: SamplingConfig | None = None, max_frames: int | None = None, exact_length: bool = False,
+    prompts: PromptBuilder,
+    task: str,
+    text: str,
+    *,
+    voice_text: str | None = None,
+    voice_codes_KT: torch.Tensor | None = None,
+    video: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sampling: SamplingConfig | None = None,
+    max_frames: int | None = None,
+    exact_length: bool = False,
     overrides: dict[str, Any] | None = None,
 ) -> tuple[Prompt, Prompt, SamplingConfig]:
     """(prompt, negative prompt, sampling) for one request.

@@ -148,12 +148,7 @@ def row_generators(seeds: list[int | None], device: torch.device | str = "cpu") 
 
 
 def process_logits(
-    cond_CKV: torch.Tensor,
-    uncond_CKV: torch.Tensor | None,
-    knobs: RowKnobs,
-    step_C: torch.Tensor,
-    *,
-    eos: int,
+    cond_CKV: torch.Tensor, uncond_CKV: torch.Tensor | None, knobs: RowKnobs, step_C: torch.Tensor, *, eos: int
 ) -> torch.Tensor:
     """Steps 1-3 and 5-8 above: the fp32 logits each row samples from (-inf = excluded).
     Greedy rows are not divided by temperature (their argmax is the same)."""
@@ -234,10 +229,17 @@ def sample_rows(
             if not bool(raw_ok_C[c]):
                 failures.append(RowFailure(c, f"the model produced non-finite logits at step {step}", True))
             else:
-                failures.append(RowFailure(c, (
-                    f"the sampling knobs overflowed float32 at step {step} (guidance_scale="
-                    f"{float(knobs.guidance_C[c]):g}, eos_factor={float(knobs.eos_factor_C[c]):g}, temperature="
-                    f"{float(knobs.temperature_C[c]):g}): use a larger temperature or smaller factors"), False))
+                failures.append(
+                    RowFailure(
+                        c,
+                        (
+                            f"the sampling knobs overflowed float32 at step {step} (guidance_scale="
+                            f"{float(knobs.guidance_C[c]):g}, eos_factor={float(knobs.eos_factor_C[c]):g}, temperature="
+                            f"{float(knobs.temperature_C[c]):g}): use a larger temperature or smaller factors"
+                        ),
+                        False,
+                    )
+                )
         logits_CKV = logits_CKV.masked_fill(bad_C[:, None, None], 0.0)  # any valid distribution
     probs_CKV = logits_CKV.softmax(dim=-1)
     frame_CK = logits_CKV.argmax(dim=-1)

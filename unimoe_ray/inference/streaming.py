@@ -47,7 +47,12 @@ class StreamingDecoder:
     Concatenated chunks equal `decode_whole(all frames)` within float rounding."""
 
     def __init__(
-        self, codec: DACCodec, *, out_rate: int = 24000, first_chunk: int = 5, chunk: int = 25,
+        self,
+        codec: DACCodec,
+        *,
+        out_rate: int = 24000,
+        first_chunk: int = 5,
+        chunk: int = 25,
         context: int | None = None,
     ) -> None:
         if first_chunk < 1 or chunk < 1:

@@ -26,7 +26,6 @@ from unimoe_ray.audio.io import read_audio, write_wav
 from unimoe_ray.inference.sampling import SamplingConfig, task_sampling
 from unimoe_ray.inference.video import VideoSampling
 from unimoe_ray.inference.voices import VoiceLibrary
-
 from unimoe_ray.tasks import SAMPLING_TASK, TASK_ALIASES  # the task vocabulary: unimoe_ray/tasks.py
 
 
@@ -66,10 +65,15 @@ class TaskRequest:
 
         text = item.get("target_text") if kind == "tts" else item.get("caption")
         return cls(
-            task=kind, task_id=str(item.get("task_id", f"task_{index:04d}")), text=text if text is not None else "",
-            voice=item.get("voice"), reference_audio=path("reference_audio"),
-            reference_text=item.get("reference_text"), video_path=path("video_path") or path("video"),
-            output_path=path("output_path") or "output", sampling=dict(item.get("sampling") or {}),
+            task=kind,
+            task_id=str(item.get("task_id", f"task_{index:04d}")),
+            text=text if text is not None else "",
+            voice=item.get("voice"),
+            reference_audio=path("reference_audio"),
+            reference_text=item.get("reference_text"),
+            video_path=path("video_path") or path("video"),
+            output_path=path("output_path") or "output",
+            sampling=dict(item.get("sampling") or {}),
         )
 
     def output_file(self) -> Path:
@@ -92,7 +96,9 @@ class TaskRequest:
                 if self.reference_audio is not None:
                     raise TaskError(f"task {self.task_id}: give a voice name or reference_audio, not both")
                 if voices is None:
-                    raise TaskError(f"task {self.task_id}: voice {self.voice!r} needs a voice library (--voice-library)")
+                    raise TaskError(
+                        f"task {self.task_id}: voice {self.voice!r} needs a voice library (--voice-library)"
+                    )
                 voices.get(self.voice)  # VoiceError names the known voices / the missing file
             elif self.reference_audio is None:
                 raise TaskError(
@@ -137,8 +143,13 @@ def read_task_file(path: str | Path) -> list[dict]:
         return items
 
 
-def run_task(generator, req: TaskRequest, voices: VoiceLibrary | None = None,
-             video_sampling: VideoSampling = VideoSampling(), **sampling_defaults) -> dict:
+def run_task(
+    generator,
+    req: TaskRequest,
+    voices: VoiceLibrary | None = None,
+    video_sampling: VideoSampling = VideoSampling(),
+    **sampling_defaults,
+) -> dict:
     """Run one checked task on an AudioGenerator; write its WAV; return the manifest row."""
     req.check(voices)
     sampling = req.sampling_config(**sampling_defaults)
@@ -150,7 +161,9 @@ def run_task(generator, req: TaskRequest, voices: VoiceLibrary | None = None,
         else:
             ref_path, ref_text = Path(req.reference_audio), req.reference_text
         wav, sr = read_audio(ref_path)
-        audio = generator.tts([req.text], voice_wav=wav, voice_sample_rate=sr, voice_text=ref_text, sampling=sampling)[0]
+        audio = generator.tts([req.text], voice_wav=wav, voice_sample_rate=sr, voice_text=ref_text, sampling=sampling)[
+            0
+        ]
     else:
         video = req.video_path if req.task == "v2m" else None
         audio = generator.music([req.text], video=video, video_sampling=video_sampling, sampling=sampling)[0]
@@ -158,7 +171,12 @@ def run_task(generator, req: TaskRequest, voices: VoiceLibrary | None = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     write_wav(out, audio.wav, audio.sample_rate)
     return {
-        "task_id": req.task_id, "task": req.task, "status": "ok", "output": str(out),
-        "frames": int(audio.codes_KT.shape[1]), "seconds_audio": round(audio.seconds, 3),
-        "seconds_wall": round(time.perf_counter() - t0, 3), "error": None,
+        "task_id": req.task_id,
+        "task": req.task,
+        "status": "ok",
+        "output": str(out),
+        "frames": int(audio.codes_KT.shape[1]),
+        "seconds_audio": round(audio.seconds, 3),
+        "seconds_wall": round(time.perf_counter() - t0, 3),
+        "error": None,
     }

@@ -75,7 +75,9 @@ def load_video(
     except Exception as err:
         raise VideoError(f"cannot decode frames of {path}: {err}") from err
     pixel_values, grid_thw = frames_to_patches(
-        np.asarray(frames_THWC), patch_size=vision.patch_size,
-        temporal_patch_size=vision.temporal_patch_size, merge_size=vision.spatial_merge_size,
+        np.asarray(frames_THWC),
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
     )
     return torch.from_numpy(pixel_values), torch.from_numpy(grid_thw)

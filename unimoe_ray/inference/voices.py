@@ -55,8 +55,9 @@ class VoiceLibrary:
         if isinstance(data, dict) and isinstance(data.get("audio_prompts"), dict):
             for language, by_gender in data["audio_prompts"].items():
                 for gender, entry in (by_gender or {}).items():
-                    entries[f"{language}_{gender}"] = dict(entry, language=entry.get("language", language),
-                                                         gender=entry.get("gender", gender))
+                    entries[f"{language}_{gender}"] = dict(
+                        entry, language=entry.get("language", language), gender=entry.get("gender", gender)
+                    )
         elif isinstance(data, dict) and isinstance(data.get("voices"), dict):
             entries = dict(data["voices"])
         else:
@@ -70,8 +71,11 @@ class VoiceLibrary:
                 raise VoiceError(f"voice {name!r} in {path} needs 'audio_path' and 'prompt' (its transcript)")
             audio = Path(e["audio_path"])
             voices[name] = Voice(
-                name=voice_key(name), audio_path=audio if audio.is_absolute() else base / audio,
-                transcript=str(e["prompt"]), language=e.get("language"), gender=e.get("gender"),
+                name=voice_key(name),
+                audio_path=audio if audio.is_absolute() else base / audio,
+                transcript=str(e["prompt"]),
+                language=e.get("language"),
+                gender=e.get("gender"),
             )
         return cls(voices)
 

@@ -33,11 +33,7 @@ class VideoError(ValueError):
 
 
 def smart_resize(
-    height: int,
-    width: int,
-    factor: int = 28,
-    min_pixels: int = 56 * 56,
-    max_pixels: int = 224 * 224,
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 224 * 224
 ) -> tuple[int, int]:
     """Qwen2-VL's target frame size: both sides multiples of `factor`, the pixel count within
     [min_pixels, max_pixels], the aspect ratio as close as possible (same rule as

@@ -132,8 +132,7 @@ class Attention(nn.Module):
         if cache is not None:
             k_BGLd, v_BGLd = cache.update(layer_idx, k_BGLd, v_BGLd)
         out_BHLd = F.scaled_dot_product_attention(
-            q_BHLd, k_BGLd, v_BGLd, attn_mask=mask_B1LS,
-            is_causal=mask_B1LS is None and cache is None, enable_gqa=True,
+            q_BHLd, k_BGLd, v_BGLd, attn_mask=mask_B1LS, is_causal=mask_B1LS is None and cache is None, enable_gqa=True
         )
         return self.o_proj(out_BHLd.transpose(1, 2).reshape(B, L, -1))
 

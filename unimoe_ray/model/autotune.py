@@ -73,8 +73,12 @@ def _tolerance(dtype: str) -> tuple[float, float]:
 
 
 def measure(
-    weights: list[ExpertWeights], *, ladder: Iterable[int] | None = None, act_dtype: torch.dtype = torch.float32,
-    rounds: int = 3, max_experts: int = 4,
+    weights: list[ExpertWeights],
+    *,
+    ladder: Iterable[int] | None = None,
+    act_dtype: torch.dtype = torch.float32,
+    rounds: int = 3,
+    max_experts: int = 4,
 ) -> Plan:
     """Time every applicable candidate on these experts (same key) at each token count of the
     ladder and pick the fastest (the dtype's default unless another beats it by MARGIN).
@@ -136,7 +140,7 @@ def measure(
             per_round: list[dict[str, float]] = []
             for r in range(rounds if n <= 64 else max(2, rounds // 2)):
                 per_round.append({})
-                order = live[r % len(live):] + live[: r % len(live)]
+                order = live[r % len(live) :] + live[: r % len(live)]
                 for name in order:
                     _sync(device)
                     t0 = time.perf_counter()
@@ -220,7 +224,8 @@ def select(model: nn.Module, *, use_cache: bool = True, remeasure: bool = False,
                 plan = measure(groups[key], **measure_kw)
             if plan.source == "measured":
                 new_entries[str(key)] = {
-                    "limits": list(plan.limits), "names": list(plan.names),
+                    "limits": list(plan.limits),
+                    "names": list(plan.names),
                     "ms": {str(k): v for k, v in plan.ms.items()},
                     "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 }

@@ -91,8 +91,13 @@ def make_groups(ep_size: int) -> ExpertParallelGroups:
         if r in ranks:
             edp_ranks, edp_group = ranks, group
     return ExpertParallelGroups(
-        world_size=W, rank=r, ep_size=ep_size, ep_group=ep_group, edp_group=edp_group,
-        ep_ranks=ep_ranks, edp_ranks=edp_ranks,
+        world_size=W,
+        rank=r,
+        ep_size=ep_size,
+        ep_group=ep_group,
+        edp_group=edp_group,
+        ep_ranks=ep_ranks,
+        edp_ranks=edp_ranks,
     )
 
 
@@ -131,8 +136,9 @@ class _AllToAll(torch.autograd.Function):
         return grad_ND, None, None, None, None
 
 
-def all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
-               timer: ExchangeTimer | None = None) -> torch.Tensor:
+def all_to_all(
+    x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group, timer: ExchangeTimer | None = None
+) -> torch.Tensor:
     """Rows [Σ in_splits[:j], +in_splits[j]) go to rank j of `group`; returns the rows received,
     rank by rank (out_splits[j] from rank j). Differentiable."""
     return _AllToAll.apply(x_ND, out_splits, in_splits, group, timer or ExchangeTimer())
@@ -170,8 +176,9 @@ class ExpertParallelExperts:
 
     collective = True
 
-    def __init__(self, experts: Sequence[nn.Module], *, first_expert: int, num_routed: int,
-                 groups: ExpertParallelGroups) -> None:
+    def __init__(
+        self, experts: Sequence[nn.Module], *, first_expert: int, num_routed: int, groups: ExpertParallelGroups
+    ) -> None:
         self.local = LocalExperts(nn.ModuleList(experts))
         self.first_expert = first_expert
         self.num_routed = num_routed
@@ -322,8 +329,9 @@ def reduce_gradients(named_params: Sequence[tuple[str, nn.Parameter]], groups: E
         _reduce(grads, group, W)
 
 
-def clip_grad_norm(named_params: Sequence[tuple[str, nn.Parameter]], max_norm: float,
-                   groups: ExpertParallelGroups) -> float:
+def clip_grad_norm(
+    named_params: Sequence[tuple[str, nn.Parameter]], max_norm: float, groups: ExpertParallelGroups
+) -> float:
     """Clip by the norm of the whole model's gradient (every expert counted once) and return
     it; the same factor on every rank, so replicated parameters stay equal. The EP group
     together holds each expert once: its experts' squared norms are summed over it."""
@@ -357,8 +365,11 @@ def take_exchange_stats(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, f
     """(sent_YE, received_YE, seconds): per MoE layer, the routed assignments this rank sent to
     each expert and those its own experts received, and the wall time of all exchanges, since
     the last call (training forwards and their backward only)."""
-    stats = [m.expert_backend.take_stats() for m in dcmoe_layers(model)
-             if isinstance(m.expert_backend, ExpertParallelExperts)]
+    stats = [
+        m.expert_backend.take_stats()
+        for m in dcmoe_layers(model)
+        if isinstance(m.expert_backend, ExpertParallelExperts)
+    ]
     if not stats:
         raise ValueError("the model is not sharded: call shard_experts first")
     return torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]), sum(s[2] for s in stats)

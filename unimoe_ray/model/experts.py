@@ -125,8 +125,11 @@ def stack_experts(experts: Sequence[SwiGLU], dtype: torch.dtype | None = None) -
         down_EDF = torch.stack([m.down_proj.weight for m in mods]).to(dtype)
     hidden = g0.shape[0]
     for e, m in enumerate(mods):
-        for lin, w in ((m.gate_proj, gate_up_E2FD[e, :hidden]), (m.up_proj, gate_up_E2FD[e, hidden:]),
-                       (m.down_proj, down_EDF[e])):
+        for lin, w in (
+            (m.gate_proj, gate_up_E2FD[e, :hidden]),
+            (m.up_proj, gate_up_E2FD[e, hidden:]),
+            (m.down_proj, down_EDF[e]),
+        ):
             lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
 
 

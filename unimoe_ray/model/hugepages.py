@@ -42,7 +42,7 @@ _MAPPINGS: set[int] = set()
 
 
 def mode() -> str:
-    """"[always]", "[madvise]" or "[never]" as the kernel reports it; "" where unknown."""
+    """ "[always]", "[madvise]" or "[never]" as the kernel reports it; "" where unknown."""
     try:
         text = THP_ENABLED.read_text()
     except OSError:

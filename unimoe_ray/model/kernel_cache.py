@@ -34,8 +34,19 @@ def _cpu_model() -> str:
 
 
 # ISA flags that change which GEMM kernels a BLAS runs.
-_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
-              "asimd", "sve", "sve2")
+_ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "sve",
+    "sve2",
+)
 
 
 def _isa_flags() -> list[str]:
@@ -60,7 +71,8 @@ def machine(device: torch.device | str = "cpu") -> dict[str, str | int]:
         info.update(device=props.name, capability=f"sm{props.major}{props.minor}", cuda=str(torch.version.cuda))
     else:
         info.update(
-            device=_cpu_model(), isa=" ".join([torch.backends.cpu.get_cpu_capability(), *_isa_flags()]),
+            device=_cpu_model(),
+            isa=" ".join([torch.backends.cpu.get_cpu_capability(), *_isa_flags()]),
             threads=torch.get_num_threads(),
         )
     return info

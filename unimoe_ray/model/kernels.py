@@ -114,8 +114,13 @@ def follows_in_memory(tensors) -> bool:
     first = tensors[0]
     end = first.data_ptr()
     for t in tensors:
-        if (not t.is_contiguous() or t.dtype != first.dtype or t.device != first.device
-                or t.shape[1:] != first.shape[1:] or t.data_ptr() != end):
+        if (
+            not t.is_contiguous()
+            or t.dtype != first.dtype
+            or t.device != first.device
+            or t.shape[1:] != first.shape[1:]
+            or t.data_ptr() != end
+        ):
             return False
         end += t.numel() * t.element_size()
     return True
@@ -131,7 +136,10 @@ def adjacent_rows(a_FD: torch.Tensor, b_FD: torch.Tensor) -> torch.Tensor | None
 
 def float_weights(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor) -> ExpertWeights:
     return ExpertWeights(
-        dtype=dtype_name(gate_FD.dtype), gate_FD=gate_FD, up_FD=up_FD, down_DF=down_DF,
+        dtype=dtype_name(gate_FD.dtype),
+        gate_FD=gate_FD,
+        up_FD=up_FD,
+        down_DF=down_DF,
         gate_up_2FD=adjacent_rows(gate_FD, up_FD),
     )
 
@@ -203,8 +211,7 @@ def _xwt_chain(
 
 
 def _wxt_chain(
-    x_nD: torch.Tensor, gate_FD, up_FD, gate_up_2FD, down_DF, out_nD: torch.Tensor | None,
-    *, pad: int, fused: bool,
+    x_nD: torch.Tensor, gate_FD, up_FD, gate_up_2FD, down_DF, out_nD: torch.Tensor | None, *, pad: int, fused: bool
 ) -> torch.Tensor:
     """W·xᵀ GEMMs (weights as the left operand, feature-major intermediates) on the token
     columns zero-padded to a multiple of `pad` (pad 1: none); padding columns are dropped."""
@@ -291,7 +298,8 @@ def _int8_swiglu(xa_nD: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
     kernel) on activations already in their kernel dtype (fp32 or bf16, contiguous); y in it."""
     hidden = w.hidden
     s_gu, s_d = (
-        (w.scale_gate_up_2F, w.scale_down_D) if xa_nD.dtype == torch.float32
+        (w.scale_gate_up_2F, w.scale_down_D)
+        if xa_nD.dtype == torch.float32
         else (w.scale_gate_up_bf16_2F, w.scale_down_bf16_D)
     )
     h_n2F = torch._weight_int8pack_mm(xa_nD, w.gate_up_2FD, s_gu)
@@ -345,9 +353,7 @@ def stacked_views(ws) -> tuple[torch.Tensor, torch.Tensor] | None:
     return views[0], views[1]
 
 
-def grouped_swiglu(
-    gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, x_ND: torch.Tensor, counts
-) -> torch.Tensor:
+def grouped_swiglu(gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, x_ND: torch.Tensor, counts) -> torch.Tensor:
     """Every expert of a layer on its own rows of x_ND (expert 0's counts[0] rows, then expert
     1's, ...), weights stacked (`experts.stack_experts`): two torch._grouped_mm calls in all
     instead of a Python loop of ~8 small ops per active expert — which at decode sizes cost as
@@ -372,30 +378,35 @@ class Candidate:
 
     def applies(self, w: ExpertWeights) -> bool:
         return (
-            w.dtype in self.dtypes and (w.gate_up_2FD is not None or not self.needs_fused)
-            and w.dim % self.k_multiple == 0 and w.hidden % self.k_multiple == 0
+            w.dtype in self.dtypes
+            and (w.gate_up_2FD is not None or not self.needs_fused)
+            and w.dim % self.k_multiple == 0
+            and w.hidden % self.k_multiple == 0
         )
 
 
 FLOAT = ("fp32", "bf16", "fp16")  # weights the float GEMM chains take as they are
-CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
-    Candidate("xwt", xwt, FLOAT, doc="x·Wᵀ, gate and up as two GEMMs (nn.Linear's form)"),
-    Candidate("xwt_fused", xwt_fused, FLOAT, True, "x·Wᵀ, one GEMM for gate and up"),
-    Candidate("wxt", wxt, FLOAT, doc="W·xᵀ, token columns unpadded"),
-    Candidate("wxt_pad2", wxt_pad2, FLOAT, doc="W·xᵀ, token columns padded to even"),
-    Candidate("wxt_pad8", wxt_pad8, FLOAT, doc="W·xᵀ, token columns padded to a multiple of 8"),
-    Candidate("wxt_fused", wxt_fused, FLOAT, True, "W·xᵀ, one GEMM for gate and up, even columns"),
-    Candidate("upcast", upcast, ("bf16", "fp16", "int8"), doc="dequantise into a reused fp32 buffer, fp32 x·Wᵀ"),
-    # A layer-level candidate: `autotune.measure` times all of a layer's stacked experts in one
-    # `grouped_swiglu` call (per expert: the call ÷ experts); where it wins, `LocalExperts` runs
-    # the layer that way. An expert called on its own under it runs xwt_fused (same GEMMs).
-    Candidate("grouped", xwt_fused, FLOAT, True, "a layer's experts in two torch._grouped_mm calls (x·Wᵀ)"),
-    Candidate("int8_mm", int8_mm, ("int8",), True, "torch._weight_int8pack_mm, fp32 activations"),
-    # torch 2.13's CPU kernel for bf16 activations crashes or returns wrong values unless the
-    # inner dim is a multiple of 16 (probed on AVX-512: K = 8, 24, 40, 56, 72 fail; 16, 32,
-    # 48, 64, 80, 96, 688, 1376 pass); fp32 activations take any K.
-    Candidate("int8_mm_bf16", int8_mm_bf16, ("int8",), True, "torch._weight_int8pack_mm, bf16 activations", 16),
-)}
+CANDIDATES: dict[str, Candidate] = {
+    c.name: c
+    for c in (
+        Candidate("xwt", xwt, FLOAT, doc="x·Wᵀ, gate and up as two GEMMs (nn.Linear's form)"),
+        Candidate("xwt_fused", xwt_fused, FLOAT, True, "x·Wᵀ, one GEMM for gate and up"),
+        Candidate("wxt", wxt, FLOAT, doc="W·xᵀ, token columns unpadded"),
+        Candidate("wxt_pad2", wxt_pad2, FLOAT, doc="W·xᵀ, token columns padded to even"),
+        Candidate("wxt_pad8", wxt_pad8, FLOAT, doc="W·xᵀ, token columns padded to a multiple of 8"),
+        Candidate("wxt_fused", wxt_fused, FLOAT, True, "W·xᵀ, one GEMM for gate and up, even columns"),
+        Candidate("upcast", upcast, ("bf16", "fp16", "int8"), doc="dequantise into a reused fp32 buffer, fp32 x·Wᵀ"),
+        # A layer-level candidate: `autotune.measure` times all of a layer's stacked experts in one
+        # `grouped_swiglu` call (per expert: the call ÷ experts); where it wins, `LocalExperts` runs
+        # the layer that way. An expert called on its own under it runs xwt_fused (same GEMMs).
+        Candidate("grouped", xwt_fused, FLOAT, True, "a layer's experts in two torch._grouped_mm calls (x·Wᵀ)"),
+        Candidate("int8_mm", int8_mm, ("int8",), True, "torch._weight_int8pack_mm, fp32 activations"),
+        # torch 2.13's CPU kernel for bf16 activations crashes or returns wrong values unless the
+        # inner dim is a multiple of 16 (probed on AVX-512: K = 8, 24, 40, 56, 72 fail; 16, 32,
+        # 48, 64, 80, 96, 688, 1376 pass); fp32 activations take any K.
+        Candidate("int8_mm_bf16", int8_mm_bf16, ("int8",), True, "torch._weight_int8pack_mm, bf16 activations", 16),
+    )
+}
 
 # The formulation each weight dtype runs without a measured choice (UNIMOE_KERNELS=default, or
 # no `select` call): nn.Linear's x·Wᵀ; for int8 the dequantise-then-fp32 kernel, which takes

@@ -26,8 +26,15 @@ class KVCache:
     (left padding) and the next RoPE position of each row."""
 
     def __init__(
-        self, *, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
-        dtype: torch.dtype, device: torch.device | str = "cpu",
+        self,
+        *,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> None:
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -67,8 +74,15 @@ class SlotKVCache:
     """
 
     def __init__(
-        self, *, num_layers: int, rows: int, num_kv_heads: int, head_dim: int, max_len: int,
-        dtype: torch.dtype, device: torch.device | str = "cpu",
+        self,
+        *,
+        num_layers: int,
+        rows: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> None:
         shape = (rows, num_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]

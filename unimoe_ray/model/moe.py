@@ -110,9 +110,7 @@ class DCMoE(nn.Module):
             out_TD.addcmul_(shared_TS[:, j : j + 1], y_ND[j * T : (j + 1) * T])
         return out_TD
 
-    def forward(
-        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
         """x_TD → (out_TD, stats). `valid_T` (bool) keeps padding out of the aux loss."""
         routing = self.route(x_TD, valid_T)
         plan = dispatch.plan_dispatch(routing.mask_TR, routing.weights_TR, self.cfg.num_routed)
@@ -136,9 +134,7 @@ class DCMoE(nn.Module):
             x_ND = dispatch.gather_tokens(x_TD, plan)
             y_ND = self.expert_backend.run(self.layer_idx, x_ND, plan.counts)
             dispatch.combine(out_TD, y_ND, plan)
-        stats = MoEStats(
-            aux_loss=routing.aux_loss, k_T=routing.k_T, mask_TR=routing.mask_TR, counts=plan.counts
-        )
+        stats = MoEStats(aux_loss=routing.aux_loss, k_T=routing.k_T, mask_TR=routing.mask_TR, counts=plan.counts)
         return out_TD, stats
 
 

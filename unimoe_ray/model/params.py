@@ -30,5 +30,9 @@ def count_parameters(cfg: ModelConfig) -> ParamCounts:
     routed = 0
     if cfg.moe.mode != "dense":
         routed = sum(sum(p.numel() for p in layer.routed_experts[0].parameters()) for layer in model.moe_layers)
-    return ParamCounts(total=total, vision=vision, routed_expert=routed,
-                       num_routed=cfg.moe.num_routed if cfg.moe.mode != "dense" else 0)
+    return ParamCounts(
+        total=total,
+        vision=vision,
+        routed_expert=routed,
+        num_routed=cfg.moe.num_routed if cfg.moe.mode != "dense" else 0,
+    )

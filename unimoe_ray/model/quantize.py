@@ -70,12 +70,20 @@ class Int8SwiGLU(nn.Module):
         sig = (q.data_ptr(), d.data_ptr(), self.gate_up_scale.data_ptr(), self.down_scale.data_ptr(), q.device)
         if self._packed is None or self._packed[0] != sig:
             hidden = q.shape[0] // 2
-            self._packed = (sig, kernels.ExpertWeights(
-                dtype="int8", gate_FD=q[:hidden], up_FD=q[hidden:], down_DF=d, gate_up_2FD=q,
-                scale_gate_up_2F=self.gate_up_scale, scale_down_D=self.down_scale,
-                scale_gate_up_bf16_2F=self.gate_up_scale.to(torch.bfloat16),
-                scale_down_bf16_D=self.down_scale.to(torch.bfloat16),
-            ))
+            self._packed = (
+                sig,
+                kernels.ExpertWeights(
+                    dtype="int8",
+                    gate_FD=q[:hidden],
+                    up_FD=q[hidden:],
+                    down_DF=d,
+                    gate_up_2FD=q,
+                    scale_gate_up_2F=self.gate_up_scale,
+                    scale_down_D=self.down_scale,
+                    scale_gate_up_bf16_2F=self.gate_up_scale.to(torch.bfloat16),
+                    scale_down_bf16_D=self.down_scale.to(torch.bfloat16),
+                ),
+            )
         return self._packed[1]
 
     def forward(self, x_nD: torch.Tensor, out_nD: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,7 +130,9 @@ def convert_experts(
             raise ValueError(f"expert dtype {dtype} not supported: use one of {sorted(EXPERT_DTYPES)}")
         dtype = names[dtype]
     if dtype is not None and dtype not in EXPERT_DTYPES:
-        raise ValueError(f"expert_dtype={dtype!r}: use one of {sorted(EXPERT_DTYPES)} (or None to keep the loaded dtype)")
+        raise ValueError(
+            f"expert_dtype={dtype!r}: use one of {sorted(EXPERT_DTYPES)} (or None to keep the loaded dtype)"
+        )
     for experts in expert_lists(model):
         if dtype != "int8":
             # Float experts: each layer's in two stacked buffers (gate+up, down), in `dtype`.

@@ -124,9 +124,7 @@ def _ranked_multipliers(ranked_TR: torch.Tensor, keep_TR: torch.Tensor, eps: flo
     return torch.where(keep_TR, share_TR, 0.0)
 
 
-def sparsemixer_multipliers(
-    logits_TR: torch.Tensor, mask_TR: torch.Tensor, eps: float
-) -> torch.Tensor:
+def sparsemixer_multipliers(logits_TR: torch.Tensor, mask_TR: torch.Tensor, eps: float) -> torch.Tensor:
     """The released checkpoint's per-pick multipliers (SparseMixer-style), in expert order.
 
     Chosen experts are taken one at a time by highest remaining logit (ties: lower index
@@ -153,9 +151,7 @@ def _ranked_released(
     return mult_TR * dynamic_share_T1, visible_TE[:, num_dynamic:]
 
 
-def released_weights(
-    logits_TE: torch.Tensor, mask_TR: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def released_weights(logits_TE: torch.Tensor, mask_TR: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine weights of the released checkpoint.
 
     Routed: sparsemixer multipliers renormalised to sum 1 (≈ 1/k each), scaled by the summed
@@ -250,9 +246,7 @@ def capacity(num_tokens: int, num_dynamic: int, capacity_factor: float, min_capa
     return max(min_capacity, math.ceil(num_tokens / num_dynamic * capacity_factor))
 
 
-def drop_over_capacity(
-    mask_TR: torch.Tensor, weights_TR: torch.Tensor, cap: int
-) -> torch.Tensor:
+def drop_over_capacity(mask_TR: torch.Tensor, weights_TR: torch.Tensor, cap: int) -> torch.Tensor:
     """Keep at most `cap` tokens per expert, those with the highest routing weight
     (drop policy "probs"). Returns the reduced mask."""
     if cap >= mask_TR.shape[0]:
@@ -324,12 +318,16 @@ def route(
     if differentiable:
         if weighting != "released":
             raise ValueError("route(): the differentiable (SparseMixer) router needs weighting 'released'")
-        return _route_sparsemixer(logits_TE, probs_TR, keep_TR.sum(dim=-1), num_dynamic, sparsemixer_eps,
-                                  token_capacity, valid_T)
+        return _route_sparsemixer(
+            logits_TE, probs_TR, keep_TR.sum(dim=-1), num_dynamic, sparsemixer_eps, token_capacity, valid_T
+        )
     mask_TR = _unsort(keep_TR, ranked.indices)
     # Under torch.inference_mode nothing trains: the aux loss (14 small ops) is a zero there.
-    aux = (logits_TE.new_zeros(()) if torch.is_inference_mode_enabled()
-           else load_balancing_loss(probs_TR, mask_TR, valid_T))
+    aux = (
+        logits_TE.new_zeros(())
+        if torch.is_inference_mode_enabled()
+        else load_balancing_loss(probs_TR, mask_TR, valid_T)
+    )
     if token_capacity is not None:
         mask_TR = drop_over_capacity(mask_TR, paper_weights(probs_TR, mask_TR), token_capacity)
         keep_TR = mask_TR.gather(-1, ranked.indices)
@@ -337,24 +335,23 @@ def route(
         weights_TR = paper_weights(probs_TR, mask_TR)
         shared_TS = torch.ones_like(logits_TE[:, num_dynamic:])
     elif weighting == "released":
-        ranked_w_TR, shared_TS = _ranked_released(
-            ranked.values, keep_TR, logits_TE[:, num_dynamic:], sparsemixer_eps
-        )
+        ranked_w_TR, shared_TS = _ranked_released(ranked.values, keep_TR, logits_TE[:, num_dynamic:], sparsemixer_eps)
         weights_TR = _unsort(ranked_w_TR, ranked.indices)
     else:
         raise ValueError(f"route(): weighting {weighting!r}; use 'paper' or 'released'")
     return Routing(
-        mask_TR=mask_TR,
-        weights_TR=weights_TR,
-        shared_weights_TS=shared_TS,
-        k_T=keep_TR.sum(dim=-1),
-        aux_loss=aux,
+        mask_TR=mask_TR, weights_TR=weights_TR, shared_weights_TS=shared_TS, k_T=keep_TR.sum(dim=-1), aux_loss=aux
     )
 
 
 def _route_sparsemixer(
-    logits_TE: torch.Tensor, probs_TR: torch.Tensor, k_T: torch.Tensor, num_dynamic: int, eps: float,
-    token_capacity: int | None, valid_T: torch.Tensor | None,
+    logits_TE: torch.Tensor,
+    probs_TR: torch.Tensor,
+    k_T: torch.Tensor,
+    num_dynamic: int,
+    eps: float,
+    token_capacity: int | None,
+    valid_T: torch.Tensor | None,
 ) -> Routing:
     """`route` in the released differentiable training mode: picks and multipliers from
     `sparsemixer_train_picks`, then the released combine (multipliers renormalised, scaled by
@@ -368,5 +365,10 @@ def _route_sparsemixer(
     mult_TR = mult_TR / mult_TR.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mult_TR.dtype).tiny)
     visible_TE = torch.cat([logits_TR.masked_fill(~mask_TR, NEG_INF), logits_TE[:, num_dynamic:]], dim=-1).softmax(-1)
     weights_TR = mult_TR * visible_TE[:, :num_dynamic].sum(dim=-1, keepdim=True)
-    return Routing(mask_TR=mask_TR, weights_TR=weights_TR, shared_weights_TS=visible_TE[:, num_dynamic:],
-                   k_T=mask_TR.sum(dim=-1), aux_loss=aux)
+    return Routing(
+        mask_TR=mask_TR,
+        weights_TR=weights_TR,
+        shared_weights_TS=visible_TE[:, num_dynamic:],
+        k_T=mask_TR.sum(dim=-1),
+        aux_loss=aux,
+    )

@@ -73,11 +73,18 @@ def build_vision_tower(cfg: ModelConfig) -> nn.Module:
 
     v = cfg.vision
     vcfg = Qwen2_5_VLVisionConfig(
-        depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-        num_heads=v.num_heads, out_hidden_size=v.out_hidden_size, patch_size=v.patch_size,
-        temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
-        in_channels=v.in_channels, window_size=v.window_size,
-        fullatt_block_indexes=list(v.fullatt_block_indexes), tokens_per_second=v.tokens_per_second,
+        depth=v.depth,
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_heads=v.num_heads,
+        out_hidden_size=v.out_hidden_size,
+        patch_size=v.patch_size,
+        temporal_patch_size=v.temporal_patch_size,
+        spatial_merge_size=v.spatial_merge_size,
+        in_channels=v.in_channels,
+        window_size=v.window_size,
+        fullatt_block_indexes=list(v.fullatt_block_indexes),
+        tokens_per_second=v.tokens_per_second,
         hidden_act=v.hidden_act,
     )
     vcfg._attn_implementation = "sdpa"
@@ -123,8 +130,13 @@ class UniMoEAudio(nn.Module):
         cfg = self.cfg
         p = self.codec_head.weight
         return KVCache(
-            num_layers=cfg.num_layers, batch=batch, num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim, max_len=max_len, dtype=p.dtype, device=p.device,
+            num_layers=cfg.num_layers,
+            batch=batch,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            max_len=max_len,
+            dtype=p.dtype,
+            device=p.device,
         )
 
     # ---- inputs ----
@@ -138,15 +150,12 @@ class UniMoEAudio(nn.Module):
             raise ValueError("input_ids is empty: give at least one token (an empty text prompt?)")
         if input_ids_BL.min() < 0 or input_ids_BL.max() >= cfg.vocab_size:
             raise ValueError(
-                f"input_ids outside [0, {cfg.vocab_size}): the tokenizer does not match the model "
-                "config (vocab_size)"
+                f"input_ids outside [0, {cfg.vocab_size}): the tokenizer does not match the model config (vocab_size)"
             )
         has_audio = bool((input_ids_BL == cfg.codec_placeholder_id).any())
         if audio_codes_BKL is None:
             if has_audio:
-                raise ValueError(
-                    "input_ids contain <|AUDIO_PLACEHOLDER|> but no audio_codes were given"
-                )
+                raise ValueError("input_ids contain <|AUDIO_PLACEHOLDER|> but no audio_codes were given")
             return
         B, L = input_ids_BL.shape
         if audio_codes_BKL.dim() != 3 or audio_codes_BKL.shape[1] != cfg.codec_channels:
@@ -156,9 +165,7 @@ class UniMoEAudio(nn.Module):
                 f"{cfg.codec_channels}-codebook DAC (16 kHz)."
             )
         if audio_codes_BKL.shape[0] != B or audio_codes_BKL.shape[2] != L:
-            raise ValueError(
-                f"audio_codes {tuple(audio_codes_BKL.shape)} must align with input_ids {(B, L)}"
-            )
+            raise ValueError(f"audio_codes {tuple(audio_codes_BKL.shape)} must align with input_ids {(B, L)}")
         lo, hi = int(audio_codes_BKL.min()), int(audio_codes_BKL.max())
         if lo < 0 or hi >= cfg.codec_vocab_size:
             raise ValueError(
@@ -216,11 +223,12 @@ class UniMoEAudio(nn.Module):
         self.check_inputs(input_ids_BL, audio_codes_BKL)
         B, L = input_ids_BL.shape
         valid_BL = (
-            torch.ones_like(input_ids_BL, dtype=torch.bool)
-            if attention_mask_BL is None else attention_mask_BL.bool()
+            torch.ones_like(input_ids_BL, dtype=torch.bool) if attention_mask_BL is None else attention_mask_BL.bool()
         )
         if position_ids_3BL is None:
-            start_B = cache.next_pos_B if cache is not None else torch.zeros(B, dtype=torch.long, device=input_ids_BL.device)
+            start_B = (
+                cache.next_pos_B if cache is not None else torch.zeros(B, dtype=torch.long, device=input_ids_BL.device)
+            )
             pos_BL = start_B[:, None] + valid_BL.long().cumsum(-1) - 1
             position_ids_3BL = pos_BL.clamp_min(0)[None].expand(3, B, L)
         x_BLD = self.embed(input_ids_BL, audio_codes_BKL, pixel_values_videos, video_grid_thw)
@@ -273,11 +281,14 @@ class UniMoEAudio(nn.Module):
         h_TD = h_BLD.reshape(-1, h_BLD.shape[-1])[rows_T]
         labels_TK = labels_TK[rows_T]
         logits_TKV = self.codec_head(h_TD).view(-1, cfg.codec_channels, cfg.codec_vocab_size).float()
-        losses_K = torch.stack([
-            F.cross_entropy(logits_TKV[:, c], labels_TK[:, c], ignore_index=IGNORE_INDEX)
-            if bool((labels_TK[:, c] != IGNORE_INDEX).any()) else logits_TKV.sum() * 0.0
-            for c in range(cfg.codec_channels)
-        ])
+        losses_K = torch.stack(
+            [
+                F.cross_entropy(logits_TKV[:, c], labels_TK[:, c], ignore_index=IGNORE_INDEX)
+                if bool((labels_TK[:, c] != IGNORE_INDEX).any())
+                else logits_TKV.sum() * 0.0
+                for c in range(cfg.codec_channels)
+            ]
+        )
         return losses_K.sum(), losses_K.detach()
 
 

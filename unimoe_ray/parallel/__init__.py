@@ -10,7 +10,11 @@ deploy (launch/attach), trunk (the trunk actor).
 """
 
 from unimoe_ray.parallel.admin import (
-    ControllerUnavailableError, expert_status, get_controller, scale_expert, shutdown_experts,
+    ControllerUnavailableError,
+    expert_status,
+    get_controller,
+    scale_expert,
+    shutdown_experts,
 )
 from unimoe_ray.parallel.backend import RayExperts
 from unimoe_ray.parallel.config import ExpertParallelConfig
@@ -20,7 +24,17 @@ from unimoe_ray.parallel.resources import ActorResources
 from unimoe_ray.parallel.trunk import TrunkWorker, start_trunk
 
 __all__ = [
-    "ActorResources", "ControllerUnavailableError", "ExpertParallelConfig", "ExpertUnavailableError", "RayExperts", "TrunkWorker",
-    "attach_experts", "expert_status", "get_controller", "launch_experts", "scale_expert",
-    "shutdown_experts", "start_trunk",
+    "ActorResources",
+    "ControllerUnavailableError",
+    "ExpertParallelConfig",
+    "ExpertUnavailableError",
+    "RayExperts",
+    "TrunkWorker",
+    "attach_experts",
+    "expert_status",
+    "get_controller",
+    "launch_experts",
+    "scale_expert",
+    "shutdown_experts",
+    "start_trunk",
 ]

@@ -70,12 +70,14 @@ def call_controller(group: str, namespace: str, method: str, *args, timeout_s: f
         ) from None
 
 
-def expert_status(group: str = "default", namespace: str = "unimoe", *, timeout_s: float = ADMIN_TIMEOUT_S) -> ExpertStatus:
+def expert_status(
+    group: str = "default", namespace: str = "unimoe", *, timeout_s: float = ADMIN_TIMEOUT_S
+) -> ExpertStatus:
     return call_controller(group, namespace, "status", timeout_s=timeout_s)
 
 
 def scale_expert(
-    expert: int, replicas: int, group: str = "default", namespace: str = "unimoe", *, timeout_s: float | None = None,
+    expert: int, replicas: int, group: str = "default", namespace: str = "unimoe", *, timeout_s: float | None = None
 ) -> ExpertStatus:
     """Set an expert's replica count while the model serves; returns the new status once the
     new replicas answer. Trunks switch at their next step boundary. A scale the cluster cannot

@@ -54,9 +54,7 @@ class RayExperts:
     compiles: compiled graphs built so far.
     """
 
-    def __init__(
-        self, controller: ActorHandle, cfg: ExpertParallelConfig, *, num_routed: int, num_layers: int,
-    ) -> None:
+    def __init__(self, controller: ActorHandle, cfg: ExpertParallelConfig, *, num_routed: int, num_layers: int) -> None:
         self.controller = controller
         self.cfg = cfg
         self.trunk_id = f"trunk-{uuid.uuid4().hex[:8]}"
@@ -74,13 +72,17 @@ class RayExperts:
         self._closed = threading.Event()
 
         ctx = ray.get_runtime_context()
-        topology = ray.get(controller.register_trunk.remote(
-            self.trunk_id, cfg.exchange == "compiled", ctx.get_actor_id(), ctx.get_job_id(),
-        ))
+        topology = ray.get(
+            controller.register_trunk.remote(
+                self.trunk_id, cfg.exchange == "compiled", ctx.get_actor_id(), ctx.get_job_id()
+            )
+        )
         if cfg.exchange == "compiled" and topology.graph_owner != self.trunk_id:
             log.warning(
                 "expert group %r already has a compiled-graph trunk; %s uses plain actor calls "
-                "(give each trunk replica its own group for compiled graphs)", cfg.group, self.trunk_id,
+                "(give each trunk replica its own group for compiled graphs)",
+                cfg.group,
+                self.trunk_id,
             )
         try:
             self._install_healing(topology)

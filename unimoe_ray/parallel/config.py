@@ -48,12 +48,8 @@ class ExpertParallelConfig:
     namespace: str = "unimoe"
     exchange: Exchange = "compiled"
     initial_replicas: int = 1
-    expert_resources: ActorResources = field(
-        default_factory=lambda: ActorResources(node_resource=EXPERT_NODE_RESOURCE)
-    )
-    trunk_resources: ActorResources = field(
-        default_factory=lambda: ActorResources(node_resource=TRUNK_NODE_RESOURCE)
-    )
+    expert_resources: ActorResources = field(default_factory=lambda: ActorResources(node_resource=EXPERT_NODE_RESOURCE))
+    trunk_resources: ActorResources = field(default_factory=lambda: ActorResources(node_resource=TRUNK_NODE_RESOURCE))
     max_restarts: int = 3
     exchange_retries: int = 3
     exchange_timeout_s: float = 300.0
@@ -73,8 +69,17 @@ class ExpertParallelConfig:
             raise ValueError("initial_replicas must be >= 1: every expert needs a replica")
         if self.max_restarts < 0 or self.exchange_retries < 0 or self.inband_max_bytes < 0:
             raise ValueError("max_restarts, exchange_retries and inband_max_bytes must be >= 0")
-        if min(self.exchange_timeout_s, self.restart_timeout_s, self.placement_timeout_s, self.stats_window_s,
-               self.graph_idle_s, self.trunk_timeout_s) <= 0:
+        if (
+            min(
+                self.exchange_timeout_s,
+                self.restart_timeout_s,
+                self.placement_timeout_s,
+                self.stats_window_s,
+                self.graph_idle_s,
+                self.trunk_timeout_s,
+            )
+            <= 0
+        ):
             raise ValueError(
                 "exchange_timeout_s, restart_timeout_s, placement_timeout_s, stats_window_s, graph_idle_s, "
                 "trunk_timeout_s must be > 0"

@@ -62,7 +62,13 @@ from unimoe_ray.parallel.resources import actor_options
 from unimoe_ray.parallel.routing_stats import RoutingSample, RoutingWindow
 from unimoe_ray.parallel.status import ExpertRow, ExpertStatus
 from unimoe_ray.parallel.store import (
-    GroupState, ReplicaRecord, TrunkRecord, keeper_name, load_state, save_state, delete_state,
+    GroupState,
+    ReplicaRecord,
+    TrunkRecord,
+    delete_state,
+    keeper_name,
+    load_state,
+    save_state,
 )
 from unimoe_ray.parallel.topology import Topology
 
@@ -99,7 +105,7 @@ class ExpertController:
     """
 
     def __init__(
-        self, cfg: ExpertParallelConfig, *, num_routed: int, num_layers: int, source: str | None, routers: str,
+        self, cfg: ExpertParallelConfig, *, num_routed: int, num_layers: int, source: str | None, routers: str
     ) -> None:
         self.cfg = cfg
         if source is None:
@@ -125,7 +131,7 @@ class ExpertController:
             self._kill([r for group in replicas for r in group])
             raise ValueError(f"the experts' weights differ in shape: {[r.shape for r in first]}")
         self._state.fingerprint = ModelFingerprint(
-            shape=first[0].shape, num_routed=num_routed, routers=routers, experts=tuple(r.digest for r in first),
+            shape=first[0].shape, num_routed=num_routed, routers=routers, experts=tuple(r.digest for r in first)
         )
         self._publish(replicas)
 
@@ -174,12 +180,12 @@ class ExpertController:
         short = {k: v for k, v in bundle.items() if free.get(k, 0.0) < v}
         raise ExpertUnavailableError(
             f"expert {expert}: cannot place {n} more replica(s) within {timeout_s:g}s: each "
-            f"needs {bundle}, the cluster has {({k: free.get(k, 0.0) for k in bundle})} free"
+            f"needs {bundle}, the cluster has { ({k: free.get(k, 0.0) for k in bundle}) } free"
             f"{f' (short of {sorted(short)})' if short else ''}; add nodes offering them or scale another expert down"
         )
 
     def _start(
-        self, experts: list[int], pgs: list[str | None] | None = None, placement_timeout_s: float | None = None,
+        self, experts: list[int], pgs: list[str | None] | None = None, placement_timeout_s: float | None = None
     ) -> list[ReplicaRecord]:
         """One new replica per entry of `experts`, in the given placement groups (None: a new
         one each, reserved first within `placement_timeout_s`, by default `restart_timeout_s`:
@@ -198,16 +204,19 @@ class ExpertController:
             pgs = fresh_pgs = [reserved[e].pop() for e in experts]
         else:
             fresh_pgs = []
-        opts = actor_options(cfg.expert_resources, max_restarts=cfg.max_restarts, lifetime="detached",
-                             namespace=cfg.namespace)
+        opts = actor_options(
+            cfg.expert_resources, max_restarts=cfg.max_restarts, lifetime="detached", namespace=cfg.namespace
+        )
         res = cfg.expert_resources
         names = [f"unimoe_experts:{cfg.group}:e{e}:{uuid.uuid4().hex[:8]}" for e in experts]
         handles = []
         for e, name, pg in zip(experts, names, pgs):
             strategy = {} if pg is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(_pg(pg), 0)}
-            handles.append(ExpertActor.options(name=name, **opts, **strategy).remote(
-                expert_idx=e, state=self._sources[e], device=res.device, threads=res.torch_threads,
-            ))
+            handles.append(
+                ExpertActor.options(name=name, **opts, **strategy).remote(
+                    expert_idx=e, state=self._sources[e], device=res.device, threads=res.torch_threads
+                )
+            )
         infos = self._probe(handles)
         fp = self._state.fingerprint
         if any(i is None for i in infos) or (fp and any(i["digest"] != fp.experts[e] for e, i in zip(experts, infos))):
@@ -226,10 +235,16 @@ class ExpertController:
         out = []
         for name, handle, info, pg in zip(names, handles, infos, pgs):
             self._handles[name] = handle
-            out.append(ReplicaRecord(
-                name=name, actor_id=info["actor_id"], node=info["node_ip"], shape=info["shape"],
-                digest=info["digest"], pg=pg,
-            ))
+            out.append(
+                ReplicaRecord(
+                    name=name,
+                    actor_id=info["actor_id"],
+                    node=info["node_ip"],
+                    shape=info["shape"],
+                    digest=info["digest"],
+                    pg=pg,
+                )
+            )
         return out
 
     def _probe(self, handles: list[ActorHandle | None]) -> list[dict | None]:
@@ -272,8 +287,9 @@ class ExpertController:
         ones are killed first, so this needs no free resources."""
         old = [r for group in self._state.replicas for r in group]
         self._kill(old, release=False)
-        fresh = iter(self._start([e for e, group in enumerate(self._state.replicas) for _ in group],
-                                 pgs=[r.pg for r in old]))
+        fresh = iter(
+            self._start([e for e, group in enumerate(self._state.replicas) for _ in group], pgs=[r.pg for r in old])
+        )
         return tuple(tuple(next(fresh) for _ in group) for group in self._state.replicas)
 
     def _publish(self, replicas: tuple[tuple[ReplicaRecord, ...], ...]) -> None:
@@ -324,7 +340,7 @@ class ExpertController:
     # ---- trunks ----
 
     def register_trunk(
-        self, trunk_id: str, want_graph: bool, actor_id: str | None = None, job_id: str | None = None,
+        self, trunk_id: str, want_graph: bool, actor_id: str | None = None, job_id: str | None = None
     ) -> Topology:
         """A trunk joins the group; it gets the compiled-graph lease if it wants it and the
         lease is free (or its holder is gone; see the module docstring)."""
@@ -388,7 +404,7 @@ class ExpertController:
             if trunk is None:
                 return  # the trunk left already (calls to a threaded actor may overtake each other)
             self._state.trunks[trunk_id] = TrunkRecord(
-                acked=max(trunk.acked, version), actor_id=trunk.actor_id, job_id=trunk.job_id,
+                acked=max(trunk.acked, version), actor_id=trunk.actor_id, job_id=trunk.job_id
             )
             self._last_seen[trunk_id] = time.monotonic()
             self._save()
@@ -408,7 +424,8 @@ class ExpertController:
             have = len(self._state.replicas[expert])
             started = (
                 self._start([expert] * (replicas - have), placement_timeout_s=self.cfg.placement_timeout_s)
-                if replicas > have else []
+                if replicas > have
+                else []
             )
             with self._lock:
                 s = self._state
@@ -416,7 +433,7 @@ class ExpertController:
                 group, retired = group[:replicas], group[replicas:]
                 if not started and not retired:
                     return self._topology()
-                self._publish(s.replicas[:expert] + (group,) + s.replicas[expert + 1:])
+                self._publish(s.replicas[:expert] + (group,) + s.replicas[expert + 1 :])
                 s.retiring += [(s.version, time.time() + self.cfg.trunk_timeout_s, r) for r in retired]
                 self._save()
                 self._reap()
@@ -490,13 +507,21 @@ class ExpertController:
         for e, group in enumerate(s.replicas):
             states = [actor_state(r.actor_id) for r in group]
             serving = [r for r, st in zip(group, states) if st == "ALIVE"]
-            rows.append(ExpertRow(
-                expert=e, replicas=len(serving), nodes=tuple(r.node for r in serving),
-                actor_ids=tuple(r.actor_id for r in serving), tokens=totals.tokens_E[e],
-                restarting=sum(st in ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY") for st in states),
-            ))
+            rows.append(
+                ExpertRow(
+                    expert=e,
+                    replicas=len(serving),
+                    nodes=tuple(r.node for r in serving),
+                    actor_ids=tuple(r.actor_id for r in serving),
+                    tokens=totals.tokens_E[e],
+                    restarting=sum(st in ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY") for st in states),
+                )
+            )
         return ExpertStatus(
-            group=self.cfg.group, version=s.version, window_s=totals.window_s, experts=tuple(rows),
+            group=self.cfg.group,
+            version=s.version,
+            window_s=totals.window_s,
+            experts=tuple(rows),
             experts_per_token_L=totals.experts_per_token_L,
             routed_per_token_L=totals.routed_per_token_L,
             trunks=sum(self._live(t, now) for t in s.trunks),

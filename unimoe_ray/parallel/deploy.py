@@ -23,8 +23,8 @@ from unimoe_ray.parallel.admin import get_controller
 from unimoe_ray.parallel.backend import RayExperts
 from unimoe_ray.parallel.config import ExpertParallelConfig
 from unimoe_ray.parallel.controller import ExpertController, ExpertUnavailableError
-from unimoe_ray.parallel.store import WeightKeeper, delete_state, keeper_name
 from unimoe_ray.parallel.fingerprint import checkpoint_router_digest, model_fingerprint, router_digest
+from unimoe_ray.parallel.store import WeightKeeper, delete_state, keeper_name
 from unimoe_ray.parallel.weights import dcmoe_layers, expert_state, strip_routed_experts
 
 # Threads: admin calls (status, scale) must be answered while a heal waits on restarting actors.
@@ -52,18 +52,30 @@ def launch_experts(weights: UniMoEAudio | str | Path, cfg: ExpertParallelConfig)
     if isinstance(weights, UniMoEAudio):
         model_cfg = weights.cfg
         refs = [ray.put(expert_state(weights, e)) for e in range(model_cfg.moe.num_routed)]
-        keeper = ray.remote(WeightKeeper).options(
-            name=keeper_name(cfg.group), namespace=cfg.namespace, lifetime="detached", num_cpus=0,
-        ).remote(refs)
+        keeper = (
+            ray.remote(WeightKeeper)
+            .options(name=keeper_name(cfg.group), namespace=cfg.namespace, lifetime="detached", num_cpus=0)
+            .remote(refs)
+        )
         ray.get(keeper.refs.remote())  # the keeper owns the weights now
         source, routers = None, router_digest(weights)
     else:
         model_cfg = load_config(weights)
         source, routers = str(weights), checkpoint_router_digest(weights)
-    controller = ray.remote(ExpertController).options(
-        name=cfg.controller_name, namespace=cfg.namespace, lifetime="detached", num_cpus=0,
-        max_concurrency=CONTROLLER_CONCURRENCY, max_restarts=-1,
-    ).remote(cfg, num_routed=model_cfg.moe.num_routed, num_layers=model_cfg.num_layers, source=source, routers=routers)
+    controller = (
+        ray.remote(ExpertController)
+        .options(
+            name=cfg.controller_name,
+            namespace=cfg.namespace,
+            lifetime="detached",
+            num_cpus=0,
+            max_concurrency=CONTROLLER_CONCURRENCY,
+            max_restarts=-1,
+        )
+        .remote(
+            cfg, num_routed=model_cfg.moe.num_routed, num_layers=model_cfg.num_layers, source=source, routers=routers
+        )
+    )
     try:
         ray.get(controller.version.remote())  # the constructor has started every replica
     except ray.exceptions.RayActorError as err:
@@ -93,10 +105,7 @@ def attach_experts(model: UniMoEAudio, cfg: ExpertParallelConfig) -> RayExperts:
             f"the model does not match expert group {cfg.group!r}: {why}. Attach the model the group "
             "was launched with, or launch a group for this model (launch_experts with another group name)"
         )
-    experts = RayExperts(
-        controller, cfg,
-        num_routed=model.cfg.moe.num_routed, num_layers=model.cfg.num_layers,
-    )
+    experts = RayExperts(controller, cfg, num_routed=model.cfg.moe.num_routed, num_layers=model.cfg.num_layers)
     strip_routed_experts(model)
 
     def count_routing(moe, args, output) -> None:

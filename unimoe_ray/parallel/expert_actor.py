@@ -36,8 +36,7 @@ class ExpertWorker:
     """
 
     def __init__(
-        self, *, expert_idx: int, state: dict[str, torch.Tensor] | str, device: Device = "cpu",
-        threads: int = 1,
+        self, *, expert_idx: int, state: dict[str, torch.Tensor] | str, device: Device = "cpu", threads: int = 1
     ) -> None:
         torch.set_num_threads(threads)
         warnings.filterwarnings("ignore", message=READONLY_WARNING)

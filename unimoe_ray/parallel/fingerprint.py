@@ -109,7 +109,7 @@ def model_fingerprint(model: UniMoEAudio) -> ModelFingerprint:
     layers = dcmoe_layers(model)
     first = layers[0].routed_experts[0].gate_proj.weight
     shape = ExpertShape(
-        hidden_size=first.shape[1], intermediate=first.shape[0], layers=tuple(m.layer_idx for m in layers),
+        hidden_size=first.shape[1], intermediate=first.shape[0], layers=tuple(m.layer_idx for m in layers)
     )
     num_routed = len(layers[0].routed_experts)
     experts = None

@@ -60,8 +60,10 @@ class RoutingAccumulator:
         if not any(self.tokens_L):
             return None
         sample = RoutingSample(
-            tokens_E=tuple(self.tokens_E), tokens_L=tuple(self.tokens_L),
-            picks_L=tuple(self.picks_L), routed_L=tuple(self.routed_L),
+            tokens_E=tuple(self.tokens_E),
+            tokens_L=tuple(self.tokens_L),
+            picks_L=tuple(self.picks_L),
+            routed_L=tuple(self.routed_L),
         )
         self._reset()
         return sample
@@ -106,6 +108,8 @@ class RoutingWindow:
             return tuple(n / t if t else 0.0 for n, t in zip(num, tokens_L))
 
         return RoutingTotals(
-            window_s=self.window_s, tokens_E=tuple(tokens_E),
-            experts_per_token_L=mean(picks_L), routed_per_token_L=mean(routed_L),
+            window_s=self.window_s,
+            tokens_E=tuple(tokens_E),
+            experts_per_token_L=mean(picks_L),
+            routed_per_token_L=mean(routed_L),
         )

@@ -30,8 +30,7 @@ class TrunkWorker:
     """weights: a checkpoint folder or a `trunk_state` dict (routed experts excluded)."""
 
     def __init__(
-        self, *, model_cfg: ModelConfig, weights: str | Path | dict[str, torch.Tensor],
-        cfg: ExpertParallelConfig,
+        self, *, model_cfg: ModelConfig, weights: str | Path | dict[str, torch.Tensor], cfg: ExpertParallelConfig
     ) -> None:
         res = cfg.trunk_resources
         torch.set_num_threads(res.torch_threads)
@@ -41,19 +40,20 @@ class TrunkWorker:
 
     @torch.inference_mode()
     def forward(
-        self, input_ids_BL: torch.Tensor, audio_codes_BKL: torch.Tensor | None = None, *,
-        attention_mask_BL: torch.Tensor | None = None, labels_BKL: torch.Tensor | None = None,
+        self,
+        input_ids_BL: torch.Tensor,
+        audio_codes_BKL: torch.Tensor | None = None,
+        *,
+        attention_mask_BL: torch.Tensor | None = None,
+        labels_BKL: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """A full-sequence (training-style) forward: codec logits, and the loss with labels."""
-        out = self.model(
-            input_ids_BL, audio_codes_BKL, attention_mask_BL=attention_mask_BL, labels_BKL=labels_BKL
-        )
+        out = self.model(input_ids_BL, audio_codes_BKL, attention_mask_BL=attention_mask_BL, labels_BKL=labels_BKL)
         loss = None if out.loss is None else out.loss.cpu()
         return {"codec_logits_BLKV": out.codec_logits_BLKV.cpu(), "loss": loss}
 
     def generate(
-        self, prompts: list[Prompt], negatives: list[Prompt] | None = None,
-        sampling: SamplingConfig = SamplingConfig(),
+        self, prompts: list[Prompt], negatives: list[Prompt] | None = None, sampling: SamplingConfig = SamplingConfig()
     ) -> list[torch.Tensor]:
         """unimoe_ray.inference.generate on this trunk: one (K, T_i) code tensor per prompt."""
         return generate(self.model, prompts, negatives, sampling)
@@ -64,8 +64,12 @@ class TrunkWorker:
         compiles: compiled graphs built."""
         e = self.experts
         return {
-            "trunk_id": e.trunk_id, "exchange": e.exchange_kind, "steps": e.steps,
-            "topology_version": e.topology.version, "recoveries": e.recoveries, "compiles": e.compiles,
+            "trunk_id": e.trunk_id,
+            "exchange": e.exchange_kind,
+            "steps": e.steps,
+            "topology_version": e.topology.version,
+            "recoveries": e.recoveries,
+            "compiles": e.compiles,
         }
 
     def close(self) -> None:
@@ -76,11 +80,11 @@ TrunkActor = ray.remote(concurrency_groups={"admin": 1})(TrunkWorker)
 
 
 def start_trunk(
-    model_cfg: ModelConfig, weights: str | Path | dict[str, torch.Tensor], cfg: ExpertParallelConfig,
+    model_cfg: ModelConfig, weights: str | Path | dict[str, torch.Tensor], cfg: ExpertParallelConfig
 ) -> ActorHandle:
     """A TrunkWorker actor placed by `cfg.trunk_resources`; returns once it is attached."""
     trunk = TrunkActor.options(**actor_options(cfg.trunk_resources)).remote(
-        model_cfg=model_cfg, weights=weights, cfg=cfg,
+        model_cfg=model_cfg, weights=weights, cfg=cfg
     )
     ray.get(trunk.info.remote())
     return trunk

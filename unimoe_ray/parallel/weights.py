@@ -93,9 +93,7 @@ def strip_routed_experts(model: UniMoEAudio) -> None:
         moe.expert_backend = NoLocalExperts()
 
 
-def build_trunk(
-    cfg: ModelConfig, weights: str | Path | dict[str, torch.Tensor], device: str = "cpu"
-) -> UniMoEAudio:
+def build_trunk(cfg: ModelConfig, weights: str | Path | dict[str, torch.Tensor], device: str = "cpu") -> UniMoEAudio:
     """The model without routed-expert weights, ready to have an expert backend attached.
 
     `weights`: a checkpoint folder or a `trunk_state` dict. The model is built on `device`

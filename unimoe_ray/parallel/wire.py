@@ -57,9 +57,7 @@ def unpack(x_bytes: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(x_bytes).view(dtype)
 
 
-def encode_call(
-    layer_idx: int, rows: np.ndarray, dtype: torch.dtype, inband_max_bytes: int
-) -> bytes | ExpertCall:
+def encode_call(layer_idx: int, rows: np.ndarray, dtype: torch.dtype, inband_max_bytes: int) -> bytes | ExpertCall:
     """One replica's message for `rows` ((n, D·itemsize) uint8, as from `pack`): raw bytes up
     to `inband_max_bytes`, else an ExpertCall. The expert replies in the same form."""
     code = _CODE.get(dtype)

@@ -35,14 +35,27 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from unimoe_ray.serve import formats
-from unimoe_ray.serve.uploads import UploadError, json_body_limit, read_body, read_form
+from unimoe_ray.serve.auth import (
+    CallerLimits,
+    KeyRing,
+    LimitExceeded,
+    LimitPolicy,
+    ResponseEndMiddleware,
+    on_response_end,
+)
 from unimoe_ray.serve.model import AudioModel
-from unimoe_ray.serve.runtime import AudioJob, SettingsError, sampling_overrides
-from unimoe_ray.serve.schemas import (MODEL_ALIASES, MODEL_ID, APIError, MusicRequest, Sampling, SpeechRequest,
-                                      validation_error)
-from unimoe_ray.serve.settings import IngressSettings
-from unimoe_ray.serve.auth import (CallerLimits, KeyRing, LimitExceeded, LimitPolicy, ResponseEndMiddleware,
-                                   on_response_end)
+from unimoe_ray.serve.runtime import AudioJob, sampling_overrides
+from unimoe_ray.serve.schemas import (
+    MODEL_ALIASES,
+    MODEL_ID,
+    APIError,
+    MusicRequest,
+    Sampling,
+    SpeechRequest,
+    validation_error,
+)
+from unimoe_ray.serve.settings import IngressSettings, SettingsError
+from unimoe_ray.serve.uploads import UploadError, json_body_limit, read_body, read_form
 from unimoe_ray.serve.voice_library import codes_tensor, ship_voices
 from unimoe_ray.serve.voices import ANONYMOUS, VoiceStore, VoiceStoreError
 
@@ -65,15 +78,24 @@ def _sse(obj: dict) -> bytes:
 def _usage(done: dict | None, job: AudioJob) -> dict:
     prompt = int(done.get("prompt_tokens", 0)) if done else 0
     frames = int(done.get("frames", 0)) if done else 0
-    return {"input_tokens": prompt, "output_tokens": frames, "total_tokens": prompt + frames,
-            "audio_seconds": done.get("seconds") if done else 0.0, "ttfa_s": done.get("ttfa_s") if done else None}
+    return {
+        "input_tokens": prompt,
+        "output_tokens": frames,
+        "total_tokens": prompt + frames,
+        "audio_seconds": done.get("seconds") if done else 0.0,
+        "ttfa_s": done.get("ttfa_s") if done else None,
+    }
 
 
 def _usage_headers(done: dict | None, samples: int) -> dict:
     if not done:
         return {}
-    return {"x-audio-frames": str(done["frames"]), "x-audio-samples": str(samples),
-            "x-finish-reason": str(done["finish_reason"]), "x-wall-seconds": f"{done['wall_s']:.3f}"}
+    return {
+        "x-audio-frames": str(done["frames"]),
+        "x-audio-samples": str(samples),
+        "x-finish-reason": str(done["finish_reason"]),
+        "x-wall-seconds": f"{done['wall_s']:.3f}",
+    }
 
 
 app = FastAPI(title="UniMoE-Audio on Ray Serve", docs_url="/docs")
@@ -112,8 +134,11 @@ def _internal_error(err: BaseException, status: int = 500, what: str = "the requ
     tracebacks, pids and node addresses): that goes to the replica's log under the same id."""
     rid = _REQUEST_ID.get()
     _LOG.error("request %s: %s: %s", rid, what, "".join(traceback.format_exception(err)).rstrip())
-    return APIError(status, f"internal error: {what} (request id {rid}); retry, and quote the id if it persists",
-                    code="internal_error")
+    return APIError(
+        status,
+        f"internal error: {what} (request id {rid}); retry, and quote the id if it persists",
+        code="internal_error",
+    )
 
 
 @app.exception_handler(Exception)
@@ -139,11 +164,18 @@ class APIIngress:
         # Both built before anything is swapped: a bad key file or limit fails the deploy (fail
         # closed) and leaves a running replica as it was.
         keyring = KeyRing.from_settings(api_keys_env=s.api_keys_env, api_keys_file=s.api_keys_file)
-        policy = LimitPolicy(per_minute=s.rate_limit_per_minute, burst=s.rate_limit_burst,
-                             max_in_flight=s.max_concurrent_per_key, retry_after_s=s.retry_after_s)
+        policy = LimitPolicy(
+            per_minute=s.rate_limit_per_minute,
+            burst=s.rate_limit_burst,
+            max_in_flight=s.max_concurrent_per_key,
+            retry_after_s=s.retry_after_s,
+        )
         if (s.voices_dir, s.voice_library, s.voice_root, s.ship_default_voice) != (
-                self.settings.voices_dir, self.settings.voice_library, self.settings.voice_root,
-                self.settings.ship_default_voice):
+            self.settings.voices_dir,
+            self.settings.voice_library,
+            self.settings.voice_root,
+            self.settings.ship_default_voice,
+        ):
             self._library_ready = False
         self.store = VoiceStore(s.voices_dir, max_voices=s.max_voices)
         self.limits.apply(policy)  # counts and buckets carry over: streams in flight stay counted
@@ -161,21 +193,27 @@ class APIIngress:
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
         caller = self.keyring.identify(token)
         if caller is None:
-            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+            raise APIError(
+                401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
         try:
             release = self.limits.admit(caller, counted=counted)
         except LimitExceeded as err:
-            raise APIError(429, str(err), code="rate_limit_exceeded",
-                           headers={"Retry-After": str(err.retry_after_s)}) from None
+            raise APIError(
+                429, str(err), code="rate_limit_exceeded", headers={"Retry-After": str(err.retry_after_s)}
+            ) from None
         if release is not None:
             on_response_end(request.scope, release)
         return caller
 
     def _check_model(self, model: str) -> None:
         if model not in (MODEL_ID, *MODEL_ALIASES):
-            raise APIError(404, f"the model {model!r} does not exist: use {MODEL_ID!r} (see GET /v1/models)",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist: use {MODEL_ID!r} (see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
 
     async def _json(self, request: Request, cls):
         s = self.settings
@@ -201,25 +239,36 @@ class APIIngress:
         max_upload_mb, text fields up to 4 bytes per max_input_chars, nothing spooled to disk."""
         s = self.settings
         try:
-            return await read_form(request, files={file_field: int(s.max_upload_mb * 2**20)},
-                                   field_bytes=4 * s.max_input_chars + 1024,
-                                   hint=f" (max_upload_mb={s.max_upload_mb:g})")
+            return await read_form(
+                request,
+                files={file_field: int(s.max_upload_mb * 2**20)},
+                field_bytes=4 * s.max_input_chars + 1024,
+                hint=f" (max_upload_mb={s.max_upload_mb:g})",
+            )
         except UploadError as err:
             raise APIError(err.status, str(err), param=err.param, code=err.code) from None
 
     def _bytes_limit(self, data: bytes, what: str, param: str) -> bytes:
         limit = self.settings.max_upload_mb * 2**20
         if len(data) > limit:  # MB = 2^20 bytes here and in every upload limit
-            raise APIError(413, f"{what} is {len(data) / 2**20:.2f} MB: at most {self.settings.max_upload_mb:g} MB",
-                           param=param, code="file_too_large")
+            raise APIError(
+                413,
+                f"{what} is {len(data) / 2**20:.2f} MB: at most {self.settings.max_upload_mb:g} MB",
+                param=param,
+                code="file_too_large",
+            )
         if not data:
             raise APIError(400, f"{what} is empty", param=param)
         return data
 
     def _format(self, fmt: str) -> None:
         if fmt not in formats.available_formats():
-            raise APIError(400, f"response_format {fmt!r} needs an encoder this server lacks; available: "
-                           f"{list(formats.available_formats())}", param="response_format")
+            raise APIError(
+                400,
+                f"response_format {fmt!r} needs an encoder this server lacks; available: "
+                f"{list(formats.available_formats())}",
+                param="response_format",
+            )
 
     async def _ensure_library(self) -> None:
         """Encode the deployment's shipped voices into the store, once (lazily: the speech
@@ -254,25 +303,36 @@ class APIIngress:
         cause = _cause(err)
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         if isinstance(err, BackPressureError) or isinstance(cause, BackPressureError):
-            return APIError(503, "the server is at capacity (queue full): retry after the Retry-After delay",
-                            code="server_overloaded", headers=retry)
+            return APIError(
+                503,
+                "the server is at capacity (queue full): retry after the Retry-After delay",
+                code="server_overloaded",
+                headers=retry,
+            )
         if type(cause).__name__ == "ModelBusyError":
-            return APIError(429, "all decode slots are busy and the waiting queue is full: retry later",
-                            code="rate_limit_exceeded", headers=retry)
+            return APIError(
+                429,
+                "all decode slots are busy and the waiting queue is full: retry later",
+                code="rate_limit_exceeded",
+                headers=retry,
+            )
         if isinstance(cause, TimeoutError):  # the engine's deadline (GenerationTimeout): our own message
-            return APIError(504, f"{cause}: ask for shorter audio or retry when the server is less busy",
-                            code="timeout")
+            return APIError(
+                504, f"{cause}: ask for shorter audio or retry when the server is less busy", code="timeout"
+            )
         if isinstance(cause, ValueError) and not isinstance(cause, RayError):
             return APIError(400, str(cause))
         if isinstance(err, (ActorDiedError, ActorUnavailableError)) or isinstance(
-                cause, (ActorDiedError, ActorUnavailableError)):
+            cause, (ActorDiedError, ActorUnavailableError)
+        ):
             e = _internal_error(err, 503, "the model replica went away mid-request")
             e.headers = retry
             return e
         return _internal_error(err, 500, "the generation failed")
 
-    async def _respond(self, handle, job: AudioJob, *, fmt: str, speed: float, incremental: bool,
-                       sse: bool, prefix: str) -> Response:
+    async def _respond(
+        self, handle, job: AudioJob, *, fmt: str, speed: float, incremental: bool, sse: bool, prefix: str
+    ) -> Response:
         first, gen = await self._events(handle, job, incremental)
         if not incremental:
             wav, done = [], None
@@ -344,18 +404,34 @@ class APIIngress:
     async def models(self, request: Request):
         self._auth(request)
         now = int(time.time())
-        data = [{"id": m, "object": "model", "created": now, "owned_by": "unimoe_ray"} for m in (MODEL_ID, *MODEL_ALIASES)]
+        data = [
+            {"id": m, "object": "model", "created": now, "owned_by": "unimoe_ray"} for m in (MODEL_ID, *MODEL_ALIASES)
+        ]
         return {"object": "list", "data": data}
 
     @app.get("/v1/status")
     async def status(self, request: Request):
         self._auth(request)
         speech, music = await asyncio.gather(self.speech.info.remote(), self.music.info.remote())
-        return {"speech": speech["status"], "music": music["status"], "speech_model": speech["model"],
-                "music_model": music["model"], "formats": list(formats.available_formats())}
+        return {
+            "speech": speech["status"],
+            "music": music["status"],
+            "speech_model": speech["model"],
+            "music_model": music["model"],
+            "formats": list(formats.available_formats()),
+        }
 
-    @app.post("/v1/audio/speech", openapi_extra={"requestBody": {"required": True, "content": {  # the body is parsed by hand
-        "application/json": {"schema": SpeechRequest.model_json_schema()}}}})
+    @app.post(
+        "/v1/audio/speech",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {  # the body is parsed by hand
+                    "application/json": {"schema": SpeechRequest.model_json_schema()}
+                },
+            }
+        },
+    )
     async def speech_endpoint(self, request: Request):
         caller = self._auth(request, counted=True)
         r: SpeechRequest = await self._json(request, SpeechRequest)
@@ -372,9 +448,12 @@ class APIIngress:
         sse = r.stream_format == "sse"
         incremental = sse or (r.response_format in formats.STREAMABLE and r.speed == 1.0)
         if sse and (r.response_format not in formats.STREAMABLE or r.speed != 1.0):
-            raise APIError(400, f"stream_format 'sse' sends audio as it is generated: it needs response_format "
-                           f"wav or pcm and speed 1.0 (got {r.response_format!r}, speed {r.speed})",
-                           param="stream_format")
+            raise APIError(
+                400,
+                f"stream_format 'sse' sends audio as it is generated: it needs response_format "
+                f"wav or pcm and speed 1.0 (got {r.response_format!r}, speed {r.speed})",
+                param="stream_format",
+            )
         voice_codes = voice_text = voice_audio = None
         if r.reference_audio is not None:
             if r.voice:
@@ -387,8 +466,11 @@ class APIIngress:
             if not (r.reference_text or "").strip():
                 raise APIError(400, "reference_audio needs reference_text (its transcript)", param="reference_text")
             if len(r.reference_text) > s.max_input_chars:
-                raise APIError(400, f"reference_text is {len(r.reference_text)} characters: at most "
-                               f"{s.max_input_chars}", param="reference_text")
+                raise APIError(
+                    400,
+                    f"reference_text is {len(r.reference_text)} characters: at most {s.max_input_chars}",
+                    param="reference_text",
+                )
             voice_text = r.reference_text
         elif r.voice:
             await self._ensure_library()
@@ -408,15 +490,38 @@ class APIIngress:
             except Exception as err:
                 raise self._model_error(err) from None
             voice_codes = np.asarray(codes, dtype=np.int16)
-        job = AudioJob(task="speech", text=r.input, sampling=sampling, max_seconds=max_seconds,
-                       voice_codes=voice_codes, voice_text=voice_text)
-        return await self._respond(self.speech, job, fmt=r.response_format, speed=r.speed,
-                                   incremental=incremental, sse=sse, prefix="speech")
+        job = AudioJob(
+            task="speech",
+            text=r.input,
+            sampling=sampling,
+            max_seconds=max_seconds,
+            voice_codes=voice_codes,
+            voice_text=voice_text,
+        )
+        return await self._respond(
+            self.speech, job, fmt=r.response_format, speed=r.speed, incremental=incremental, sse=sse, prefix="speech"
+        )
 
-    @app.post("/v1/audio/music", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": MusicRequest.model_json_schema()},
-        "multipart/form-data": {"schema": {**MusicRequest.model_json_schema(), "properties": {
-            **MusicRequest.model_json_schema()["properties"], "video": {"type": "string", "format": "binary"}}}}}}})
+    @app.post(
+        "/v1/audio/music",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": MusicRequest.model_json_schema()},
+                    "multipart/form-data": {
+                        "schema": {
+                            **MusicRequest.model_json_schema(),
+                            "properties": {
+                                **MusicRequest.model_json_schema()["properties"],
+                                "video": {"type": "string", "format": "binary"},
+                            },
+                        }
+                    },
+                },
+            }
+        },
+    )
     async def music_endpoint(self, request: Request):
         self._auth(request, counted=True)
         video = None
@@ -443,21 +548,46 @@ class APIIngress:
         sse = r.stream_format == "sse"
         incremental = r.stream or sse
         if incremental and r.response_format not in formats.STREAMABLE:
-            raise APIError(400, f"streaming needs response_format wav or pcm (got {r.response_format!r})",
-                           param="response_format")
+            raise APIError(
+                400, f"streaming needs response_format wav or pcm (got {r.response_format!r})", param="response_format"
+            )
         try:
             sampling = sampling_overrides(**r.model_dump(include=set(Sampling.model_fields)))
         except ValueError as err:
             raise APIError(400, str(err)) from None
-        job = AudioJob(task="music", text=r.prompt, sampling=sampling, max_seconds=duration,
-                       exact_seconds=r.duration is not None, video=video)
-        return await self._respond(self.music, job, fmt=r.response_format, speed=1.0,
-                                   incremental=incremental, sse=sse, prefix="music")
+        job = AudioJob(
+            task="music",
+            text=r.prompt,
+            sampling=sampling,
+            max_seconds=duration,
+            exact_seconds=r.duration is not None,
+            video=video,
+        )
+        return await self._respond(
+            self.music, job, fmt=r.response_format, speed=1.0, incremental=incremental, sse=sse, prefix="music"
+        )
 
-    @app.post("/v1/audio/voices", openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
-        "schema": {"type": "object", "required": ["audio_sample", "name", "ref_text"], "properties": {
-            "audio_sample": {"type": "string", "format": "binary"}, "name": {"type": "string"},
-            "ref_text": {"type": "string"}}}}}}})
+    @app.post(
+        "/v1/audio/voices",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["audio_sample", "name", "ref_text"],
+                            "properties": {
+                                "audio_sample": {"type": "string", "format": "binary"},
+                                "name": {"type": "string"},
+                                "ref_text": {"type": "string"},
+                            },
+                        }
+                    }
+                },
+            }
+        },
+    )
     async def add_voice(self, request: Request):
         owner = self._auth(request, counted=True) or ANONYMOUS
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -472,8 +602,9 @@ class APIIngress:
         if not ref_text or not ref_text.strip():
             raise APIError(400, "ref_text (the transcript of the audio sample) is required", param="ref_text")
         if len(ref_text) > s.max_input_chars:
-            raise APIError(400, f"ref_text is {len(ref_text)} characters: at most {s.max_input_chars}",
-                           param="ref_text")
+            raise APIError(
+                400, f"ref_text is {len(ref_text)} characters: at most {s.max_input_chars}", param="ref_text"
+            )
         data = self._bytes_limit(sample.data, "audio_sample", "audio_sample")
         await self._ensure_library()
         try:  # the name and the voice cap before the DAC encode (add checks them again)
@@ -488,8 +619,12 @@ class APIIngress:
             v = self.store.add(name, ref_text, codes_tensor(codes), owner=owner)
         except VoiceStoreError as err:
             raise APIError(err.status, str(err), param="name") from None
-        return {"success": True, "id": v.id, "name": v.name,
-                "voice": {**v.public(), "mime_type": sample.content_type, "file_size": len(data)}}
+        return {
+            "success": True,
+            "id": v.id,
+            "name": v.name,
+            "voice": {**v.public(), "mime_type": sample.content_type, "file_size": len(data)},
+        }
 
     @app.get("/v1/audio/voices")
     async def list_voices(self, request: Request):

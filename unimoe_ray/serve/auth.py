@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from unimoe_ray.serve.runtime import SettingsError
+from unimoe_ray.serve.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +78,20 @@ def read_key_file(path: Path) -> frozenset[str]:
     except FileNotFoundError:
         raise SettingsError(
             f"api_keys_file {path} does not exist: create it with one API key per line, or set "
-            "api_keys_file: null to take keys from api_keys_env only") from None
+            "api_keys_file: null to take keys from api_keys_env only"
+        ) from None
     except (OSError, UnicodeDecodeError) as err:
         raise SettingsError(
             f"api_keys_file {path} cannot be read ({type(err).__name__}: {err}): make it a UTF-8 text "
-            "file the Serve replica's user may read") from None
+            "file the Serve replica's user may read"
+        ) from None
     digests = _parse_keys(text.splitlines())
     if not digests:
         raise SettingsError(
             f"api_keys_file {path} holds no key (only blank lines or # comments): add one key per "
             "line. An empty key file is refused, not read as 'auth off'; to run without auth set "
-            "api_keys_file: null and leave api_keys_env unset")
+            "api_keys_file: null and leave api_keys_env unset"
+        )
     return digests
 
 
@@ -107,8 +110,14 @@ class KeyRing:
     `identify(token)` answers the caller's owner id, or None for a key not on the ring. Thread
     safe: the set in use is swapped whole, a reload holds a lock."""
 
-    def __init__(self, *, env_keys: frozenset[str] = frozenset(), file: str | Path | None = None,
-                 clock: Callable[[], float] = time.monotonic, recheck_s: float = RECHECK_S) -> None:
+    def __init__(
+        self,
+        *,
+        env_keys: frozenset[str] = frozenset(),
+        file: str | Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        recheck_s: float = RECHECK_S,
+    ) -> None:
         self.file = Path(file) if file is not None else None
         self._env = frozenset(env_keys)
         self._clock, self._recheck_s = clock, recheck_s
@@ -121,8 +130,9 @@ class KeyRing:
         self._next_check = clock() + recheck_s
 
     @classmethod
-    def from_settings(cls, *, api_keys_env: str | None, api_keys_file: str | None,
-                      environ: dict[str, str] | None = None, **kwargs) -> "KeyRing":
+    def from_settings(
+        cls, *, api_keys_env: str | None, api_keys_file: str | None, environ: dict[str, str] | None = None, **kwargs
+    ) -> "KeyRing":
         environ = os.environ if environ is None else environ
         env_keys: frozenset[str] = frozenset()
         raw = environ.get(api_keys_env, "") if api_keys_env else ""
@@ -131,7 +141,8 @@ class KeyRing:
             if not env_keys:
                 raise SettingsError(
                     f"the environment variable {api_keys_env} (api_keys_env) is set but holds no key: "
-                    "give comma-separated keys, or unset it")
+                    "give comma-separated keys, or unset it"
+                )
         return cls(env_keys=env_keys, file=api_keys_file, **kwargs)
 
     @property
@@ -187,7 +198,8 @@ class LimitPolicy:
             raise SettingsError(f"rate_limit_burst={self.burst}: must be a whole number >= 1")
         if self.max_in_flight is not None and (int(self.max_in_flight) != self.max_in_flight or self.max_in_flight < 1):
             raise SettingsError(
-                f"max_concurrent_per_key={self.max_in_flight}: must be a whole number >= 1 (or null: no limit)")
+                f"max_concurrent_per_key={self.max_in_flight}: must be a whole number >= 1 (or null: no limit)"
+            )
         if self.retry_after_s < 1:
             raise SettingsError(f"retry_after_s={self.retry_after_s}: must be >= 1")
 
@@ -233,7 +245,9 @@ class CallerLimits:
             if counted and p.max_in_flight is not None and self._in_flight.get(caller, 0) >= p.max_in_flight:
                 raise LimitExceeded(
                     f"this API key already has {p.max_in_flight} requests in flight (max_concurrent_per_key): "
-                    "wait for one to finish", p.retry_after_s)
+                    "wait for one to finish",
+                    p.retry_after_s,
+                )
             if p.per_minute is not None:
                 now = self._clock()
                 rate_per_s = p.per_minute / 60.0
@@ -244,7 +258,9 @@ class CallerLimits:
                     wait_s = max(1, math.ceil((1.0 - tokens) / rate_per_s - 1e-9))
                     raise LimitExceeded(
                         f"rate limit of {p.per_minute:g} requests per minute (burst {p.burst}) reached for this "
-                        f"API key: retry in {wait_s} s", wait_s)
+                        f"API key: retry in {wait_s} s",
+                        wait_s,
+                    )
                 self._buckets[caller] = (tokens - 1.0, now)
             if not counted:
                 return None

@@ -53,9 +53,13 @@ def wav_stream_header(sample_rate: int = SAMPLE_RATE) -> bytes:
     (what streaming TTS servers send; players read until the connection ends)."""
     byte_rate = sample_rate * 2
     return (
-        b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE"
-        + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, byte_rate, 2, 16)
-        + b"data" + struct.pack("<I", 0xFFFFFFFF)
+        b"RIFF"
+        + struct.pack("<I", 0xFFFFFFFF)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, byte_rate, 2, 16)
+        + b"data"
+        + struct.pack("<I", 0xFFFFFFFF)
     )
 
 
@@ -87,8 +91,14 @@ def change_speed(wav: np.ndarray, speed: float, *, n_fft: int = 2048, hop: int =
     n = x.numel()
     length = int(round(n / speed))
     window = torch.hann_window(n_fft)
-    spec_FT = torch.stft(torch.nn.functional.pad(x, (0, max(0, n_fft - n))), n_fft, hop, window=window,
-                         pad_mode="constant", return_complex=True)
+    spec_FT = torch.stft(
+        torch.nn.functional.pad(x, (0, max(0, n_fft - n))),
+        n_fft,
+        hop,
+        window=window,
+        pad_mode="constant",
+        return_complex=True,
+    )
     F, T = spec_FT.shape
     spec_FT = torch.nn.functional.pad(spec_FT, (0, 2))  # frames past the end read as silence
     t_S = (torch.arange(length // hop + 2) * speed).clamp(max=T)  # fractional read positions

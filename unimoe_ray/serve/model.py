@@ -13,7 +13,8 @@ from ray import serve
 from ray.util import metrics
 
 from unimoe_ray.inference.engine import EngineFullError
-from unimoe_ray.serve.runtime import AudioJob, ModelRuntime, ModelSettings
+from unimoe_ray.serve.runtime import AudioJob, ModelRuntime
+from unimoe_ray.serve.settings import ModelSettings
 
 
 class ModelBusyError(RuntimeError):
@@ -23,15 +24,25 @@ class ModelBusyError(RuntimeError):
 def _metrics(name: str) -> dict:
     tags = ("deployment",)
     return {
-        "ttfa": metrics.Histogram("unimoe_time_to_first_audio_seconds", "Request start to first audio chunk",
-                                  boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30], tag_keys=tags),
-        "rtf": metrics.Histogram("unimoe_real_time_factor", "Wall seconds per second of audio",
-                                 boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8], tag_keys=tags),
+        "ttfa": metrics.Histogram(
+            "unimoe_time_to_first_audio_seconds",
+            "Request start to first audio chunk",
+            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30],
+            tag_keys=tags,
+        ),
+        "rtf": metrics.Histogram(
+            "unimoe_real_time_factor",
+            "Wall seconds per second of audio",
+            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8],
+            tag_keys=tags,
+        ),
         "audio": metrics.Counter("unimoe_audio_seconds_total", "Seconds of audio generated", tag_keys=tags),
         "queue": metrics.Gauge("unimoe_engine_queue_depth", "Requests waiting for a KV slot", tag_keys=tags),
         "rows": metrics.Gauge("unimoe_engine_active_rows", "Rows in the running batch", tag_keys=tags),
         "requests": metrics.Gauge("unimoe_engine_active_requests", "Requests in the running batch", tag_keys=tags),
-        "experts": metrics.Gauge("unimoe_experts_per_token", "Mean experts chosen per token (last step)", tag_keys=tags),
+        "experts": metrics.Gauge(
+            "unimoe_experts_per_token", "Mean experts chosen per token (last step)", tag_keys=tags
+        ),
     }
 
 
@@ -110,8 +121,14 @@ class AudioModel:
     async def info(self) -> dict:
         rt = self._require()
         cfg = rt.model.cfg
-        return {"model": rt.model_name, "paths": rt.paths, "settings": asdict(self.settings),
-                "vision": cfg.vision is not None, "status": rt.status(), "time": time.time()}
+        return {
+            "model": rt.model_name,
+            "paths": rt.paths,
+            "settings": asdict(self.settings),
+            "vision": cfg.vision is not None,
+            "status": rt.status(),
+            "time": time.time(),
+        }
 
     def check_health(self) -> None:
         """Serve's liveness probe: a dead loop thread, broken slot accounting or a stalled

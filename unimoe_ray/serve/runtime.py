@@ -10,26 +10,23 @@ import asyncio
 import fcntl
 import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import numpy as np
 import torch
 
-from unimoe_ray.inference.engine import DecodeEngine, EngineLoop, EngineOutput, EngineRequest
+from unimoe_ray.inference.engine import DecodeEngine, EngineOutput, EngineRequest
+from unimoe_ray.inference.engine_loop import EngineLoop
 from unimoe_ray.inference.pipeline import AudioGenerator
 from unimoe_ray.inference.requests import assemble
 from unimoe_ray.inference.sampling import SamplingConfig
 from unimoe_ray.inference.streaming import StreamingDecoder, decode_whole
 from unimoe_ray.inference.video import VideoSampling
-from unimoe_ray.model.quantize import EXPERT_DTYPES
 from unimoe_ray.serve.formats import SAMPLE_RATE
+from unimoe_ray.serve.settings import ModelSettings
 from unimoe_ray.serve.untrusted_media import VideoPlan, read_audio_upload, read_video_upload
-
-
-class SettingsError(ValueError):
-    pass
 
 
 class GenerationTimeout(TimeoutError):
@@ -38,62 +35,6 @@ class GenerationTimeout(TimeoutError):
 
 class EngineError(RuntimeError):
     """The model or the engine failed, not the request (HTTP 500; the message stays server-side)."""
-
-
-def settings_from_dict(cls, data: dict | None, what: str):
-    data = dict(data or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise SettingsError(f"{what}: unknown keys {unknown}; known keys are {sorted(known)}")
-    return cls(**data)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSettings:
-    """A model replica's `user_config`. Paths are local (no downloads); with checkpoint,
-    tokenizer or dac_path unset, random-weight artifacts of `preset` are generated once under
-    `artifacts_dir` (the same save/load code as real weights) — the fresh-clone default."""
-
-    checkpoint: str | None = None
-    tokenizer: str | None = None
-    dac_path: str | None = None
-    preset: str = "tiny"
-    artifacts_dir: str = "outputs/serve_artifacts"
-    device: str = "cpu"
-    dtype: str | None = None
-    expert_dtype: str | None = None  # "fp32" | "bf16" | "int8" expert weights (None: as loaded)
-    max_rows: int = 16  # KV slots: a guided request uses 2 (cond + uncond)
-    max_len: int = 1400  # KV columns per row: prompt + frames + 19
-    max_waiting: int = 32  # requests waiting for a slot before 429
-    first_chunk_frames: int = 5
-    chunk_frames: int = 25
-    torch_threads: int | None = None
-    request_timeout_s: float = 240.0  # a request's deadline in the engine (queued + decoding): then 504
-    stall_timeout_s: float = 120.0  # the liveness check fails when the engine has work and no step ends for this long
-    experts_group: str | None = None  # attach to this expert-actor group (None: in-process experts)
-    experts_namespace: str | None = None
-    experts_exchange: str | None = None  # "compiled" | "plain" (None: ExpertParallelConfig's default)
-
-    def __post_init__(self) -> None:
-        if self.expert_dtype is not None and self.expert_dtype not in EXPERT_DTYPES:
-            raise SettingsError(
-                f"expert_dtype={self.expert_dtype!r}: use {', '.join(EXPERT_DTYPES)} (or leave it unset)")
-        for name in ("max_rows", "max_len", "max_waiting", "first_chunk_frames", "chunk_frames"):
-            if int(getattr(self, name)) < 1:
-                raise SettingsError(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("request_timeout_s", "stall_timeout_s"):
-            if not float(getattr(self, name)) > 0:
-                raise SettingsError(f"{name}={getattr(self, name)}: must be > 0 seconds")
-
-    @classmethod
-    def from_dict(cls, data: dict | None) -> "ModelSettings":
-        return settings_from_dict(cls, data, "model user_config")
-
-    def model_key(self) -> tuple:
-        """The fields whose change needs a reload (the rest apply live)."""
-        return (self.checkpoint, self.tokenizer, self.dac_path, self.preset, self.artifacts_dir,
-                self.device, self.dtype, self.expert_dtype, self.max_rows, self.max_len, self.experts_group, self.experts_namespace, self.experts_exchange)
 
 
 def resolve_artifacts(s: ModelSettings) -> tuple[str, str, str]:
@@ -111,8 +52,15 @@ def resolve_artifacts(s: ModelSettings) -> tuple[str, str, str]:
         if marker.is_file():
             paths = json.loads(marker.read_text())
         else:
-            ckpt, tok, dac = prepare_artifacts(ArtifactsConfig(
-                out_dir=str(out), preset=s.preset, checkpoint=s.checkpoint, tokenizer=s.tokenizer, dac_path=s.dac_path))
+            ckpt, tok, dac = prepare_artifacts(
+                ArtifactsConfig(
+                    out_dir=str(out),
+                    preset=s.preset,
+                    checkpoint=s.checkpoint,
+                    tokenizer=s.tokenizer,
+                    dac_path=s.dac_path,
+                )
+            )
             paths = {"checkpoint": str(ckpt), "tokenizer": str(tok), "dac_path": str(dac)}
             if not (s.checkpoint or s.tokenizer or s.dac_path):
                 marker.write_text(json.dumps(paths))
@@ -142,13 +90,19 @@ class ModelRuntime:
             torch.set_num_threads(settings.torch_threads)
         ckpt, tok, dac = resolve_artifacts(settings)
         self.paths = {"checkpoint": ckpt, "tokenizer": tok, "dac_path": dac}
-        self.gen = AudioGenerator.load(ckpt, tok, dac, device=settings.device, dtype=settings.dtype,
-                                       expert_dtype=settings.expert_dtype)
+        self.gen = AudioGenerator.load(
+            ckpt, tok, dac, device=settings.device, dtype=settings.dtype, expert_dtype=settings.expert_dtype
+        )
         self.model = self.gen.model.eval()
         if before_start is not None:
             before_start(self.model)
-        self.engine = DecodeEngine(self.model, max_rows=settings.max_rows, max_len=settings.max_len,
-                                   max_waiting=settings.max_waiting, timeout_s=settings.request_timeout_s)
+        self.engine = DecodeEngine(
+            self.model,
+            max_rows=settings.max_rows,
+            max_len=settings.max_len,
+            max_waiting=settings.max_waiting,
+            timeout_s=settings.request_timeout_s,
+        )
         self.loop = EngineLoop(self.engine)
         self.model_name = Path(ckpt).name
 
@@ -180,10 +134,22 @@ class ModelRuntime:
             codes = torch.as_tensor(np.asarray(job.voice_codes)).long()
         video = self._video(job.video) if job.task == "music" and job.video is not None else None
         prompt, negative, sampling = assemble(
-            self.gen.prompts, job.task, job.text, voice_text=job.voice_text, voice_codes_KT=codes, video=video,
-            max_frames=frames, exact_length=job.task == "music" and job.exact_seconds, overrides=job.sampling)
-        return EngineRequest(prompt, negative if sampling.guidance_scale > 0 else None, sampling,
-                             timeout_s=self.settings.request_timeout_s)
+            self.gen.prompts,
+            job.task,
+            job.text,
+            voice_text=job.voice_text,
+            voice_codes_KT=codes,
+            video=video,
+            max_frames=frames,
+            exact_length=job.task == "music" and job.exact_seconds,
+            overrides=job.sampling,
+        )
+        return EngineRequest(
+            prompt,
+            negative if sampling.guidance_scale > 0 else None,
+            sampling,
+            timeout_s=self.settings.request_timeout_s,
+        )
 
     def _video(self, data: bytes):
         if self.model.cfg.vision is None:
@@ -204,8 +170,16 @@ class ModelRuntime:
         queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
         rid = self.loop.submit(req, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
         codec = self.gen.codec
-        dec = StreamingDecoder(codec, out_rate=SAMPLE_RATE, first_chunk=self.settings.first_chunk_frames,
-                               chunk=self.settings.chunk_frames) if stream else None
+        dec = (
+            StreamingDecoder(
+                codec,
+                out_rate=SAMPLE_RATE,
+                first_chunk=self.settings.first_chunk_frames,
+                chunk=self.settings.chunk_frames,
+            )
+            if stream
+            else None
+        )
         frames: list[torch.Tensor] = []
         ttfa = None
         finished = False
@@ -216,8 +190,11 @@ class ModelRuntime:
                     frames.append(out.frames_KT)
                     if dec is not None:
                         # A thread only when a chunk is due (DAC decode); most steps just store a frame.
-                        pushed = (await asyncio.to_thread(dec.push, out.frames_KT)
-                                  if dec.renders_after(out.frames_KT.shape[1]) else dec.push(out.frames_KT))
+                        pushed = (
+                            await asyncio.to_thread(dec.push, out.frames_KT)
+                            if dec.renders_after(out.frames_KT.shape[1])
+                            else dec.push(out.frames_KT)
+                        )
                         for chunk in pushed:
                             ttfa = ttfa if ttfa is not None else time.monotonic() - t0
                             yield {"type": "audio", "wav": chunk}
@@ -242,8 +219,12 @@ class ModelRuntime:
             wall = time.monotonic() - t0
             seconds = codes_KT.shape[1] / codec.frame_rate
             yield {
-                "type": "done", "frames": int(codes_KT.shape[1]), "seconds": seconds,
-                "finish_reason": out.finish_reason, "ttfa_s": ttfa, "wall_s": wall,
+                "type": "done",
+                "frames": int(codes_KT.shape[1]),
+                "seconds": seconds,
+                "finish_reason": out.finish_reason,
+                "ttfa_s": ttfa,
+                "wall_s": wall,
                 "rtf": wall / seconds if seconds else None,
                 "experts_per_token": self.engine.stats.experts_per_token,
                 "prompt_tokens": int(req.prompt.input_ids_L.numel()),
@@ -254,11 +235,20 @@ class ModelRuntime:
 
     def status(self) -> dict:
         e = self.engine
-        return {"running_requests": e.num_running, "running_rows": e.running_rows, "waiting": e.num_waiting,
-                "max_rows": e.cache.rows, "free_rows": e.cache.free, "steps": e.stats.steps,
-                "finished": e.stats.finished, "cancelled": e.stats.cancelled, "failed": e.stats.failed,
-                "timed_out": e.stats.timed_out, "experts_per_token": e.stats.experts_per_token,
-                "healthy": self.health() is None}
+        return {
+            "running_requests": e.num_running,
+            "running_rows": e.running_rows,
+            "waiting": e.num_waiting,
+            "max_rows": e.cache.rows,
+            "free_rows": e.cache.free,
+            "steps": e.stats.steps,
+            "finished": e.stats.finished,
+            "cancelled": e.stats.cancelled,
+            "failed": e.stats.failed,
+            "timed_out": e.stats.timed_out,
+            "experts_per_token": e.stats.experts_per_token,
+            "healthy": self.health() is None,
+        }
 
 
 def sampling_overrides(**knobs) -> dict:

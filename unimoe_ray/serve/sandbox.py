@@ -44,15 +44,21 @@ _LOG = logging.getLogger(__name__)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding unimoe_ray/
 # One thread per library in the child: fewer threads reserve less address space (each glibc
 # malloc arena reserves 64 MB of it, which RLIMIT_AS counts) and the start is faster.
-_CHILD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-              "MALLOC_ARENA_MAX": "2", "PYTHONDONTWRITEBYTECODE": "1"}
+_CHILD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MALLOC_ARENA_MAX": "2",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
 # Children at once per process: a flood of uploads then costs at most this many memory caps.
 MAX_CHILDREN = 4
 _CHILDREN = threading.BoundedSemaphore(MAX_CHILDREN)
 
 
-def run_isolated(target: str, kwargs: dict[str, Any], *, memory_mb: float, timeout_s: float, what: str,
-                 imports: tuple[str, ...] = ()) -> dict[str, Any]:
+def run_isolated(
+    target: str, kwargs: dict[str, Any], *, memory_mb: float, timeout_s: float, what: str, imports: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Call `target` ("module:function", importable without torch) with `kwargs` in a child.
 
     Args:
@@ -71,28 +77,41 @@ def run_isolated(target: str, kwargs: dict[str, Any], *, memory_mb: float, timeo
         TimeoutError: MAX_CHILDREN other decodes kept this one from starting within `timeout_s`.
     """
     if not _CHILDREN.acquire(timeout=timeout_s):
-        raise TimeoutError(f"the server is decoding {MAX_CHILDREN} other uploads and could not start on {what} "
-                           f"within {timeout_s:g} s")
+        raise TimeoutError(
+            f"the server is decoding {MAX_CHILDREN} other uploads and could not start on {what} within {timeout_s:g} s"
+        )
     try:
         return _run_child(target, kwargs, memory_mb=memory_mb, timeout_s=timeout_s, what=what, imports=imports)
     finally:
         _CHILDREN.release()
 
 
-def _run_child(target: str, kwargs: dict[str, Any], *, memory_mb: float, timeout_s: float, what: str,
-               imports: tuple[str, ...]) -> dict[str, Any]:
-    request = pickle.dumps({"target": target, "kwargs": kwargs, "imports": list(imports),
-                            "memory_bytes": int(memory_mb * 2**20)}, protocol=pickle.HIGHEST_PROTOCOL)
-    env = {**os.environ, **_CHILD_ENV,
-           "PYTHONPATH": os.pathsep.join([_PACKAGE_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
+def _run_child(
+    target: str, kwargs: dict[str, Any], *, memory_mb: float, timeout_s: float, what: str, imports: tuple[str, ...]
+) -> dict[str, Any]:
+    request = pickle.dumps(
+        {"target": target, "kwargs": kwargs, "imports": list(imports), "memory_bytes": int(memory_mb * 2**20)},
+        protocol=pickle.HIGHEST_PROTOCOL,
+    )
+    env = {
+        **os.environ,
+        **_CHILD_ENV,
+        "PYTHONPATH": os.pathsep.join([_PACKAGE_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     # The request goes in through a file, not a pipe: writing it cannot block on a child that
     # never reads, so the deadline below covers every wait.
     with tempfile.TemporaryFile() as stdin:
         stdin.write(request)
         stdin.seek(0)
-        proc = subprocess.Popen([sys.executable, "-m", "unimoe_ray.serve.sandbox"], stdin=stdin,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, close_fds=True,
-                                start_new_session=True)  # its own process group: one kill ends all of it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "unimoe_ray.serve.sandbox"],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            close_fds=True,
+            start_new_session=True,
+        )  # its own process group: one kill ends all of it
     deadline = time.monotonic() + timeout_s
     try:
         out, err = _read_all(proc, deadline=deadline, limit=int(memory_mb * 2**20) + 2**20)
@@ -111,8 +130,12 @@ def _run_child(target: str, kwargs: dict[str, Any], *, memory_mb: float, timeout
     header, arrays = _parse(out)
     if header is None:
         # No answer: the child died (a signal, or the interpreter could not allocate at all).
-        _LOG.warning("decoder child for %s exited with %s without a result; stderr tail: %s", what, code,
-                     err.decode(errors="replace"))
+        _LOG.warning(
+            "decoder child for %s exited with %s without a result; stderr tail: %s",
+            what,
+            code,
+            err.decode(errors="replace"),
+        )
         cause = f"signal {-code}" if code < 0 else f"exit status {code}"
         raise ValueError(f"could not decode {what}: the decoder crashed ({cause}); is the file damaged?")
     if not header["ok"]:
@@ -155,8 +178,8 @@ def _parse(out: bytes) -> tuple[dict | None, dict[str, np.ndarray]]:
         return None, {}
     (n,) = struct.unpack("<I", out[:4])
     try:
-        header = json.loads(out[4:4 + n])
-        buf = io.BytesIO(out[4 + n:])
+        header = json.loads(out[4 : 4 + n])
+        buf = io.BytesIO(out[4 + n :])
         arrays = {name: np.load(buf, allow_pickle=False) for name in header.get("arrays", [])}
     except (ValueError, OSError, EOFError):
         return None, {}  # a truncated answer: the child died while writing it
@@ -164,6 +187,7 @@ def _parse(out: bytes) -> tuple[dict | None, dict[str, np.ndarray]]:
 
 
 # ---- the child ----
+
 
 def _cap_memory(extra_bytes: int) -> None:
     """RLIMIT_AS = what the child maps now + `extra_bytes` (the interpreter and its imports

@@ -17,13 +17,28 @@ MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 class APIError(Exception):
     """An HTTP error the API answers in OpenAI's shape (`response()`); `type` follows the status."""
 
-    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: str | None = None, headers: dict | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                             404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-                             429: "rate_limit_error", 503: "server_overloaded"}.get(status, "server_error")
+        self.type = type or {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            403: "permission_error",
+            404: "not_found_error",
+            409: "conflict_error",
+            413: "invalid_request_error",
+            429: "rate_limit_error",
+            503: "server_overloaded",
+        }.get(status, "server_error")
         self.headers = headers or {}
 
     def response(self) -> JSONResponse:

@@ -57,6 +57,7 @@ _EBML = b"\x1a\x45\xdf\xa3"  # Matroska / WebM
 
 # ---- audio ----
 
+
 @dataclass(frozen=True)
 class AudioHeader:
     format: str  # libsndfile's major format ("WAV", "FLAC", "OGG", "MP3", ...)
@@ -97,16 +98,21 @@ def probe_audio(data: bytes, *, max_seconds: float, target_rate: int | None = No
     except Exception as err:  # libsndfile's errors are not one class
         reason = getattr(err, "error_string", None) or "unrecognised data"
         raise ValueError(f"could not read the audio ({reason}): send wav, flac, ogg or mp3") from None
-    head = AudioHeader(format=str(info.format), sample_rate=int(info.samplerate), channels=int(info.channels),
-                       frames=int(info.frames))
+    head = AudioHeader(
+        format=str(info.format), sample_rate=int(info.samplerate), channels=int(info.channels), frames=int(info.frames)
+    )
     if not MIN_SAMPLE_RATE <= head.sample_rate <= MAX_SAMPLE_RATE:
-        raise ValueError(f"the audio's sample rate is {head.sample_rate} Hz: it must be within "
-                         f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
+        raise ValueError(
+            f"the audio's sample rate is {head.sample_rate} Hz: it must be within "
+            f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz"
+        )
     if not 1 <= head.channels <= MAX_CHANNELS:
         raise ValueError(f"the audio has {head.channels} channels: at most {MAX_CHANNELS}")
     if (lie := _wav_truncation(data)) is not None:
-        raise ValueError(f"the WAV file is truncated: its header declares {lie[0]} bytes of samples but the file "
-                         f"holds {lie[1]}; upload the complete file")
+        raise ValueError(
+            f"the WAV file is truncated: its header declares {lie[0]} bytes of samples but the file "
+            f"holds {lie[1]}; upload the complete file"
+        )
     if head.seconds > max_seconds:
         raise ValueError(f"the audio is {head.seconds:.1f} s long: at most {max_seconds:g} s")
     if target_rate is not None and resample_taps(head.sample_rate, target_rate) > MAX_RESAMPLE_TAPS:
@@ -114,7 +120,8 @@ def probe_audio(data: bytes, *, max_seconds: float, target_rate: int | None = No
         raise ValueError(
             f"the audio's sample rate {head.sample_rate} Hz does not resample to {target_rate} Hz with a small "
             f"filter (the ratio reduces only to {head.sample_rate // g}/{target_rate // g}): convert it to a "
-            "common rate (16000, 22050, 24000, 32000, 44100 or 48000 Hz) first")
+            "common rate (16000, 22050, 24000, 32000, 44100 or 48000 Hz) first"
+        )
     return head
 
 
@@ -144,7 +151,7 @@ def _wav_truncation(data: bytes) -> tuple[int, int] | None:
         return None
     pos = 12
     while pos + 8 <= len(data):
-        chunk, size = data[pos:pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        chunk, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
         if chunk == b"data":
             present = len(data) - pos - 8
             return (size, present) if size not in (0, 0xFFFFFFFF) and size > present else None
@@ -158,20 +165,26 @@ def audio_memory_mb(max_seconds: float) -> float:
     return 128 + 1.5 * max_seconds * MAX_SAMPLE_RATE * MAX_CHANNELS * 4 / 2**20
 
 
-def read_audio_upload(data: bytes, *, max_seconds: float, target_rate: int,
-                      timeout_s: float = AUDIO_TIMEOUT_S) -> tuple[np.ndarray, int]:
+def read_audio_upload(
+    data: bytes, *, max_seconds: float, target_rate: int, timeout_s: float = AUDIO_TIMEOUT_S
+) -> tuple[np.ndarray, int]:
     """decode_audio in a child process: (float32 (N,) mono, sample rate). ValueError for the client.
     The header checks run here first (libsndfile reads the header only, no sample is decoded):
     a file they refuse costs no child process (~130 ms of CPU each), so a flood of bad uploads
     takes little from the decode loop; the child runs them again before it decodes."""
     probe_audio(data, max_seconds=max_seconds, target_rate=target_rate)
-    out = run_isolated(f"{__name__}:decode_audio",
-                       {"data": data, "max_seconds": max_seconds, "target_rate": target_rate},
-                       memory_mb=audio_memory_mb(max_seconds), timeout_s=timeout_s, what="the audio")
+    out = run_isolated(
+        f"{__name__}:decode_audio",
+        {"data": data, "max_seconds": max_seconds, "target_rate": target_rate},
+        memory_mb=audio_memory_mb(max_seconds),
+        timeout_s=timeout_s,
+        what="the audio",
+    )
     return out["wav"], int(out["sample_rate"])
 
 
 # ---- video ----
+
 
 @dataclass(frozen=True, kw_only=True)
 class VideoPlan:
@@ -191,22 +204,29 @@ class VideoPlan:
         """From a VisionConfig and a VideoSampling; a sampling without max_frames takes at most
         MAX_UPLOAD_FRAMES frames from an upload."""
         n = min(sampling.max_frames or MAX_UPLOAD_FRAMES, MAX_UPLOAD_FRAMES)
-        return cls(fps=sampling.fps, max_frames=n, min_pixels=sampling.min_pixels,
-                   max_pixels=tuple(sampling.max_pixels(k) for k in range(1, n + 1)),
-                   patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                   merge_size=vision.spatial_merge_size)
+        return cls(
+            fps=sampling.fps,
+            max_frames=n,
+            min_pixels=sampling.min_pixels,
+            max_pixels=tuple(sampling.max_pixels(k) for k in range(1, n + 1)),
+            patch_size=vision.patch_size,
+            temporal_patch_size=vision.temporal_patch_size,
+            merge_size=vision.spatial_merge_size,
+        )
 
 
 def sniff_container(data: bytes) -> str:
-    """"mp4" (mp4/mov) or "matroska" (webm/mkv) from the first bytes; ValueError otherwise."""
+    """ "mp4" (mp4/mov) or "matroska" (webm/mkv) from the first bytes; ValueError otherwise."""
     if data[4:8] in _MP4_BOXES:
         return "mp4"
     if data[:4] == _EBML:
         return "matroska"
     text = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
     if text.startswith(b"#EXTM3U") or b"#EXT-X-" in text or b"#EXTINF" in text:
-        raise ValueError("the video is an HLS playlist (m3u8), not a video file: upload the video itself "
-                         "(mp4/mov, webm or mkv); the server opens no URL a client sends")
+        raise ValueError(
+            "the video is an HLS playlist (m3u8), not a video file: upload the video itself "
+            "(mp4/mov, webm or mkv); the server opens no URL a client sends"
+        )
     raise ValueError("the video is not an mp4/mov, webm or mkv file (its first bytes match none of them)")
 
 
@@ -235,8 +255,11 @@ def decode_video(data: bytes, *, plan: VideoPlan) -> dict:
         if stream.frames > 0:
             total = int(stream.frames)
         else:  # webm / mkv carry no frame count: from the duration, as FFmpeg-based readers do
-            seconds = (float(stream.duration * stream.time_base) if stream.duration is not None
-                       else (container.duration or 0) / 1e6)
+            seconds = (
+                float(stream.duration * stream.time_base)
+                if stream.duration is not None
+                else (container.duration or 0) / 1e6
+            )
             total = max(1, round(seconds * video_fps))
         # Only the window the sampled frames can fall in: a header claiming 10^9 frames would
         # otherwise make the index array itself the bomb.
@@ -253,8 +276,13 @@ def decode_video(data: bytes, *, plan: VideoPlan) -> dict:
                     continue
                 if graph is None:
                     _check_frame_size(frame.width, frame.height)
-                    new_h, new_w = smart_resize(frame.height, frame.width, plan.patch_size * plan.merge_size,
-                                                min_pixels=plan.min_pixels, max_pixels=plan.max_pixels[idx_T.size - 1])
+                    new_h, new_w = smart_resize(
+                        frame.height,
+                        frame.width,
+                        plan.patch_size * plan.merge_size,
+                        min_pixels=plan.min_pixels,
+                        max_pixels=plan.max_pixels[idx_T.size - 1],
+                    )
                     graph = _scaler(av, frame, new_w, new_h)
                 graph.push(frame)
                 frames_THWC.append(graph.pull().to_ndarray())
@@ -263,8 +291,11 @@ def decode_video(data: bytes, *, plan: VideoPlan) -> dict:
     if not frames_THWC:
         raise ValueError("the video holds no decodable frames")
     pixel_values, grid_thw = frames_to_patches(
-        np.stack(frames_THWC), patch_size=plan.patch_size, temporal_patch_size=plan.temporal_patch_size,
-        merge_size=plan.merge_size)
+        np.stack(frames_THWC),
+        patch_size=plan.patch_size,
+        temporal_patch_size=plan.temporal_patch_size,
+        merge_size=plan.merge_size,
+    )
     return {"pixel_values": pixel_values, "grid_thw": grid_thw}
 
 
@@ -277,10 +308,13 @@ def _scaler(av, frame, width: int, height: int):
     """decord's conversion: FFmpeg's `scale` filter (bilinear) in the decoded pixel format,
     then `format=rgb24` (converting first, or PyAV's own reformat, gives other pixels)."""
     graph = av.filter.Graph()
-    src = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format.name,
-                           time_base=frame.time_base)
-    chain = [src, graph.add("scale", f"{width}:{height}:flags=bilinear"), graph.add("format", "rgb24"),
-             graph.add("buffersink")]
+    src = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format.name, time_base=frame.time_base)
+    chain = [
+        src,
+        graph.add("scale", f"{width}:{height}:flags=bilinear"),
+        graph.add("format", "rgb24"),
+        graph.add("buffersink"),
+    ]
     for a, b in zip(chain, chain[1:]):
         a.link_to(b)
     graph.configure()
@@ -291,12 +325,19 @@ def _av_reason(err: Exception) -> str:
     return getattr(err, "strerror", None) or type(err).__name__
 
 
-def read_video_upload(data: bytes, plan: VideoPlan, *, timeout_s: float = VIDEO_TIMEOUT_S
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def read_video_upload(
+    data: bytes, plan: VideoPlan, *, timeout_s: float = VIDEO_TIMEOUT_S
+) -> tuple[np.ndarray, np.ndarray]:
     """decode_video in a child process: (pixel_values, grid_thw). ValueError for the client.
     The container is recognised by its first bytes here first: a playlist or a non-video costs
     no child process."""
     sniff_container(data)
-    out = run_isolated(f"{__name__}:decode_video", {"data": data, "plan": plan}, memory_mb=VIDEO_MEMORY_MB,
-                       timeout_s=timeout_s, what="the video", imports=("av",))
+    out = run_isolated(
+        f"{__name__}:decode_video",
+        {"data": data, "plan": plan},
+        memory_mb=VIDEO_MEMORY_MB,
+        timeout_s=timeout_s,
+        what="the video",
+        imports=("av",),
+    )
     return out["pixel_values"], out["grid_thw"]

@@ -64,19 +64,22 @@ async def read_body(request: Request, *, limit: int, hint: str = "") -> bytes:
 async def _bounded_stream(request: Request, limit: int, hint: str) -> AsyncIterator[bytes]:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise UploadError(413, f"the request body is {_mb(int(declared))}: at most {_mb(limit)}{hint}",
-                          code="file_too_large")
+        raise UploadError(
+            413, f"the request body is {_mb(int(declared))}: at most {_mb(limit)}{hint}", code="file_too_large"
+        )
     seen = 0
     async for chunk in request.stream():
         seen += len(chunk)
         if seen > limit:
-            raise UploadError(413, f"the request body is over {_mb(limit)}: at most {_mb(limit)}{hint}",
-                              code="file_too_large")
+            raise UploadError(
+                413, f"the request body is over {_mb(limit)}: at most {_mb(limit)}{hint}", code="file_too_large"
+            )
         yield chunk
 
 
-async def read_form(request: Request, *, files: dict[str, int], field_bytes: int, max_fields: int = 16,
-                    hint: str = "") -> Form:
+async def read_form(
+    request: Request, *, files: dict[str, int], field_bytes: int, max_fields: int = 16, hint: str = ""
+) -> Form:
     """A multipart/form-data body parsed while it is read.
 
     Args:
@@ -124,10 +127,16 @@ class _FormBuilder:
         self._data = bytearray()
 
     def callbacks(self) -> dict:
-        return {"on_part_begin": self._part_begin, "on_header_field": self._header_field,
-                "on_header_value": self._header_value, "on_header_end": self._header_end,
-                "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
-                "on_part_end": self._part_end, "on_end": self._end}
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
 
     def _part_begin(self) -> None:
         self._headers, self._data = {}, bytearray()
@@ -167,15 +176,17 @@ class _FormBuilder:
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if len(self._data) + (end - start) > self._cap:
             code = "file_too_large" if self._filename is not None else "field_too_large"
-            raise UploadError(413, f"{self._name} is over {_mb(self._cap)}: at most {_mb(self._cap)}",
-                              param=self._name, code=code)
+            raise UploadError(
+                413, f"{self._name} is over {_mb(self._cap)}: at most {_mb(self._cap)}", param=self._name, code=code
+            )
         self._data += data[start:end]
 
     def _part_end(self) -> None:
         if self._filename is not None:
             content_type = self._headers.get(b"content-type")
-            self.files[self._name] = UploadedFile(self._filename, content_type and content_type.decode("latin-1"),
-                                                  bytes(self._data))
+            self.files[self._name] = UploadedFile(
+                self._filename, content_type and content_type.decode("latin-1"), bytes(self._data)
+            )
             return
         try:
             self.fields[self._name] = self._data.decode("utf-8")

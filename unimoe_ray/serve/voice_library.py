@@ -23,8 +23,9 @@ def codes_tensor(codes):
     return torch.as_tensor(np.array(codes)).long()  # a copy: Ray hands read-only arrays
 
 
-async def ship_voices(store: VoiceStore, settings: IngressSettings,
-                      encode_voice: Callable[[bytes, float], Awaitable]) -> None:
+async def ship_voices(
+    store: VoiceStore, settings: IngressSettings, encode_voice: Callable[[bytes, float], Awaitable]
+) -> None:
     """Add the shipped voices `store` lacks. encode_voice(audio file bytes, max seconds): the
     speech deployment's DAC encoder (awaited: codes for one voice)."""
     from unimoe_ray.audio.io import read_audio, write_wav
@@ -37,8 +38,9 @@ async def ship_voices(store: VoiceStore, settings: IngressSettings,
         lib_dir = Path(settings.voices_dir) / "_library"
         lib_dir.mkdir(parents=True, exist_ok=True)
         write_wav(lib_dir / "default.wav", reference_voice(seconds=2.0), 16000)
-        (lib_dir / "voices.json").write_text(json.dumps(
-            {"voices": {"default": {"audio_path": "default.wav", "prompt": "This is my voice."}}}))
+        (lib_dir / "voices.json").write_text(
+            json.dumps({"voices": {"default": {"audio_path": "default.wav", "prompt": "This is my voice."}}})
+        )
         path = str(lib_dir / "voices.json")
     if path is not None:
         library = VoiceLibrary.load(path, root=settings.voice_root)

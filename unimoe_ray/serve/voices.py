@@ -63,8 +63,15 @@ class StoredVoice:
         return self.origin == "library" or self.owner == owner
 
     def public(self) -> dict:
-        return {"id": self.id, "name": self.name, "ref_text": self.ref_text, "origin": self.origin,
-                "created_at": self.created_at, "frames": self.frames, "seconds": self.frames / FRAME_RATE}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "ref_text": self.ref_text,
+            "origin": self.origin,
+            "created_at": self.created_at,
+            "frames": self.frames,
+            "seconds": self.frames / FRAME_RATE,
+        }
 
 
 class VoiceStore:
@@ -86,9 +93,15 @@ class VoiceStore:
         except Exception:
             return None  # a half-written or foreign file is not a voice
         origin = meta.get("origin", "upload")
-        v = StoredVoice(id=path.stem, name=meta["name"], ref_text=meta.get("ref_text", ""), origin=origin,
-                        created_at=int(meta.get("created_at", 0)), frames=frames,
-                        owner=meta.get("owner", LIBRARY if origin == "library" else ANONYMOUS))
+        v = StoredVoice(
+            id=path.stem,
+            name=meta["name"],
+            ref_text=meta.get("ref_text", ""),
+            origin=origin,
+            created_at=int(meta.get("created_at", 0)),
+            frames=frames,
+            owner=meta.get("owner", LIBRARY if origin == "library" else ANONYMOUS),
+        )
         return v, codes_KT
 
     def _all(self) -> list[StoredVoice]:
@@ -111,16 +124,17 @@ class VoiceStore:
         if v is None:
             names = [x.name for x in self.list(owner=owner)]
             raise VoiceStoreError(
-                f"unknown voice {name_or_id!r}: your voices are {names}; upload one with "
-                "POST /v1/audio/voices", status=404,
+                f"unknown voice {name_or_id!r}: your voices are {names}; upload one with POST /v1/audio/voices",
+                status=404,
             )
         rec = self._read(self.folder / f"{v.id}.safetensors", codes=True)
         if rec is None:
             raise VoiceStoreError(f"voice {name_or_id!r} was deleted meanwhile", status=404)
         return rec[0], rec[1].long()
 
-    def add(self, name: str, ref_text: str, codes_KT: torch.Tensor, *, owner: str = ANONYMOUS,
-            origin: str = "upload") -> StoredVoice:
+    def add(
+        self, name: str, ref_text: str, codes_KT: torch.Tensor, *, owner: str = ANONYMOUS, origin: str = "upload"
+    ) -> StoredVoice:
         """Store a voice for `owner` (ignored for origin "library": those belong to LIBRARY).
         409 when the name is taken (by a library voice, or for an upload by the owner's own)
         or the owner already has `max_voices` uploads."""
@@ -130,8 +144,13 @@ class VoiceStore:
         with self._lock:
             self.check_can_add(name, owner=owner, origin=origin)  # again: another upload may have landed
             vid = f"voice_{uuid.uuid4().hex[:16]}"
-            meta = {"name": name, "ref_text": ref_text, "origin": origin, "owner": owner,
-                    "created_at": str(int(time.time()))}
+            meta = {
+                "name": name,
+                "ref_text": ref_text,
+                "origin": origin,
+                "owner": owner,
+                "created_at": str(int(time.time())),
+            }
             tmp = self.folder / f".{vid}.tmp"
             save_file({"codes_KT": codes_KT.to(torch.int16).contiguous()}, str(tmp), metadata=meta)
             os.replace(tmp, self.folder / f"{vid}.safetensors")  # atomic: readers never see half a file
@@ -143,7 +162,9 @@ class VoiceStore:
         if not _NAME.match(name or ""):
             raise VoiceStoreError(
                 f"voice name {name!r}: use 1-64 letters, digits, spaces, '_', '-' or '.', starting "
-                "with a letter or digit", status=400)
+                "with a letter or digit",
+                status=400,
+            )
         if origin not in ("upload", "library"):
             raise ValueError(f"origin={origin!r}: 'upload' or 'library'")
         owner = LIBRARY if origin == "library" else owner
@@ -155,7 +176,9 @@ class VoiceStore:
         if origin == "upload" and uploads >= self.max_voices:
             raise VoiceStoreError(
                 f"voice limit reached ({self.max_voices} uploaded voices for this API key): delete one "
-                "first (DELETE /v1/audio/voices/{name}) or raise max_voices in the server config", 409)
+                "first (DELETE /v1/audio/voices/{name}) or raise max_voices in the server config",
+                409,
+            )
 
     def delete(self, name_or_id: str, *, owner: str = ANONYMOUS) -> StoredVoice:
         """Remove one of `owner`'s uploads: 404 when `owner` cannot see it, 403 for a library voice."""
@@ -165,6 +188,7 @@ class VoiceStore:
                 raise VoiceStoreError(f"voice {name_or_id!r} not found", status=404)
             if v.origin == "library":
                 raise VoiceStoreError(
-                    f"voice {v.name!r} comes from the server's voice library file: remove it there", 403)
+                    f"voice {v.name!r} comes from the server's voice library file: remove it there", 403
+                )
             (self.folder / f"{v.id}.safetensors").unlink(missing_ok=True)
         return v

@@ -87,10 +87,18 @@ class PromptBuilder:
 
     def _chat(self, content: list[int]) -> list[int]:
         return (
-            self._sp("<|im_start|>") + self._text(f"system\n{SYSTEM_PROMPT}") + self._sp("<|im_end|>")
-            + self._text("\n") + self._sp("<|im_start|>") + self._text("user\n") + content
-            + self._sp("<|im_end|>") + self._text("\n") + self._sp("<|im_start|>")
-            + self._text("assistant\n") + self._sp("<|AUDIO_START|>")
+            self._sp("<|im_start|>")
+            + self._text(f"system\n{SYSTEM_PROMPT}")
+            + self._sp("<|im_end|>")
+            + self._text("\n")
+            + self._sp("<|im_start|>")
+            + self._text("user\n")
+            + content
+            + self._sp("<|im_end|>")
+            + self._text("\n")
+            + self._sp("<|im_start|>")
+            + self._text("assistant\n")
+            + self._sp("<|AUDIO_START|>")
         )
 
     def _prompt(self, ids: list[int], frames: dict[int, torch.Tensor] | None = None, **video) -> Prompt:
@@ -103,7 +111,11 @@ class PromptBuilder:
         return Prompt(input_ids_L=ids_L, audio_codes_KL=codes_KL, **video)
 
     def tts(
-        self, text: str, *, prompt_text: str | None = None, prompt_codes_KT: torch.Tensor | None = None,
+        self,
+        text: str,
+        *,
+        prompt_text: str | None = None,
+        prompt_codes_KT: torch.Tensor | None = None,
         allow_empty: bool = False,
     ) -> Prompt:
         """Speech for `text`, optionally in the voice of (prompt_text, prompt_codes_KT)."""
@@ -114,7 +126,9 @@ class PromptBuilder:
         frames = {}
         if prompt_codes_KT is not None:
             self._check_frames(prompt_codes_KT)
-            content += self._sp("<|SPEECH_PROMPT_START|>") + self._text(prompt_text or "") + self._sp("<|SPEECH_PROMPT_END|>")
+            content += (
+                self._sp("<|SPEECH_PROMPT_START|>") + self._text(prompt_text or "") + self._sp("<|SPEECH_PROMPT_END|>")
+            )
             content += self._sp("<|VOICE_PROMPT_START|>")
             steps_KS = self.pattern.voice_prompt(prompt_codes_KT.long())
             frames[len(content)] = steps_KS

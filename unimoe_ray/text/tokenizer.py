@@ -19,15 +19,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from tokenizers import (
-    AddedToken,
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    trainers,
-)
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -156,9 +148,7 @@ def build_test_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
     tk.normalizer = normalizers.NFC()
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=bpe_size, initial_alphabet=alphabet, show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=bpe_size, initial_alphabet=alphabet, show_progress=False)
     tk.train_from_iterator(_TEST_CORPUS, trainer)
     if tk.get_vocab_size() != bpe_size:
         raise ValueError(
@@ -238,10 +228,7 @@ def _added_token_json(content: str, token_id: int) -> dict:
 def _save(tk: Tokenizer, out_dir: str | Path, extra_specials: tuple[str, ...]) -> Path:
     """Wrap a `tokenizers.Tokenizer` for transformers (ChatML eos/pad) and save it."""
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        eos_token=_EOS_TOKEN,
-        pad_token=_PAD_TOKEN,
-        additional_special_tokens=list(extra_specials),
+        tokenizer_object=tk, eos_token=_EOS_TOKEN, pad_token=_PAD_TOKEN, additional_special_tokens=list(extra_specials)
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -76,9 +76,7 @@ class Batch:
     def to(self, device: torch.device) -> "Batch":
         if device.type == "cpu":
             return self
-        moved = {
-            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
-        }
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return Batch(**moved)
 
     def model_kwargs(self) -> dict:
@@ -113,7 +111,9 @@ class ExampleBuilder:
                 raise ValueError("a v2m row needs a model with a vision tower (config.vision is None)")
             v = self.cfg.vision
             pixel_values, grid = frames_to_patches(
-                frames_of(row), patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                frames_of(row),
+                patch_size=v.patch_size,
+                temporal_patch_size=v.temporal_patch_size,
                 merge_size=v.spatial_merge_size,
             )
             return self.prompts.music(text, video=(torch.from_numpy(pixel_values), torch.from_numpy(grid)))
@@ -134,11 +134,18 @@ class ExampleBuilder:
         bos_K1 = torch.full((K, 1), self.cfg.codec_bos, dtype=torch.long)
         ids_L = torch.cat([prompt.input_ids_L, torch.full((S,), self.cfg.codec_placeholder_id, dtype=torch.long)])
         codes_KL = torch.cat([prompt_codes_KL, bos_K1, delayed_KS[:, : S - 1]], dim=1)
-        labels_KL = torch.cat([torch.full((K, L_p), IGNORE_INDEX, dtype=torch.long), self.pattern.labels(delayed_KS)], dim=1)
+        labels_KL = torch.cat(
+            [torch.full((K, L_p), IGNORE_INDEX, dtype=torch.long), self.pattern.labels(delayed_KS)], dim=1
+        )
         grid = None if prompt.video_grid_thw is None else prompt.video_grid_thw.view(-1, 3)
         return Example(
-            sample_id=str(row["sample_id"]), task=str(row["task"]), ids_L=ids_L, codes_KL=codes_KL,
-            labels_KL=labels_KL, pixel_values=prompt.pixel_values, grid_thw=grid,
+            sample_id=str(row["sample_id"]),
+            task=str(row["task"]),
+            ids_L=ids_L,
+            codes_KL=codes_KL,
+            labels_KL=labels_KL,
+            pixel_values=prompt.pixel_values,
+            grid_thw=grid,
         )
 
 
@@ -191,16 +198,23 @@ def collate(examples: list[Example], cfg: ModelConfig) -> Batch:
         labels_BKL[b, :, :n] = e.labels_KL
         mask_BL[b, :n] = True
     batch = Batch(
-        input_ids_BL=ids_BL, audio_codes_BKL=codes_BKL, labels_BKL=labels_BKL, attention_mask_BL=mask_BL,
-        sample_ids=[e.sample_id for e in examples], tasks=[e.task for e in examples],
+        input_ids_BL=ids_BL,
+        audio_codes_BKL=codes_BKL,
+        labels_BKL=labels_BKL,
+        attention_mask_BL=mask_BL,
+        sample_ids=[e.sample_id for e in examples],
+        tasks=[e.task for e in examples],
     )
     videos = [e for e in examples if e.pixel_values is not None]
     if videos:
         batch.pixel_values = torch.cat([e.pixel_values for e in videos])
         batch.video_grid_thw = torch.cat([e.grid_thw for e in videos])
         batch.position_ids_3BL = mrope_position_ids(
-            ids_BL, video_token_id=cfg.video_token_id, video_grid_thw=batch.video_grid_thw,
-            spatial_merge_size=cfg.vision.spatial_merge_size, attention_mask_BL=mask_BL,
+            ids_BL,
+            video_token_id=cfg.video_token_id,
+            video_grid_thw=batch.video_grid_thw,
+            spatial_merge_size=cfg.vision.spatial_merge_size,
+            attention_mask_BL=mask_BL,
         )
     return batch
 

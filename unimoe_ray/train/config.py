@@ -64,17 +64,23 @@ class TrainConfig:
             (self.grad_clip >= 0, f"grad_clip={self.grad_clip}: must be >= 0 (0 disables)"),
             (self.checkpoint_every >= 1, f"checkpoint_every={self.checkpoint_every}: must be >= 1"),
             (self.val_every >= 0, f"val_every={self.val_every}: must be >= 0 (0 disables)"),
-            (self.trainable in ("all", "router_and_shared"),
-             f"trainable={self.trainable!r}: use 'all' or 'router_and_shared'"),
-            (self.precision in ("auto", "fp32", "bf16"),
-             f"precision={self.precision!r}: use 'auto', 'fp32' or 'bf16'"),
+            (
+                self.trainable in ("all", "router_and_shared"),
+                f"trainable={self.trainable!r}: use 'all' or 'router_and_shared'",
+            ),
+            (self.precision in ("auto", "fp32", "bf16"), f"precision={self.precision!r}: use 'auto', 'fp32' or 'bf16'"),
             (bool(self.tasks), "tasks is empty: name at least one of tts_zh, tts_en, t2m, v2m"),
             (self.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
-            (self.expert_parallel >= 1, f"expert_parallel={self.expert_parallel}: must be >= 1 (1: no expert parallelism)"),
-            (self.expert_parallel == 1 or not self.deepspeed_config,
-             f"expert_parallel={self.expert_parallel} with a DeepSpeed config: expert parallelism runs "
-             "on the plain torch backend (DeepSpeed's MoE gradient handling only knows its own MoE "
-             "layer); drop --deepspeed or use --expert-parallel 1"),
+            (
+                self.expert_parallel >= 1,
+                f"expert_parallel={self.expert_parallel}: must be >= 1 (1: no expert parallelism)",
+            ),
+            (
+                self.expert_parallel == 1 or not self.deepspeed_config,
+                f"expert_parallel={self.expert_parallel} with a DeepSpeed config: expert parallelism runs "
+                "on the plain torch backend (DeepSpeed's MoE gradient handling only knows its own MoE "
+                "layer); drop --deepspeed or use --expert-parallel 1",
+            ),
         ]
         for ok, msg in checks:
             if not ok:

@@ -23,8 +23,9 @@ the routed experts it was sent to, counted from the step's routing; the codec he
 labelled positions), backward 2·W·n for the activation gradients (they run through the whole
 trunk: every stage trains something in every layer) + 2·W_trainable·n for the weight
 gradients. Not counted: attention scores, the vision tower, embedding look-ups, norms (the
-same per token in every variant). A phase stops at the first step that reaches its budget,
-so each variant spends its budget to within one step's FLOPs. The curriculum splits its
+same per token in every variant). A phase stops at the first step that reaches its budget
+and the next phase's budget is what is left of the cumulative target, so each variant spends
+its budget to within one step's FLOPs. The curriculum splits its
 budget by `stage_shares` (stage 1 over the specialists equally); without stage 1 the stage
 2 and 3 shares are scaled to the whole budget.
 
@@ -40,7 +41,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -55,7 +56,7 @@ from unimoe_ray.tasks import DATA_TASKS
 from unimoe_ray.text.prompts import PromptBuilder
 from unimoe_ray.train.batches import Batch, Example, ExampleBuilder, batch_stream, collate, pack_by_tokens, split_rows
 from unimoe_ray.train.config import stage_config
-from unimoe_ray.train.integrate import apply_trainable, integrate_specialists, specialist_config
+from unimoe_ray.train.integrate import apply_trainable, integrated_model, specialist_config
 from unimoe_ray.train.optim import TorchBackend
 from unimoe_ray.train.routing import RoutingTally, routing_by_task, routing_report
 from unimoe_ray.train.step import LossModule, evaluate, train_step
@@ -90,8 +91,10 @@ class ExperimentConfig:
             (self.budget_flops > 0, f"budget_flops={self.budget_flops}: must be > 0"),
             (bool(self.seeds), "no seeds: give at least one (three or more to see the spread)"),
             (not unknown, f"unknown variants {sorted(unknown)}: use {list(VARIANTS)}"),
-            (len(self.stage_shares) == 3 and min(self.stage_shares) > 0 and abs(sum(self.stage_shares) - 1) < 1e-6,
-             f"stage_shares={self.stage_shares}: three positive shares summing to 1"),
+            (
+                len(self.stage_shares) == 3 and min(self.stage_shares) > 0 and abs(sum(self.stage_shares) - 1) < 1e-6,
+                f"stage_shares={self.stage_shares}: three positive shares summing to 1",
+            ),
             (0 < self.val_fraction < 1, f"val_fraction={self.val_fraction}: must be in (0, 1)"),
             (self.evals_per_phase >= 1, "evals_per_phase must be >= 1"),
         ]
@@ -176,8 +179,12 @@ def prepare_data(rows: list[dict], cfg: ModelConfig, prompts: PromptBuilder, ecf
     train_rows = [r for r in rows if r["sample_id"] not in val_ids]
     val_rows = [r for r in rows if r["sample_id"] in val_ids]
     val_batches = {
-        t: [collate(b, cfg) for b in pack_by_tokens(sorted((build(r) for r in val_rows if r["task"] == t),
-                                                           key=lambda e: e.length), ecfg.max_tokens)]
+        t: [
+            collate(b, cfg)
+            for b in pack_by_tokens(
+                sorted((build(r) for r in val_rows if r["task"] == t), key=lambda e: e.length), ecfg.max_tokens
+            )
+        ]
         for t in tasks
     }
     empty = [t for t in tasks if not val_batches[t]]
@@ -235,8 +242,16 @@ def _planned_steps(model: UniMoEAudio, rule: FlopRule, stream_of: Callable, budg
     return max(1, math.ceil(budget / float(np.mean(per_step))))
 
 
-def train_phase(model: UniMoEAudio, data: Data, phase: Phase, ecfg: ExperimentConfig, *, curve: Curve,
-                offset: float, log: Callable[[str], None]) -> dict:
+def train_phase(
+    model: UniMoEAudio,
+    data: Data,
+    phase: Phase,
+    ecfg: ExperimentConfig,
+    *,
+    curve: Curve,
+    offset: float,
+    log: Callable[[str], None],
+) -> dict:
     """Train until the phase's FLOP budget is spent; validation at evals_per_phase points
     (on the phase's tasks). Returns what it did."""
     rows = [r for r in data.train_rows if r["task"] in phase.tasks]
@@ -250,8 +265,14 @@ def train_phase(model: UniMoEAudio, data: Data, phase: Phase, ecfg: ExperimentCo
         return batch_stream(lambda: windows, data.build, max_tokens=ecfg.max_tokens, seed=phase.stream_seed, rank=0)
 
     planned = _planned_steps(model, rule, stream_of, phase.budget, model.cfg)
-    tc = stage_config(phase.stage, lr=phase.lr, max_steps=planned, warmup_steps=max(1, planned // 20),
-                      max_tokens=ecfg.max_tokens, tasks=phase.tasks)
+    tc = stage_config(
+        phase.stage,
+        lr=phase.lr,
+        max_steps=planned,
+        warmup_steps=max(1, planned // 20),
+        max_tokens=ecfg.max_tokens,
+        tasks=phase.tasks,
+    )
     model.train()
     backend = TorchBackend(LossModule(model), tc)
     stream = stream_of()
@@ -275,10 +296,21 @@ def train_phase(model: UniMoEAudio, data: Data, phase: Phase, ecfg: ExperimentCo
             marks.pop(0)
             curve.val.append((offset + spent, evaluate(model, val_batches)))
     wall = time.perf_counter() - t0
-    log(f"  {phase.name}: {step} steps (planned {planned}), {spent:.3g} FLOPs, last CE {res.ce:.2f}, "
-        f"val {_fmt(curve.val[-1][1])}, {wall:.0f} s")
-    return {"name": phase.name, "steps": step, "planned_steps": planned, "budget": phase.budget, "flops": spent,
-            "max_step_flops": largest, "wall_s": wall, "lr": phase.lr, "tasks": list(phase.tasks)}
+    log(
+        f"  {phase.name}: {step} steps (planned {planned}), {spent:.3g} FLOPs, last CE {res.ce:.2f}, "
+        f"val {_fmt(curve.val[-1][1])}, {wall:.0f} s"
+    )
+    return {
+        "name": phase.name,
+        "steps": step,
+        "planned_steps": planned,
+        "budget": phase.budget,
+        "flops": spent,
+        "max_step_flops": largest,
+        "wall_s": wall,
+        "lr": phase.lr,
+        "tasks": list(phase.tasks),
+    }
 
 
 def _fmt(val: dict[str, float]) -> str:
@@ -288,8 +320,9 @@ def _fmt(val: dict[str, float]) -> str:
 # ---- the variants ----------------------------------------------------------------------
 
 
-def common_init(target: ModelConfig, tokenizer, tasks: tuple[str, ...], seed: int,
-                init_from: str | None) -> UniMoEAudio:
+def common_init(
+    target: ModelConfig, tokenizer, tasks: tuple[str, ...], seed: int, init_from: str | None
+) -> UniMoEAudio:
     """The one initialisation a seed's variants all start from: a dense specialist-shaped
     model (random, or copied from a local Qwen2.5-VL folder)."""
     torch.manual_seed(seed)  # the vision tower is initialised by transformers from this RNG
@@ -301,20 +334,17 @@ def common_init(target: ModelConfig, tokenizer, tasks: tuple[str, ...], seed: in
     return model
 
 
-def merged_model(states: dict[str, dict[str, torch.Tensor]], spec_cfg: ModelConfig, *, seed: int,
-                 mode: str = "top_p") -> UniMoEAudio:
+def merged_model(
+    states: dict[str, dict[str, torch.Tensor]], spec_cfg: ModelConfig, *, seed: int, mode: str = "top_p"
+) -> UniMoEAudio:
     """Stage-2 integration of (task → dense state dict); `mode` top_k: routed Top-2 instead of
     Top-P (same tensors: the router is as wide either way)."""
-    cfg, state = integrate_specialists(states, spec_cfg, seed=seed)
-    if mode == "top_k":
-        cfg = cfg.replace(moe=dict(mode="top_k", top_k=2))
-    model = UniMoEAudio(cfg)
-    model.load_state_dict(state)
-    return model
+    return integrated_model(states, spec_cfg, seed=seed, moe=dict(mode="top_k", top_k=2) if mode == "top_k" else None)
 
 
-def run_variant(variant: str, init: UniMoEAudio, data: Data, ecfg: ExperimentConfig, seed: int,
-                log: Callable[[str], None]) -> dict:
+def run_variant(
+    variant: str, init: UniMoEAudio, data: Data, ecfg: ExperimentConfig, seed: int, log: Callable[[str], None]
+) -> dict:
     """Train one variant from (a copy of) the seed's init; returns its record."""
     tasks = tuple(data.summary["tasks"])
     F, lr = ecfg.budget_flops, ecfg.lr
@@ -325,9 +355,17 @@ def run_variant(variant: str, init: UniMoEAudio, data: Data, ecfg: ExperimentCon
     torch.manual_seed(seed)
     init_state = {k: v.clone() for k, v in init.state_dict().items()}
 
+    target = 0.0  # the variant's budget up to the end of the current phase
+
     def run(model, phase):
-        nonlocal offset
-        phases.append(train_phase(model, data, phase, ecfg, curve=curve, offset=offset, log=log))
+        # A phase's budget is its share of the cumulative target minus what the variant has
+        # spent: one phase's overshoot (it stops at the first step past its budget) comes off
+        # the next, so the variant ends within one step of F however many phases it has.
+        nonlocal offset, target
+        target += phase.budget
+        share = phase.budget
+        phase = replace(phase, budget=max(target - offset, 1.0))
+        phases.append({**train_phase(model, data, phase, ecfg, curve=curve, offset=offset, log=log), "share": share})
         offset += phases[-1]["flops"]
 
     joint = dict(tasks=tasks, stream_seed=seed * 10 + 1)
@@ -344,8 +382,17 @@ def run_variant(variant: str, init: UniMoEAudio, data: Data, ecfg: ExperimentCon
             first_val = len(curve.val)
             for i, t in enumerate(tasks):
                 spec = copy.deepcopy(init)
-                run(spec, Phase(name=f"stage 1 {t}", stage="stage1", tasks=(t,), budget=F * s1 / len(tasks),
-                                lr=lr, stream_seed=seed * 10 + 5 + i))
+                run(
+                    spec,
+                    Phase(
+                        name=f"stage 1 {t}",
+                        stage="stage1",
+                        tasks=(t,),
+                        budget=F * s1 / len(tasks),
+                        lr=lr,
+                        stream_seed=seed * 10 + 5 + i,
+                    ),
+                )
                 states[t] = spec.state_dict()
                 spec_val[t] = curve.val[-1][1][t]
             extra["specialists"] = spec_val
@@ -359,15 +406,30 @@ def run_variant(variant: str, init: UniMoEAudio, data: Data, ecfg: ExperimentCon
         model = merged_model(states, init.cfg, seed=seed)
         curve.val.append((offset, evaluate(model, [b for t in tasks for b in data.val_batches[t]])))
         log(f"  integrated: val {_fmt(curve.val[-1][1])}")
-        run(model, Phase(name="stage 2", stage="stage2", budget=F * share2, lr=lr * ecfg.stage2_lr_scale,
-                         trainable="router_and_shared", tasks=tasks, stream_seed=seed * 10 + 2))
+        run(
+            model,
+            Phase(
+                name="stage 2",
+                stage="stage2",
+                budget=F * share2,
+                lr=lr * ecfg.stage2_lr_scale,
+                trainable="router_and_shared",
+                tasks=tasks,
+                stream_seed=seed * 10 + 2,
+            ),
+        )
         run(model, Phase(name="stage 3", stage="stage3", budget=F * share3, lr=lr * ecfg.stage3_lr_scale, **late))
     routing = None
     if model.cfg.moe.mode != "dense":
         routing = routing_by_task(model, data.val_batches)
     return {
-        "val": curve.val[-1][1], "flops": offset, "phases": phases, "wall_s": time.perf_counter() - t0,
-        "curve": {"train": curve.train, "val": curve.val}, "routing": routing, **extra,
+        "val": curve.val[-1][1],
+        "flops": offset,
+        "phases": phases,
+        "wall_s": time.perf_counter() - t0,
+        "curve": {"train": curve.train, "val": curve.val},
+        "routing": routing,
+        **extra,
     }
 
 
@@ -382,15 +444,19 @@ def _sum_tallies(tallies: list[dict[str, RoutingTally]]) -> dict[str, RoutingTal
         parts = [t[task] for t in tallies]
         first = parts[0]
         out[task] = RoutingTally(
-            first.num_routed, sum(p.tokens_Y for p in parts), sum(p.routed_sum_Y for p in parts),
-            sum(p.null_tokens_Y for p in parts), sum(p.per_expert_YE for p in parts),
+            first.num_routed,
+            sum(p.tokens_Y for p in parts),
+            sum(p.routed_sum_Y for p in parts),
+            sum(p.null_tokens_Y for p in parts),
+            sum(p.per_expert_YE for p in parts),
             sum(p.k_hist_YH for p in parts),
         )
     return out
 
 
-def run_experiment(target: ModelConfig, tokenizer, rows: list[dict], ecfg: ExperimentConfig,
-                   log: Callable[[str], None] = print) -> dict:
+def run_experiment(
+    target: ModelConfig, tokenizer, rows: list[dict], ecfg: ExperimentConfig, log: Callable[[str], None] = print
+) -> dict:
     """Every variant × seed; returns the JSON-ready record (per-seed runs, the per-task summary
     over seeds, routing of the MoE variants summed over seeds, the data and FLOP figures)."""
     if target.moe.mode == "dense":
@@ -422,8 +488,8 @@ def run_experiment(target: ModelConfig, tokenizer, rows: list[dict], ecfg: Exper
         "flops": {
             "budget_per_variant": ecfg.budget_flops,
             "rule": "fwd 2·W·n + bwd 2·W·n (activations) + 2·W_trainable·n (weights); W: attention, "
-                    "dense FFN / router + shared experts per token, routed experts per pick, codec head "
-                    "per labelled position",
+            "dense FFN / router + shared experts per token, routed experts per pick, codec head "
+            "per labelled position",
             "spent": {str(s): {v: runs[s][v]["flops"] for v in ecfg.variants} for s in ecfg.seeds},
         },
         "runs": {str(s): r for s, r in runs.items()},
@@ -447,8 +513,10 @@ def loss_curves(result: dict) -> dict[str, dict[str, list]]:
     """variant → {"train": per seed [(flops, CE)], "val": per seed [(flops, mean over tasks)]}."""
     runs = result["runs"]
     return {
-        v: {"train": [runs[s][v]["curve"]["train"] for s in runs],
-            "val": [[(x, sum(val.values()) / len(val)) for x, val in runs[s][v]["curve"]["val"]] for s in runs]}
+        v: {
+            "train": [runs[s][v]["curve"]["train"] for s in runs],
+            "val": [[(x, sum(val.values()) / len(val)) for x, val in runs[s][v]["curve"]["val"]] for s in runs],
+        }
         for v in result["config"]["variants"]
     }
 

@@ -25,10 +25,14 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-from unimoe_ray.config_hf import save_config
 from unimoe_ray.checkpoint import INDEX_FILE, to_disk
+from unimoe_ray.config_hf import save_config
 from unimoe_ray.model.expert_parallel import (
-    ExpertParallelGroups, clip_grad_norm, is_expert_param, reduce_gradients, take_exchange_stats,
+    ExpertParallelGroups,
+    clip_grad_norm,
+    is_expert_param,
+    reduce_gradients,
+    take_exchange_stats,
 )
 from unimoe_ray.train.config import TrainConfig
 from unimoe_ray.train.optim import TorchBackend, param_groups
@@ -116,10 +120,14 @@ def load_named_state(backend: TorchBackend, named: dict, expert_states: dict[str
             f"the checkpoint's optimizer has {len(named['param_groups'])} parameter groups, this "
             f"run's {len(current['param_groups'])}: resume with the same stage (trainable set)"
         )
-    backend.optimizer.load_state_dict({
-        "state": {i: saved[n] for i, n in enumerate(names) if n in saved},
-        "param_groups": [{**g, "params": c["params"]} for g, c in zip(named["param_groups"], current["param_groups"])],
-    })
+    backend.optimizer.load_state_dict(
+        {
+            "state": {i: saved[n] for i, n in enumerate(names) if n in saved},
+            "param_groups": [
+                {**g, "params": c["params"]} for g, c in zip(named["param_groups"], current["param_groups"])
+            ],
+        }
+    )
     backend.scheduler.load_state_dict(named["scheduler"])
 
 
@@ -170,8 +178,15 @@ def _split(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
     return [p for p in parts if p]
 
 
-def save_sharded_checkpoint(backend: ExpertParallelBackend, model: nn.Module, path: Path, *, meta: dict,
-                            rngs: list, max_shard_bytes: int = 2 * 1024**3) -> str | None:
+def save_sharded_checkpoint(
+    backend: ExpertParallelBackend,
+    model: nn.Module,
+    path: Path,
+    *,
+    meta: dict,
+    rngs: list,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> str | None:
     """Write this rank's part of a checkpoint folder (a collective: every rank calls it).
 
     The first EP block (ranks 0..G-1) holds every expert once: each of its ranks writes its
@@ -204,8 +219,10 @@ def save_sharded_checkpoint(backend: ExpertParallelBackend, model: nn.Module, pa
         torch.save({"state": experts}, path / f"optimizer-experts-{rank + 1:05d}-of-{G:05d}.pt")
     if rank != 0:
         return str(path) if writes else None
-    index = {"metadata": {"total_size": sum(b for _, b in maps)},
-             "weight_map": {k: v for m, _ in maps for k, v in sorted(m.items())}}
+    index = {
+        "metadata": {"total_size": sum(b for _, b in maps)},
+        "weight_map": {k: v for m, _ in maps for k, v in sorted(m.items())},
+    }
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     save_config(model.cfg, path / "config.json")
     (path / META).write_text(json.dumps({**meta, "expert_parallel": G}, indent=2, sort_keys=True) + "\n")

@@ -23,6 +23,7 @@ import re
 import torch
 
 from unimoe_ray.config import ModelConfig
+from unimoe_ray.model.unimoe_audio import UniMoEAudio
 
 _FFN = re.compile(r"^language_model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -77,11 +78,7 @@ def check_compatible(configs: dict[str, ModelConfig]) -> None:
 
 
 def integrate_specialists(
-    states: dict[str, dict[str, torch.Tensor]],
-    specialist_cfg: ModelConfig,
-    *,
-    vision_task: str = "v2m",
-    seed: int = 0,
+    states: dict[str, dict[str, torch.Tensor]], specialist_cfg: ModelConfig, *, vision_task: str = "v2m", seed: int = 0
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Merge dense specialists (task → state dict) into a DCMoE state dict.
 
@@ -133,6 +130,22 @@ def integrate_specialists(
             out[f"{sp}.up_proj.weight"] = torch.randn(moe.shared_intermediate, D, generator=gen) * std
             out[f"{sp}.down_proj.weight"] = torch.zeros(D, moe.shared_intermediate)
     return cfg, out
+
+
+def integrated_model(
+    states: dict[str, dict[str, torch.Tensor]],
+    specialist_cfg: ModelConfig,
+    *,
+    vision_task: str = "v2m",
+    seed: int = 0,
+    moe: dict | None = None,
+) -> UniMoEAudio:
+    """The stage-2 model itself: `integrate_specialists`' config (with `moe` overrides, e.g.
+    Top-2 routing over the same tensors) holding its merged state."""
+    cfg, state = integrate_specialists(states, specialist_cfg, vision_task=vision_task, seed=seed)
+    model = UniMoEAudio(cfg.replace(moe=moe) if moe else cfg)
+    model.load_state_dict(state)
+    return model
 
 
 def is_stage2_trainable(name: str) -> bool:

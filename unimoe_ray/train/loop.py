@@ -31,7 +31,11 @@ from unimoe_ray.text.tokenizer import load_tokenizer
 from unimoe_ray.train.batches import DataPosition, ExampleBuilder, batch_stream, collate, pack_by_tokens
 from unimoe_ray.train.config import TrainConfig
 from unimoe_ray.train.expert_parallel import (
-    ExpertParallelBackend, exchange_metrics, optimizer_order, restore_optimizer, save_sharded_checkpoint,
+    ExpertParallelBackend,
+    exchange_metrics,
+    optimizer_order,
+    restore_optimizer,
+    save_sharded_checkpoint,
 )
 from unimoe_ray.train.integrate import apply_trainable
 from unimoe_ray.train.optim import DeepSpeedBackend, TorchBackend
@@ -155,8 +159,13 @@ def train_loop(config: dict) -> None:
     position = DataPosition(consumed=start)
     train_shard = ray.train.get_dataset_shard(f"train_{rank}")
     stream = batch_stream(
-        lambda: _rows(train_shard, tc.shuffle_window), build, max_tokens=tc.max_tokens,
-        seed=tc.seed, rank=rank, start=start, position=position,
+        lambda: _rows(train_shard, tc.shuffle_window),
+        build,
+        max_tokens=tc.max_tokens,
+        seed=tc.seed,
+        rank=rank,
+        start=start,
+        position=position,
     )
     val_batches = []
     if tc.val_every > 0:
@@ -184,10 +193,15 @@ def train_loop(config: dict) -> None:
         res = train_step(backend, micro, aux_weight=aux_weight, autocast_dtype=autocast_dtype, device=device)
         seconds = time.perf_counter() - t0
         if tc.log_samples:
-            _append_jsonl(run_dir / f"samples_rank{rank}.jsonl", {
-                "step": step + (0 if res.skipped else 1), "skipped": res.skipped,
-                "consumed": position.consumed, "sample_ids": [b.sample_ids for b in micro],
-            })
+            _append_jsonl(
+                run_dir / f"samples_rank{rank}.jsonl",
+                {
+                    "step": step + (0 if res.skipped else 1),
+                    "skipped": res.skipped,
+                    "consumed": position.consumed,
+                    "sample_ids": [b.sample_ids for b in micro],
+                },
+            )
         if res.skipped:
             if not getattr(backend, "skips_bad_steps", True):
                 raise NonFiniteLossError(f"non-finite loss at step {step + 1} ({res.cause}) with DeepSpeed: stopping")
@@ -204,11 +218,20 @@ def train_loop(config: dict) -> None:
             bad_in_a_row = 0
             step += 1
             metrics = {
-                "step": step, "loss": res.loss, "ce": res.ce, "aux_loss": res.aux,
-                "aux_weighted": res.aux * res.aux_weight, "aux_weight": res.aux_weight,
-                "lr": backend.lr, "grad_norm": res.grad_norm, "tokens": res.tokens,
-                "tokens_per_s": res.tokens / max(seconds, 1e-9), "skipped_steps": skipped_total,
-                "skipped": 0, "epoch": position.epoch, "data_consumed": position.consumed,
+                "step": step,
+                "loss": res.loss,
+                "ce": res.ce,
+                "aux_loss": res.aux,
+                "aux_weighted": res.aux * res.aux_weight,
+                "aux_weight": res.aux_weight,
+                "lr": backend.lr,
+                "grad_norm": res.grad_norm,
+                "tokens": res.tokens,
+                "tokens_per_s": res.tokens / max(seconds, 1e-9),
+                "skipped_steps": skipped_total,
+                "skipped": 0,
+                "epoch": position.epoch,
+                "data_consumed": position.consumed,
             }
             metrics.update({f"ce/codebook{k}": v for k, v in enumerate(res.codec_ce_K)})
             metrics["peak_rss_mb"] = _peak_rss_mb(world)
@@ -240,8 +263,17 @@ def train_loop(config: dict) -> None:
         writer.close()
 
 
-def _save_checkpoint(backend, model, tc: TrainConfig, config: dict, step: int, position: DataPosition,
-                     skipped: int, rank: int, world: int) -> str | None:
+def _save_checkpoint(
+    backend,
+    model,
+    tc: TrainConfig,
+    config: dict,
+    step: int,
+    position: DataPosition,
+    skipped: int,
+    rank: int,
+    world: int,
+) -> str | None:
     """Rank 0 writes the model folder + train state; with DeepSpeed every rank also writes its
     optimizer shard (Ray merges the workers' folders into one checkpoint)."""
     rngs = _gather(torch.get_rng_state(), world)
@@ -253,9 +285,16 @@ def _save_checkpoint(backend, model, tc: TrainConfig, config: dict, step: int, p
     if is_ds:
         backend.engine.save_checkpoint(str(path / "deepspeed"), tag="state")
     meta = {
-        **config.get("meta", {}), "stage": tc.stage, "tasks": list(tc.tasks), "step": step,
-        "data_consumed": position.consumed, "epoch": position.epoch, "world_size": world,
-        "seed": tc.seed, "skipped_steps": skipped, "max_steps": tc.max_steps,
+        **config.get("meta", {}),
+        "stage": tc.stage,
+        "tasks": list(tc.tasks),
+        "step": step,
+        "data_consumed": position.consumed,
+        "epoch": position.epoch,
+        "world_size": world,
+        "seed": tc.seed,
+        "skipped_steps": skipped,
+        "max_steps": tc.max_steps,
     }
     if isinstance(backend, ExpertParallelBackend):  # every expert-holding rank writes its part
         return save_sharded_checkpoint(backend, model, path, meta=meta, rngs=rngs)

@@ -84,8 +84,15 @@ def parameter_counts(cfg: ModelConfig, trainable: str = "all") -> dict[str, int]
     return out
 
 
-def activation_bytes(cfg: ModelConfig, *, seq_len: int, dtype: str, expert_parallel: int,
-                     routed_per_token: float = 4.0, attention_probs: bool = False) -> int:
+def activation_bytes(
+    cfg: ModelConfig,
+    *,
+    seq_len: int,
+    dtype: str,
+    expert_parallel: int,
+    routed_per_token: float = 4.0,
+    attention_probs: bool = False,
+) -> int:
     """The estimate above for one micro-batch of `seq_len` tokens (all labelled)."""
     a = _BYTES[dtype]
     m = cfg.moe
@@ -109,9 +116,18 @@ def layout_fits(cfg: ModelConfig, *, workers: int, expert_parallel: int) -> bool
     return workers % N == 0 and (cfg.moe.mode == "dense" or cfg.moe.num_routed % N == 0)
 
 
-def plan(cfg: ModelConfig, *, workers: int, expert_parallel: int = 1, zero_stage: int = 0, seq_len: int = 4096,
-         dtype: str = "bf16", trainable: str = "all", routed_per_token: float = 4.0,
-         attention_probs: bool = False) -> MemoryPlan:
+def plan(
+    cfg: ModelConfig,
+    *,
+    workers: int,
+    expert_parallel: int = 1,
+    zero_stage: int = 0,
+    seq_len: int = 4096,
+    dtype: str = "bf16",
+    trainable: str = "all",
+    routed_per_token: float = 4.0,
+    attention_probs: bool = False,
+) -> MemoryPlan:
     """Per-rank memory of one configuration (see the module docstring)."""
     if dtype not in _BYTES:
         raise ValueError(f"dtype {dtype!r}: use one of {sorted(_BYTES)}")
@@ -133,22 +149,37 @@ def plan(cfg: ModelConfig, *, workers: int, expert_parallel: int = 1, zero_stage
     rep_g, exp_g = split(c["replicated_trainable"], workers, 2), split(c["experts_trainable"] // N, edp, 2)
     rep_o, exp_o = split(c["replicated_trainable"], workers, 1), split(c["experts_trainable"] // N, edp, 1)
     return MemoryPlan(
-        params=4 * (rep_p + exp_p), grads=4 * (rep_g + exp_g), optimizer=8 * (rep_o + exp_o),
-        activations=activation_bytes(cfg, seq_len=seq_len, dtype=dtype, expert_parallel=N,
-                                     routed_per_token=routed_per_token, attention_probs=attention_probs),
-        expert_params=4 * exp_p, expert_grads=4 * exp_g, expert_optimizer=8 * exp_o,
+        params=4 * (rep_p + exp_p),
+        grads=4 * (rep_g + exp_g),
+        optimizer=8 * (rep_o + exp_o),
+        activations=activation_bytes(
+            cfg,
+            seq_len=seq_len,
+            dtype=dtype,
+            expert_parallel=N,
+            routed_per_token=routed_per_token,
+            attention_probs=attention_probs,
+        ),
+        expert_params=4 * exp_p,
+        expert_grads=4 * exp_g,
+        expert_optimizer=8 * exp_o,
         runs_in_trainer=N == 1 or zero_stage == 0,
     )
 
 
-def plan_grid(cfg: ModelConfig, *, workers: Sequence[int], expert_parallel: Sequence[int], zero_stages: Sequence[int],
-              **options) -> list[dict]:
+def plan_grid(
+    cfg: ModelConfig, *, workers: Sequence[int], expert_parallel: Sequence[int], zero_stages: Sequence[int], **options
+) -> list[dict]:
     """One row per (workers W, expert-parallel size N, ZeRO stage) the model can be laid out in
     (layout_fits; the others are left out): `plan(cfg, ..., **options).as_dict()` with the three
     sizes, in the order of the arguments."""
     return [
-        {"workers": W, "expert_parallel": N, "zero": Z,
-         **plan(cfg, workers=W, expert_parallel=N, zero_stage=Z, **options).as_dict()}
+        {
+            "workers": W,
+            "expert_parallel": N,
+            "zero": Z,
+            **plan(cfg, workers=W, expert_parallel=N, zero_stage=Z, **options).as_dict(),
+        }
         for W, N, Z in itertools.product(workers, expert_parallel, zero_stages)
         if layout_fits(cfg, workers=W, expert_parallel=N)
     ]

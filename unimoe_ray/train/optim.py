@@ -39,18 +39,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             decay.append(p)
     if not decay and not no_decay:
         raise ValueError("no trainable parameters: check the stage's freezing rule")
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the trainable parameters + cosine schedule with warm-up (docs/DESIGN.md §2)."""
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: cosine_with_warmup(s, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=cfg.min_lr_ratio),
+        opt, lambda s: cosine_with_warmup(s, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=cfg.min_lr_ratio)
     )
     return opt, sched
 
@@ -148,7 +146,10 @@ class DeepSpeedBackend:
             set_z3_leaf_modules(model, [DCMoE])
         opt, sched = build_optimizer(model, cfg)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=opt, lr_scheduler=sched, config=ds,
+            model=model,
+            optimizer=opt,
+            lr_scheduler=sched,
+            config=ds,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
         )
         self.model = self.engine

@@ -52,8 +52,15 @@ class RoutingTally:
     def all_reduce(self) -> None:
         if not (dist.is_available() and dist.is_initialized()) or self.tokens_Y.numel() == 0:
             return
-        flat = torch.cat([self.tokens_Y, self.routed_sum_Y, self.null_tokens_Y,
-                          self.per_expert_YE.flatten(), self.k_hist_YH.flatten()])
+        flat = torch.cat(
+            [
+                self.tokens_Y,
+                self.routed_sum_Y,
+                self.null_tokens_Y,
+                self.per_expert_YE.flatten(),
+                self.k_hist_YH.flatten(),
+            ]
+        )
         dist.all_reduce(flat)
         Y, E = self.per_expert_YE.shape
         parts = flat.split([Y, Y, Y, Y * E, Y * (E + 1)])
@@ -104,17 +111,19 @@ def routing_report(tallies: dict[str, RoutingTally]) -> dict:
     for y in range(first.tokens_Y.numel()):
         hist = sum(t.k_hist_YH[y] for t in tallies.values())
         tokens = float(sum(t.tokens_Y[y] for t in tallies.values()))
-        layers.append({
-            "layer": y,
-            "tokens": tokens,
-            "k_share": (hist / max(tokens, 1.0)).tolist(),
-            "mean_routed_experts": float(sum(t.routed_sum_Y[y] for t in tallies.values())) / max(tokens, 1.0),
-            "null_share": float(sum(t.null_tokens_Y[y] for t in tallies.values())) / max(tokens, 1.0),
-            "mean_routed_experts_by_task": {
-                t: float(tallies[t].routed_sum_Y[y]) / max(float(tallies[t].tokens_Y[y]), 1.0) for t in tasks
-            },
-            "expert_share_by_task": {
-                t: (tallies[t].per_expert_YE[y] / max(float(tallies[t].tokens_Y[y]), 1.0)).tolist() for t in tasks
-            },
-        })
+        layers.append(
+            {
+                "layer": y,
+                "tokens": tokens,
+                "k_share": (hist / max(tokens, 1.0)).tolist(),
+                "mean_routed_experts": float(sum(t.routed_sum_Y[y] for t in tallies.values())) / max(tokens, 1.0),
+                "null_share": float(sum(t.null_tokens_Y[y] for t in tallies.values())) / max(tokens, 1.0),
+                "mean_routed_experts_by_task": {
+                    t: float(tallies[t].routed_sum_Y[y]) / max(float(tallies[t].tokens_Y[y]), 1.0) for t in tasks
+                },
+                "expert_share_by_task": {
+                    t: (tallies[t].per_expert_YE[y] / max(float(tallies[t].tokens_Y[y]), 1.0)).tolist() for t in tasks
+                },
+            }
+        )
     return {"tasks": tasks, "num_routed": first.num_routed, "layers": layers}

@@ -89,7 +89,9 @@ def plan_data(spec: RunSpec) -> tuple[list[str], dict[str, int], set[str]]:
     try:
         index = pads.dataset(paths, format="parquet").to_table(columns=["sample_id", "source_id", "task"]).to_pylist()
     except Exception as err:  # noqa: BLE001 (pyarrow raises several types)
-        raise InputError(f"cannot read the shards' sample_id/source_id/task columns ({err}): are they outputs of jobs/preprocess.py?") from None
+        raise InputError(
+            f"cannot read the shards' sample_id/source_id/task columns ({err}): are they outputs of jobs/preprocess.py?"
+        ) from None
     counts, val_ids = split_rows(index, spec.train)
     check_tasks(counts, spec.train, paths)
     n_train = sum(counts[t] for t in spec.train.tasks) - len(val_ids)
@@ -136,7 +138,7 @@ def run_training(spec: RunSpec):
     """Run (or resume) one stage; returns Ray Train's Result. Raises InputError early."""
     init_cfg = check_model_folder(spec.init, "initial weights")
     spec.train.check_expert_parallel(
-        num_workers=spec.num_workers, num_routed=None if init_cfg.moe.mode == "dense" else init_cfg.moe.num_routed,
+        num_workers=spec.num_workers, num_routed=None if init_cfg.moe.mode == "dense" else init_cfg.moe.num_routed
     )
     ds = spec.train.deepspeed_config
     if ds and int(ds.get("zero_optimization", {}).get("stage", 0)) == 3:
@@ -156,7 +158,9 @@ def run_training(spec: RunSpec):
     with_val = spec.train.val_every > 0
     train_ds, val_ds = build_datasets(paths, set(spec.train.tasks), val_ids, with_val=with_val)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
-    (spec.run_dir / "data.json").write_text(json.dumps({"rows": counts, "val_rows": n_val, "tasks": list(spec.train.tasks)}) + "\n")
+    (spec.run_dir / "data.json").write_text(
+        json.dumps({"rows": counts, "val_rows": n_val, "tasks": list(spec.train.tasks)}) + "\n"
+    )
     backend = process_group_backend(spec)
     datasets = worker_shards(train_ds, spec.num_workers)
     if with_val:
@@ -165,15 +169,20 @@ def run_training(spec: RunSpec):
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "train": spec.train, "init": str(Path(spec.init).resolve()), "tokenizer": str(Path(spec.tokenizer).resolve()),
-            "run_dir": str(spec.run_dir), "meta": spec.meta, "step_callback": spec.step_callback,
+            "train": spec.train,
+            "init": str(Path(spec.init).resolve()),
+            "tokenizer": str(Path(spec.tokenizer).resolve()),
+            "run_dir": str(spec.run_dir),
+            "meta": spec.meta,
+            "step_callback": spec.step_callback,
         },
         scaling_config=ScalingConfig(
-            num_workers=spec.num_workers, use_gpu=spec.use_gpu, resources_per_worker=spec.resources_per_worker,
+            num_workers=spec.num_workers, use_gpu=spec.use_gpu, resources_per_worker=spec.resources_per_worker
         ),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(
-            name=spec.name, storage_path=str(Path(spec.storage_path).resolve()),
+            name=spec.name,
+            storage_path=str(Path(spec.storage_path).resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.num_to_keep),
             failure_config=FailureConfig(max_failures=spec.max_failures),
         ),
@@ -193,4 +202,3 @@ def export_model(result, out: str | Path) -> Path:
     src = result.checkpoint.to_directory()
     shutil.copytree(src, out)
     return out
-

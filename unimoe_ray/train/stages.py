@@ -21,16 +21,14 @@ import torch
 from unimoe_ray.builders import new_model
 from unimoe_ray.checkpoint import load_pretrained, save_pretrained
 from unimoe_ray.checkpoint_hf import init_from_qwen2_5_vl
+from unimoe_ray.config import ConfigError
+from unimoe_ray.data.shards import ShardPathError
 from unimoe_ray.presets import get_preset
 from unimoe_ray.tasks import DATA_TASKS
-from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.text.prompts import check_tokenizer, config_for_tokenizer
 from unimoe_ray.text.tokenizer import load_tokenizer
-from unimoe_ray.config import ConfigError
 from unimoe_ray.train.config import FLAG_HELP, MOE_FLAGS, TrainConfig, TrainConfigError, stage_config
-from unimoe_ray.train.integrate import IntegrationError
-from unimoe_ray.train.integrate import check_compatible, integrate_specialists, specialist_config
-from unimoe_ray.data.shards import ShardPathError
+from unimoe_ray.train.integrate import IntegrationError, check_compatible, integrated_model, specialist_config
 from unimoe_ray.train.run import InputError, RunSpec, export_model, run_training
 from unimoe_ray.train.state import META, check_model_folder, read_meta
 
@@ -56,10 +54,18 @@ class Common:
         if self.npu:
             resources["NPU"] = 1  # Ascend: one NPU per worker (hccl backend)
         return RunSpec(
-            shards=self.shards, tokenizer=self.tokenizer, init=init, train=train, name=name,
-            storage_path=self.storage_path, num_workers=self.num_workers, use_gpu=self.use_gpu,
-            resources_per_worker=resources, num_to_keep=self.num_to_keep,
-            max_failures=self.max_failures, meta=meta,
+            shards=self.shards,
+            tokenizer=self.tokenizer,
+            init=init,
+            train=train,
+            name=name,
+            storage_path=self.storage_path,
+            num_workers=self.num_workers,
+            use_gpu=self.use_gpu,
+            resources_per_worker=resources,
+            num_to_keep=self.num_to_keep,
+            max_failures=self.max_failures,
+            meta=meta,
         )
 
 
@@ -76,8 +82,12 @@ def add_common_args(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl")
     p.add_argument("--npu", action="store_true", help="one Ascend NPU per worker (resource 'NPU'), hccl")
     p.add_argument("--num-to-keep", type=int, default=Common.num_to_keep, help="checkpoints kept (the newest)")
-    p.add_argument("--max-failures", type=int, default=Common.max_failures,
-                   help="worker-group restarts (from the last checkpoint) before the run fails")
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=Common.max_failures,
+        help="worker-group restarts (from the last checkpoint) before the run fails",
+    )
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON, e.g. configs/zero2.json")
     add_train_args(p, stage)
 
@@ -95,8 +105,9 @@ def add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for name in train_flags(stage):
         text = FLAG_HELP[name] + " (default: %(default)s)"
-        p.add_argument("--" + name.replace("_", "-"), default=getattr(defaults, name), help=text,
-                       **_flag_kwargs(name, hints[name]))
+        p.add_argument(
+            "--" + name.replace("_", "-"), default=getattr(defaults, name), help=text, **_flag_kwargs(name, hints[name])
+        )
 
 
 def _flag_kwargs(name: str, hint) -> dict:
@@ -148,8 +159,17 @@ def _summary(metrics: dict) -> dict:
     return out
 
 
-def stage1(common: Common, *, task: str, preset: str, train: TrainConfig, out: str, name: str,
-           num_specialists: int = 4, init_from: str | None = None) -> Path:
+def stage1(
+    common: Common,
+    *,
+    task: str,
+    preset: str,
+    train: TrainConfig,
+    out: str,
+    name: str,
+    num_specialists: int = 4,
+    init_from: str | None = None,
+) -> Path:
     """Train one dense specialist on one task, from random initial weights or, with
     `init_from`, from a local Qwen2.5-VL folder (unimoe_ray.checkpoint_hf: embeddings,
     attention, norms, MLP → specialist FFN, vision tower; every specialist the same)."""
@@ -170,8 +190,15 @@ def stage1(common: Common, *, task: str, preset: str, train: TrainConfig, out: s
     return _finish(result, Path(out))
 
 
-def stage2(common: Common, *, specialists: list[str], train: TrainConfig, out: str, name: str,
-           tasks: tuple[str, ...] = ALL_TASKS) -> Path:
+def stage2(
+    common: Common,
+    *,
+    specialists: list[str],
+    train: TrainConfig,
+    out: str,
+    name: str,
+    tasks: tuple[str, ...] = ALL_TASKS,
+) -> Path:
     """Integrate the specialists into a DCMoE model and warm up its router + shared experts."""
     by_task: dict[str, str] = {}
     cfgs = {}
@@ -179,9 +206,13 @@ def stage2(common: Common, *, specialists: list[str], train: TrainConfig, out: s
         cfgs[path] = check_model_folder(path, "specialist")
         task = read_meta(path).get("task")
         if task is None:
-            raise InputError(f"specialist {path} has no task in its {META}: pass stage-1 outputs (jobs/train_stage1.py --out)")
+            raise InputError(
+                f"specialist {path} has no task in its {META}: pass stage-1 outputs (jobs/train_stage1.py --out)"
+            )
         if task not in tasks:
-            raise InputError(f"specialist {path} was trained for {task!r}, which is not one of this stage's tasks {list(tasks)}")
+            raise InputError(
+                f"specialist {path} was trained for {task!r}, which is not one of this stage's tasks {list(tasks)}"
+            )
         if task in by_task:
             raise InputError(
                 f"specialists {by_task[task]} and {path} were both trained for {task!r}: pass one "
@@ -195,13 +226,13 @@ def stage2(common: Common, *, specialists: list[str], train: TrainConfig, out: s
     spec_cfg = next(iter(cfgs.values()))
     check_tokenizer(spec_cfg, load_tokenizer(common.tokenizer))
     ordered = [t for t in ALL_TASKS if t in by_task]
-    cfg, state = integrate_specialists(
-        {t: load_pretrained(by_task[t], dtype=torch.float32).state_dict() for t in ordered}, spec_cfg, seed=train.seed,
+    model = integrated_model(
+        {t: load_pretrained(by_task[t], dtype=torch.float32).state_dict() for t in ordered},
+        spec_cfg,
+        seed=train.seed,
         vision_task="v2m",
     )
     init = Path(common.storage_path) / name / "init"
-    model = UniMoEAudio(cfg)
-    model.load_state_dict(state)
     save_pretrained(model, init)
     meta = {"specialists": {t: str(Path(by_task[t]).resolve()) for t in ordered}, "expert_order": ordered}
     (init / META).write_text(json.dumps({"stage": "stage2-init", **meta}, indent=2) + "\n")
@@ -209,8 +240,9 @@ def stage2(common: Common, *, specialists: list[str], train: TrainConfig, out: s
     return _finish(result, Path(out))
 
 
-def stage3(common: Common, *, init: str, train: TrainConfig, out: str, name: str,
-           tasks: tuple[str, ...] = ALL_TASKS) -> Path:
+def stage3(
+    common: Common, *, init: str, train: TrainConfig, out: str, name: str, tasks: tuple[str, ...] = ALL_TASKS
+) -> Path:
     """Joint training of everything from the stage-2 model."""
     cfg = check_model_folder(init, "--init")
     if cfg.moe.mode == "dense":
@@ -222,7 +254,6 @@ def stage3(common: Common, *, init: str, train: TrainConfig, out: str, name: str
     meta = {"init": str(Path(init).resolve())}
     result = run_training(common.spec(init=init, train=train.replace(tasks=tasks), name=name, meta=meta))
     return _finish(result, Path(out))
-
 
 
 def run_job(main) -> None:

@@ -47,9 +47,13 @@ class LossModule(nn.Module):
         h_TD = out.hidden_BLD.reshape(-1, out.hidden_BLD.shape[-1])[rows_T]
         labels_TK = labels_TK[rows_T]
         logits_TKV = self.model.codec_head(h_TD).view(-1, K, V).float()
-        ce_sum_K = F.cross_entropy(
-            logits_TKV.reshape(-1, V), labels_TK.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view(-1, K).sum(0)
+        ce_sum_K = (
+            F.cross_entropy(
+                logits_TKV.reshape(-1, V), labels_TK.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            .view(-1, K)
+            .sum(0)
+        )
         count_K = (labels_TK != IGNORE_INDEX).sum(0)
         return ce_sum_K, count_K, out.aux_loss, out.moe_stats
 
@@ -139,18 +143,31 @@ def train_step(
     if skipped:
         backend.skip()
         return StepResult(
-            loss=float("nan"), ce=float("nan"), aux=float("nan"), aux_weight=aux_weight,
-            codec_ce_K=[float("nan")] * K, grad_norm=float("nan"), tokens=tokens_global,
-            label_tokens=int(totals[0]), skipped=True, cause=cause,
+            loss=float("nan"),
+            ce=float("nan"),
+            aux=float("nan"),
+            aux_weight=aux_weight,
+            codec_ce_K=[float("nan")] * K,
+            grad_norm=float("nan"),
+            tokens=tokens_global,
+            label_tokens=int(totals[0]),
+            skipped=True,
+            cause=cause,
         )
     grad_norm = backend.step()
     summed = _all_reduce(torch.cat([ce_K, torch.tensor([aux_total])]))
     ce_K, aux_mean = summed[:K], float(summed[K]) / W
     tally.all_reduce()
     return StepResult(
-        loss=float(ce_K.sum()) + aux_weight * aux_mean, ce=float(ce_K.sum()), aux=aux_mean,
-        aux_weight=aux_weight, codec_ce_K=ce_K.tolist(), grad_norm=grad_norm, tokens=tokens_global,
-        label_tokens=int(totals[0]), routing=tally,
+        loss=float(ce_K.sum()) + aux_weight * aux_mean,
+        ce=float(ce_K.sum()),
+        aux=aux_mean,
+        aux_weight=aux_weight,
+        codec_ce_K=ce_K.tolist(),
+        grad_norm=grad_norm,
+        tokens=tokens_global,
+        label_tokens=int(totals[0]),
+        routing=tally,
         sample_ids=[s for b in micro_batches for s in b.sample_ids],
     )
 

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 
 from unimoe_ray.audio.codec import FRAME_RATE
 from unimoe_ray.data.mini_corpus import english_sentence, mandarin_sentence
-from unimoe_ray.tasks import DATA_TASKS
 from unimoe_ray.data.schema import N_CODEBOOKS, sample_id, shard_schema, source_id
+from unimoe_ray.tasks import DATA_TASKS
 
 _CAPTIONS = (
     "A slow piano ballad in C minor with soft strings.",
@@ -28,8 +28,14 @@ _CAPTIONS = (
 )
 
 
-def synthetic_rows(task: str, n: int, *, seed: int = 0, frames: tuple[int, int] = (20, 40),
-                   video_thw: tuple[int, int, int] = (2, 28, 28)) -> list[dict]:
+def synthetic_rows(
+    task: str,
+    n: int,
+    *,
+    seed: int = 0,
+    frames: tuple[int, int] = (20, 40),
+    video_thw: tuple[int, int, int] = (2, 28, 28),
+) -> list[dict]:
     """`n` shard rows of one task (all schema columns, no quality scores)."""
     rows = []
     task_id = DATA_TASKS.index(task)
@@ -53,17 +59,37 @@ def synthetic_rows(task: str, n: int, *, seed: int = 0, frames: tuple[int, int] 
             t, h, w = video_thw
             video, thw = f"synthetic/{task}_{i:05d}.mp4", [t, h, w]
             video_frames = rng.integers(0, 256, size=(t, h, w, 3), dtype=np.uint8).tobytes()
-        rows.append(dict(
-            sample_id=sample_id(src, 0), source_id=src, task=task, audio=audio, video=video,
-            segment=0, start_s=0.0, duration_s=T / FRAME_RATE, text=text, speaker=f"spk{i % 3}",
-            language="zh" if task == "tts_zh" else "en", text_ids=[], n_frames=T,
-            codes=codes_KT.reshape(-1).tolist(), video_frames=video_frames, video_thw=thw,
-        ))
+        rows.append(
+            dict(
+                sample_id=sample_id(src, 0),
+                source_id=src,
+                task=task,
+                audio=audio,
+                video=video,
+                segment=0,
+                start_s=0.0,
+                duration_s=T / FRAME_RATE,
+                text=text,
+                speaker=f"spk{i % 3}",
+                language="zh" if task == "tts_zh" else "en",
+                text_ids=[],
+                n_frames=T,
+                codes=codes_KT.reshape(-1).tolist(),
+                video_frames=video_frames,
+                video_thw=thw,
+            )
+        )
     return rows
 
 
-def write_synthetic_shards(out_dir: str | Path, rows_per_task: dict[str, int], *, seed: int = 0,
-                           rows_per_shard: int = 64, frames: tuple[int, int] = (20, 40)) -> list[Path]:
+def write_synthetic_shards(
+    out_dir: str | Path,
+    rows_per_task: dict[str, int],
+    *,
+    seed: int = 0,
+    rows_per_shard: int = 64,
+    frames: tuple[int, int] = (20, 40),
+) -> list[Path]:
     """Write shard-00000.parquet … sorted by sample id, like `jobs/preprocess.py`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,4 +102,3 @@ def write_synthetic_shards(out_dir: str | Path, rows_per_task: dict[str, int], *
         pq.write_table(pa.Table.from_pylist(rows[k : k + rows_per_shard], schema=schema), path)
         paths.append(path)
     return paths
-
