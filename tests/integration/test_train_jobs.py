@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,15 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from unimoe_ray.apps.ports import free_ports
 from unimoe_ray.checkpoint import load_pretrained
 from unimoe_ray.model.unimoe_audio import UniMoEAudio
 from unimoe_ray.text.tokenizer import build_test_tokenizer
 from unimoe_ray.train.state import read_meta
 from unimoe_ray.train.synthetic import write_synthetic_shards
 
+from cluster_head import BIN, HeadPorts, ray_start_head
+
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.integration
 
@@ -41,39 +40,18 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    gcs, dash, client, agent_http, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = free_ports(9)
+    ports = HeadPorts.allocate()
     root = tmp_path_factory.mktemp("head")
     log = open(root / "head.log", "w")
     temp_dir = Path(tempfile.mkdtemp(prefix="unimoe_head_"))  # short: Ray's socket paths
     proc = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={gcs}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            f"--ray-client-server-port={client}",
-            f"--dashboard-agent-listen-port={agent_http}",
-            f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--metrics-export-port={metrics}",
-            f"--runtime-env-agent-port={rt_env}",
-            f"--node-manager-port={node_mgr}",
-            f"--object-manager-port={obj_mgr}",
-            "--disable-usage-stats",
-            # Its own temp dir: `ray start` records the head in <temp-dir>/ray_current_cluster,
-            # where a plain ray.init() elsewhere on the machine would otherwise find (and join) it.
-            f"--temp-dir={temp_dir}",
-        ],
+        ray_start_head(temp_dir, ports, block=True),
         env=_env(),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    address = f"http://127.0.0.1:{dash}"
+    address = f"http://127.0.0.1:{ports.dashboard}"
     try:
         deadline = time.time() + 180
         while True:

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from unimoe_ray.apps.ports import free_ports
+from cluster_head import BIN, HeadPorts, ray_start_head
 
 pytestmark = pytest.mark.ray
 
-BIN = Path(sys.executable).parent
 GROUP = "test-token"
 
 
@@ -66,31 +65,10 @@ def head(tmp_path_factory):
     env |= {"HOME": str(home), "PATH": f"{BIN}:{env.get('PATH', '')}"}
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit
-    gcs, dash, client, agent, agent_grpc, metrics, runtime_env = free_ports(7)
+    ports = HeadPorts.allocate()
     try:
-        subprocess.run(
-            [
-                str(BIN / "ray"),
-                "start",
-                "--head",
-                f"--port={gcs}",
-                "--num-cpus=2",
-                f"--temp-dir={temp_dir}",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dash}",
-                f"--ray-client-server-port={client}",
-                f"--dashboard-agent-listen-port={agent}",
-                f"--dashboard-agent-grpc-port={agent_grpc}",
-                f"--metrics-export-port={metrics}",
-                f"--runtime-env-agent-port={runtime_env}",
-                "--disable-usage-stats",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=180,
-        )
-        yield Head(gcs=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dash}", home=home, env=env)
+        subprocess.run(ray_start_head(temp_dir, ports), env=env, check=True, capture_output=True, timeout=180)
+        yield Head(gcs=f"127.0.0.1:{ports.gcs}", dashboard=f"http://127.0.0.1:{ports.dashboard}", home=home, env=env)
     finally:
         stop_ray_started_in(temp_dir)
 

@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -43,14 +42,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from unimoe_ray.apps.ports import free_ports
+from cluster_head import BIN, HeadPorts, ray_start_head
 
 # 600 s, not the suite's 300: the first server test also pays the module's start (a Ray head,
 # `serve run`, two model loads), which on the shared 2-core machine took up to 145 s.
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 HOSTILE = REPO / "tests" / "data" / "hostile"
 # Hostile files that are legal at the limit (tests/data/make_hostile_files.py): accepted.
 ACCEPTED_VOICES = {"channels_8.wav"}
@@ -150,27 +148,13 @@ def server(tmp_path_factory):
     env |= {"HOME": str(home), "PATH": f"{BIN}:{env.get('PATH', '')}"}
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit
-    gcs, dash, client, agent, agent_grpc, metrics, runtime_env, http = free_ports(8)
+    ports = HeadPorts.allocate(extra=1)
+    gcs, dash, http = ports.gcs, ports.dashboard, ports.extra[0]
     sessions = []
     log = tmp / "serve_run.log"
     try:
         head = subprocess.Popen(
-            [
-                str(BIN / "ray"),
-                "start",
-                "--head",
-                f"--port={gcs}",
-                "--num-cpus=2",
-                f"--temp-dir={temp_dir}",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dash}",
-                f"--ray-client-server-port={client}",
-                f"--dashboard-agent-listen-port={agent}",
-                f"--dashboard-agent-grpc-port={agent_grpc}",
-                f"--metrics-export-port={metrics}",
-                f"--runtime-env-agent-port={runtime_env}",
-                "--disable-usage-stats",
-            ],
+            ray_start_head(temp_dir, ports),
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
