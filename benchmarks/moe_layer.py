@@ -622,12 +622,12 @@ def main() -> None:
         scales[routing] = scale
         set_gate_scale(ours, base_E_D, scale)
         print(f"# routing {routing}: router weight x {scale:.3f}", flush=True)
-        for T in decode:
+        for phase, T in [("decode", T) for T in decode] + [("prefill", T) for T in prefill]:
             rows.append(
                 bench_size(
                     peak_flops=peak_flops,
                     routing=routing,
-                    phase="decode",
+                    phase=phase,
                     T=T,
                     ours=ours,
                     hf=hf,
@@ -635,27 +635,7 @@ def main() -> None:
                     cfg=cfg,
                     variants=variants,
                     dim=dim,
-                    rounds=rounds_decode,
-                    patience=args.patience,
-                    buf_N=buf_N,
-                    seed=args.seed,
-                )
-            )
-            progress(rows[-1])
-        for T in prefill:
-            rows.append(
-                bench_size(
-                    peak_flops=peak_flops,
-                    routing=routing,
-                    phase="prefill",
-                    T=T,
-                    ours=ours,
-                    hf=hf,
-                    hf_cfg=hf_cfg,
-                    cfg=cfg,
-                    variants=variants,
-                    dim=dim,
-                    rounds=rounds_prefill[T],
+                    rounds=rounds_decode if phase == "decode" else rounds_prefill[T],
                     patience=args.patience,
                     buf_N=buf_N,
                     seed=args.seed,
