@@ -311,8 +311,21 @@ def _run_product(cfg: ProductConfig, out: Path, say: Callable[[str], None]) -> d
     summary["validation_rows"] = {t: len(r) for t, r in val_rows.items()}
     s1, s2, s3 = cfg.steps
     lr1, lr2, lr3 = cfg.lrs
+
     # Each stage validates at its last step, which holds validation_rows() out of its training.
-    train = dict(max_tokens=cfg.max_tokens, warmup_steps=cfg.warmup_steps, seed=cfg.seed)
+    def train_config(stage: str, lr: float, steps: int):
+        """The stage's config for the demo: `steps` steps, one checkpoint and one validation at the end."""
+        return stage_config(
+            stage,
+            lr=lr,
+            max_steps=steps,
+            checkpoint_every=steps,
+            val_every=steps,
+            max_tokens=cfg.max_tokens,
+            warmup_steps=cfg.warmup_steps,
+            seed=cfg.seed,
+        )
+
     summary["stages"] = {}
 
     def run_stage(
@@ -351,7 +364,7 @@ def _run_product(cfg: ProductConfig, out: Path, say: Callable[[str], None]) -> d
                         preset=cfg.preset,
                         name=name,
                         out=str(out / "models" / name),
-                        train=stage_config("stage1", lr=lr1, max_steps=s1, checkpoint_every=s1, val_every=s1, **train),
+                        train=train_config("stage1", lr1, s1),
                     ),
                 )
             )
@@ -367,7 +380,7 @@ def _run_product(cfg: ProductConfig, out: Path, say: Callable[[str], None]) -> d
             specialists=specialists,
             name="stage2",
             out=str(out / "models" / "stage2"),
-            train=stage_config("stage2", lr=lr2, max_steps=s2, checkpoint_every=s2, val_every=s2, **train),
+            train=train_config("stage2", lr2, s2),
         ),
     )
     say(f"5/6 stage 3: everything trains, aux-loss weight decaying ({s3} steps, lr {lr3:g}) ...")
@@ -381,7 +394,7 @@ def _run_product(cfg: ProductConfig, out: Path, say: Callable[[str], None]) -> d
             init=str(m2),
             name="stage3",
             out=str(out / "models" / "stage3"),
-            train=stage_config("stage3", lr=lr3, max_steps=s3, checkpoint_every=s3, val_every=s3, **train),
+            train=train_config("stage3", lr3, s3),
         ),
     )
     say(
