@@ -11,8 +11,14 @@ setup:
 demo: setup
 	$(PY) jobs/demo.py
 
+# Two test processes (pytest-xdist), each taking whole modules (`--dist loadfile`: a module's
+# Ray cluster and fixtures stay in one process). On 2 cores the suite is CPU-bound; waits for
+# Ray start-up, subprocesses and HTTP overlap with the other process's work. Modules go out in
+# collection order (--no-loadscope-reorder; xdist would otherwise send the modules with the most
+# tests first and leave the two longest, the end-to-end runs in tests/integration, for the end).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit

@@ -53,5 +53,16 @@ for so in lib.glob("*.so"):
     so.rename(so.with_suffix(".so.disabled"))
 PY
 fi
+# DeepSpeed on CPU JIT-compiles its shared-memory communication op (g++, ~40 s) the first time a
+# process group starts; build it now, with the environment, not inside the first training run
+# (a ZeRO run's two workers would each wait for it). It lands in torch's extension cache
+# (~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR), where DeepSpeed looks for it.
+if [ "${TORCH_SPEC}" = "torch==2.13.0" ]; then
+  "$VENV/bin/python" - <<'PY' || echo "warning: DeepSpeed's CPU communication op did not build (is g++ installed?); ZeRO runs will try again" >&2
+from deepspeed.accelerator import get_accelerator
+
+get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
+PY
+fi
 touch "$STAMP"
 echo "environment ready: $VENV"
