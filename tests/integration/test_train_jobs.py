@@ -144,17 +144,7 @@ def test_curriculum_stage1_2_3_as_ray_jobs(head, tmp_path):
     s2, s3 = tmp_path / "stage2", tmp_path / "stage3"
     # Stages 2 and 3 expert-parallel: two workers, each holding 2 of the 4 routed experts.
     ep = [*common[:-2], "--num-workers", "2", "--expert-parallel", "2"]
-    _submit(
-        head,
-        "jobs/train_stage2.py",
-        "--specialists",
-        str(spec / "v2m"),
-        "--tasks",
-        "v2m",
-        "--out",
-        str(s2),
-        *ep,
-    )
+    _submit(head, "jobs/train_stage2.py", "--specialists", str(spec / "v2m"), "--tasks", "v2m", "--out", str(s2), *ep)
     out = _submit(head, "jobs/train_stage3.py", "--init", str(s2), "--tasks", "v2m", "--out", str(s3), *ep)
     assert "final model" in out
 
