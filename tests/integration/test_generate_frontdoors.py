@@ -264,16 +264,16 @@ def test_batch_job_killed_midway_keeps_finished_items_and_resumes(assets):
         {"task_type": "text_to_music", "task_id": f"short{i}", "caption": "soft pads", "output_path": "crash_out"}
         for i in range(3)
     ]
-    # Long enough that the kill lands while they run (one actor takes the items in file order).
+    # Long enough that the kill lands while it runs (one actor takes the items in file order;
+    # the kill follows the second short item within a 20 ms poll).
     long = [
         {
             "task_type": "text_to_music",
-            "task_id": f"long{i}",
+            "task_id": "long0",
             "caption": "slow drums",
             "output_path": "crash_out",
             "sampling": {"min_frames": 600, "max_frames": 600},
         }
-        for i in range(2)
     ]
     tasks = short + long
     (d / "crash_tasks.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
