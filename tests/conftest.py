@@ -21,10 +21,11 @@ torch.set_num_threads(1)
 # per run). Every Ray the tests start inherits this (local ray.init, `ray start` heads and
 # their jobs copy os.environ). A slow poll is not a failure (only one hanging for 10 min is).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-# Two of Ray's defaults sized for cloud clusters, each a Python process (torch, pyarrow and Ray
-# imported) that the tests' single node with a few small local files gains nothing from. A
-# suite run with every process's CPU summed (2 cores): 45 footer-reader actors took 104 CPU-s
-# and the per-run preemption watchers (node drains; no test drains a node) 45 CPU-s, of 2,807.
+# Two of Ray's defaults sized for cloud clusters, each a Python process of its own (Ray and its
+# libraries imported) that the tests' single node with a few small local files gains nothing
+# from. A suite run with every process's CPU summed (2 cores): 45 footer-reader actors took
+# 104 CPU-s and the per-run preemption watchers (node drains; no test drains a node) 45 CPU-s,
+# of 2,807.
 # - Ray Data's Parquet reader starts up to 32 footer-reading actors per read (network-bound
 #   reads of remote footers); the tests read a handful of local files.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")

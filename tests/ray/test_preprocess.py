@@ -28,8 +28,6 @@ from unimoe_ray.media.video import frames_to_patches
 # No skip when espeak-ng or ffmpeg is missing: make_mini_corpus fails naming how to install them.
 pytestmark = pytest.mark.ray
 
-OUTPUT_FILES = ("quarantine.parquet", "filtered.parquet", "stats.json")
-
 
 @pytest.fixture(scope="module")
 def ray_local():
