@@ -479,7 +479,14 @@ def _deploy_config(tmp, keys, *, max_waiting: int, max_input_chars: int = 4096, 
         d.update(num_replicas=1, max_ongoing_requests=3, max_queued_requests=4)
     from ray.serve.context import _get_global_client  # what `serve run config.yaml` calls
 
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=True)
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg))
+    # Serve's own `_blocking=True` gives up after a fixed 60 s; two replicas loading a model
+    # beside the other xdist process on a loaded 2-core CI machine took longer than that.
+    deadline = time.monotonic() + 300
+    while (status := serve.status().applications.get("unimoe")) is None or status.status != "RUNNING":
+        assert time.monotonic() < deadline, f"the redeployed app is not RUNNING after 300 s: {status}"
+        assert status is None or status.status != "DEPLOY_FAILED", f"the redeploy failed: {status}"
+        time.sleep(1)
 
 
 def test_restart_keeps_voices_api_keys_over_capacity_and_live_reconfigure(server):
