@@ -30,7 +30,10 @@ from unimoe_ray.train.state import read_meta
 from unimoe_ray.train.step import LossModule, train_step
 from unimoe_ray.train.synthetic import write_synthetic_shards
 
-pytestmark = pytest.mark.ray
+# TorchTrainer runs (a DeepSpeed one; the module fixture's two runs): 1-4 min each under
+# `make test` on a loaded 2-core machine (machines differ twofold from day to day); the suite's
+# 300 s default is a hang guard, and it covers a test's fixture set-up too.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
