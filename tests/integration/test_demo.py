@@ -32,8 +32,9 @@ def test_demo_writes_codes_and_audio(local_ray, tmp_path):
 
 @pytest.mark.integration
 # Six TorchTrainer runs, Ray Serve and eval: 2-4 min alone on 2 cores (machines differ twofold
-# from day to day), up to twice that beside the other test process of `make test`.
-@pytest.mark.timeout(900)
+# from day to day), up to twice that beside the other test process of `make test` (466 s on
+# the slowest day measured). The timeout is a hang guard, not a speed check.
+@pytest.mark.timeout(1500)
 def test_the_product_end_to_end_on_the_tiny_preset(local_ray, tmp_path, capsys):
     """`make demo` at tiny sizes: corpus → Ray Data shards → stage 1 (4 specialists) → 2 → 3 on
     Ray Train → Ray Serve → cloned TTS, T2M and V2M over HTTP → WAVs + summary."""
