@@ -115,15 +115,15 @@ def restore_full():
     """Expert 2 back on two replicas (FULL) for the next test, once the controller is up and the
     slot of the replica a test retired is free again: both wait on Ray's reaping and restarts,
     which take longer than the group's 3 s placement timeout on a loaded machine."""
-    deadline = time.monotonic() + 120
-    while True:
+
+    def scaled():
         try:
             scale_expert(2, 2, GROUP)
-            return
+            return True
         except (ControllerUnavailableError, ExpertUnavailableError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+            return False
+
+    wait_for(scaled, "expert 2 back on two replicas (the controller up, the retired replica's slot free)")
 
 
 def serving_ids():
